@@ -1,0 +1,44 @@
+# Two targets do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test test-fast lint install browser clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# The CPU build of torch first: a bare `torch` requirement would pull a multi-GB CUDA build.
+	$(BIN)/pip install --quiet "torch==2.13.0"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job: API + dashboard, a SuperLink and 3 SuperNodes, the demo experiment with a
+# progress bar; everything stays up (dashboard at http://127.0.0.1:8080) until Ctrl-C.
+demo: $(STAMP)
+	$(BIN)/florist up --clients 3
+
+# Headless Chromium and Firefox ESR for the browser tests (Debian packages; never a browser
+# download): Playwright drives Chromium, tests/firefox.py drives Firefox over WebDriver BiDi.
+browser:
+	@(command -v chromium && command -v firefox-esr) >/dev/null 2>&1 || \
+		(apt-get update -qq && apt-get install -y -qq chromium chromium-driver firefox-esr)
+
+test: $(STAMP) browser
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	tools/typecheck
+	FLORIST_REQUIRE_POSTGRES=$${FLORIST_REQUIRE_POSTGRES:-0} $(BIN)/pytest -q
+
+# The quick loop: no real Flower processes, no browser.
+test-fast: $(STAMP)
+	$(BIN)/pytest -q -m "not e2e and not browser and not slow"
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && tools/typecheck
+
+clean:
+	rm -rf $(VENV) .florist artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,89 @@
+"""What every Florist message carries: the experiment's task spec, flattened into a ConfigRecord."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from florist.client.models import MlpSpec, ModelSpec
+from florist.client.training import TrainingConfig
+from florist.datasets import DatasetSpec
+
+PREFIX = "florist"
+
+Scalar = int | float | str | bool | bytes
+
+
+class StrategyRef(BaseModel):
+    """A strategy by registry name, with its (not yet validated) config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, examples=["fedavg"])
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class TaskSpec(BaseModel):
+    """The part of an experiment a client needs to train: identical on every node and round."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    strategy: StrategyRef
+    dataset: DatasetSpec
+    model: ModelSpec = Field(default_factory=lambda: MlpSpec(name="mlp"))
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    seed: int = Field(default=0, description="Seeds model initialisation and local shuffling.")
+    clock: Literal["wall", "virtual"] = Field(
+        default="wall",
+        description="wall: clients really take their device profile's time; virtual: they report "
+        "the simulated duration and the event-driven server orders updates by it.",
+    )
+
+
+def flatten(value: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
+    """Nested dicts → dotted kebab-case keys holding scalars or lists of scalars.
+
+    ConfigRecord holds only scalars and lists of them, so nested specs travel as
+    ``florist.dataset.partitioner.min-partition-size = 10``. ``None`` is dropped (the model's
+    default applies again on the other side).
+    """
+    out: dict[str, Any] = {}
+    for key, item in value.items():
+        path = f"{prefix}.{key.replace('_', '-')}"
+        if isinstance(item, Mapping):
+            out.update(flatten(item, path))
+        elif item is None:
+            continue
+        elif isinstance(item, list | tuple):
+            if any(isinstance(v, Mapping | list | tuple) or v is None for v in item):
+                raise TypeError(f"{path}: only lists of scalars can travel in a ConfigRecord")
+            out[path] = list(item)
+        else:
+            out[path] = item
+    return out
+
+
+def unflatten(config: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Any]:
+    """The inverse of :func:`flatten`; keys outside ``prefix`` are ignored."""
+    out: dict[str, Any] = {}
+    head = prefix + "."
+    for key, item in config.items():
+        if not key.startswith(head):
+            continue
+        parts = [p.replace("-", "_") for p in key[len(head) :].split(".")]
+        node = out
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = item
+    return out
+
+
+def task_to_config(task: TaskSpec) -> dict[str, Any]:
+    return flatten(task.model_dump(mode="json"))
+
+
+def task_from_config(config: Mapping[str, Any]) -> TaskSpec:
+    """Decode and validate the task a message carries (raises pydantic.ValidationError)."""
+    return TaskSpec.model_validate(unflatten(config))

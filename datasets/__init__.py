@@ -1,0 +1,41 @@
+"""Florist datasets: validated specs, partitioners and cached loaders for client and server data."""
+
+from florist.datasets.loaders import (
+    XY,
+    DatasetInfo,
+    dataset_info,
+    load_partition,
+    load_test,
+    load_train,
+)
+from florist.datasets.partition import partition_indices
+from florist.datasets.spec import (
+    DatasetSpec,
+    DigitsSpec,
+    DirichletPartitioner,
+    IidPartitioner,
+    NaturalPartitioner,
+    PartitionerSpec,
+    QuantitySkewPartitioner,
+    ShardsPartitioner,
+    SyntheticSpec,
+)
+
+__all__ = [
+    "XY",
+    "DatasetInfo",
+    "DatasetSpec",
+    "DigitsSpec",
+    "DirichletPartitioner",
+    "IidPartitioner",
+    "NaturalPartitioner",
+    "PartitionerSpec",
+    "QuantitySkewPartitioner",
+    "ShardsPartitioner",
+    "SyntheticSpec",
+    "dataset_info",
+    "load_partition",
+    "load_test",
+    "load_train",
+    "partition_indices",
+]

@@ -1,0 +1,169 @@
+"""Load a dataset spec's train/test splits and client partitions as numpy arrays, cached."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import assert_never
+
+import numpy as np
+from pydantic import TypeAdapter
+
+from florist.datasets.partition import partition_indices
+from florist.datasets.spec import DatasetSpec, DigitsSpec, SyntheticSpec
+
+_DATASET_ADAPTER: TypeAdapter[DigitsSpec | SyntheticSpec] = TypeAdapter(DatasetSpec)
+
+# One user seed drives both data generation and partitioning; separate streams keep the two
+# draws independent of each other.
+_DATA_STREAM = 0
+_SPLIT_CACHE_SIZE = 16
+_PARTITION_CACHE_SIZE = 64
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about a dataset: one example's shape and the number of classes."""
+
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class XY:
+    """Examples ``x`` (float32, shape (n, *input_shape)) and integer labels ``y`` (int64, (n,))."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __post_init__(self) -> None:
+        if len(self.x) != len(self.y):
+            raise ValueError(f"x has {len(self.x)} rows but y has {len(self.y)}")
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclass(frozen=True)
+class _Split:
+    train: XY
+    test: XY
+    # Device id of each training example, for the natural partitioner; None if the dataset has none.
+    train_groups: np.ndarray | None
+
+
+def dataset_info(spec: DatasetSpec) -> DatasetInfo:
+    """Input shape and class count of ``spec``'s dataset, without loading it."""
+    match spec:
+        case DigitsSpec():
+            return DatasetInfo(input_shape=(1, 8, 8), num_classes=10)
+        case SyntheticSpec():
+            return DatasetInfo(input_shape=(spec.num_features,), num_classes=spec.num_classes)
+        case _:
+            assert_never(spec)
+
+
+def load_partition(spec: DatasetSpec, partition_id: int, num_partitions: int) -> XY:
+    """The training examples of client ``partition_id`` out of ``num_partitions``."""
+    if num_partitions < 1:
+        raise ValueError(f"num_partitions must be >= 1, got {num_partitions}")
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(f"partition_id must be in [0, {num_partitions}), got {partition_id}")
+    train = _split(spec).train
+    idx = _partitions(spec.model_dump_json(), num_partitions)[partition_id]
+    return XY(x=train.x[idx], y=train.y[idx])
+
+
+def load_test(spec: DatasetSpec) -> XY:
+    """The held-out test split; for server-side evaluation only, never for training."""
+    return _copy(_split(spec).test)
+
+
+def load_train(spec: DatasetSpec) -> XY:
+    """The whole training split (the union of all partitions), for centralized baselines."""
+    return _copy(_split(spec).train)
+
+
+def _copy(data: XY) -> XY:
+    # Callers get their own arrays: the cached ones are read-only and shared.
+    return XY(x=data.x.copy(), y=data.y.copy())
+
+
+def _split(spec: DatasetSpec) -> _Split:
+    # The partitioner does not change the data, so specs that differ only there share one entry.
+    return _split_cached(spec.model_dump_json(exclude={"partitioner"}))
+
+
+@lru_cache(maxsize=_SPLIT_CACHE_SIZE)
+def _split_cached(data_key: str) -> _Split:
+    spec = _DATASET_ADAPTER.validate_json(data_key)
+    match spec:
+        case DigitsSpec():
+            split = _digits(spec)
+        case SyntheticSpec():
+            split = _synthetic(spec)
+        case _:
+            assert_never(spec)
+    for arr in (split.train.x, split.train.y, split.test.x, split.test.y, split.train_groups):
+        if arr is not None:
+            arr.flags.writeable = False
+    return split
+
+
+@lru_cache(maxsize=_PARTITION_CACHE_SIZE)
+def _partitions(spec_key: str, num_partitions: int) -> tuple[np.ndarray, ...]:
+    spec = _DATASET_ADAPTER.validate_json(spec_key)
+    split = _split(spec)
+    parts = partition_indices(
+        split.train.y, num_partitions, spec.partitioner, spec.seed, groups=split.train_groups
+    )
+    return tuple(parts)
+
+
+def _digits(spec: DigitsSpec) -> _Split:
+    # Imported here: scikit-learn takes most of a second to import, and the server and CLI import
+    # this package for the specs alone.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    # Pixel values are integers in [0, 16].
+    x = (np.asarray(bunch.data, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    y = np.asarray(bunch.target, dtype=np.int64)
+    x_train, x_test, y_train, y_test = train_test_split(
+        x, y, test_size=spec.test_fraction, random_state=spec.seed, stratify=y
+    )
+    return _Split(train=XY(x_train, y_train), test=XY(x_test, y_test), train_groups=None)
+
+
+def _synthetic(spec: SyntheticSpec) -> _Split:
+    rng = np.random.default_rng([spec.seed, _DATA_STREAM])
+    d, c = spec.num_features, spec.num_classes
+    feature_std = np.arange(1, d + 1, dtype=np.float64) ** (-1.2 / 2)
+    sizes = rng.lognormal(spec.samples_mean, spec.samples_sigma, spec.num_devices).astype(np.int64)
+    sizes = np.minimum(sizes + spec.min_samples, spec.max_samples)
+    train_x, train_y, train_g, test_x, test_y = [], [], [], [], []
+    for device, n in enumerate(sizes):
+        u = rng.normal(0.0, spec.alpha)
+        w = rng.normal(u, 1.0, size=(c, d))
+        b = rng.normal(u, 1.0, size=c)
+        v = rng.normal(rng.normal(0.0, spec.beta), 1.0, size=d)
+        x = v + rng.standard_normal((n, d)) * feature_std
+        # softmax is monotone, so the argmax of the logits is the argmax of the probabilities.
+        y = np.argmax(x @ w.T + b, axis=1)
+        # Keep at least one training example per device so every device can be a client.
+        n_test = min(round(n * spec.test_fraction), n - 1)
+        order = rng.permutation(n)
+        test, train = order[:n_test], order[n_test:]
+        train_x.append(x[train])
+        train_y.append(y[train])
+        train_g.append(np.full(len(train), device, dtype=np.int64))
+        test_x.append(x[test])
+        test_y.append(y[test])
+    return _Split(
+        train=XY(
+            np.concatenate(train_x).astype(np.float32), np.concatenate(train_y).astype(np.int64)
+        ),
+        test=XY(np.concatenate(test_x).astype(np.float32), np.concatenate(test_y).astype(np.int64)),
+        train_groups=np.concatenate(train_g),
+    )

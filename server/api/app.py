@@ -1,0 +1,59 @@
+"""The FastAPI application factory: REST API under /api/v1, the dashboard at /."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from florist.server.api.routes import api_router
+from florist.server.control import ControlClient
+from florist.server.db.engine import make_engine, make_session_factory, upgrade_database
+from florist.server.follower import RunFollower
+from florist.server.settings import Settings, get_settings
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    follow_runs: bool = True,
+    control_factory: Callable[[], ControlClient] | None = None,
+) -> FastAPI:
+    """Build the app. ``follow_runs=False`` serves the API without talking to a SuperLink."""
+    settings = settings or get_settings()
+    url = settings.resolved_database_url()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        upgrade_database(url)
+        engine = make_engine(url)
+        app.state.settings = settings
+        app.state.sessions = make_session_factory(engine)
+        app.state.follower = None
+        if follow_runs:
+            factory = control_factory or (
+                lambda: ControlClient(settings.superlink_control, insecure=settings.insecure)
+            )
+            app.state.follower = RunFollower(
+                app.state.sessions, factory, database_url=url, interval=settings.status_poll_s
+            )
+            app.state.follower.start()
+        try:
+            yield
+        finally:
+            if app.state.follower is not None:
+                app.state.follower.stop()
+            engine.dispose()
+
+    app = FastAPI(
+        title="Florist",
+        version="0.1.0",
+        summary="Federated learning on Flower: submit experiments, follow every round.",
+        lifespan=lifespan,
+    )
+    app.include_router(api_router)
+    from florist.server.dashboard import mount_dashboard
+
+    mount_dashboard(app)
+    return app

@@ -1,0 +1,12 @@
+"""The REST API's routers, collected in one place."""
+
+from fastapi import APIRouter
+
+from . import events, experiments, health, nodes, strategies
+
+api_router = APIRouter(prefix="/api/v1")
+api_router.include_router(experiments.router)
+api_router.include_router(events.router)
+api_router.include_router(nodes.router)
+api_router.include_router(strategies.router)
+api_router.include_router(health.router)

@@ -1,0 +1,202 @@
+"""GET /experiments/{id}/events: an experiment's rounds, updates and status as server-sent events.
+
+The stream is fed by the database, not by the ServerApp: every ``POLL_INTERVAL_S`` it opens a
+session, reads what was committed since its cursor and closes the session again, so a stream
+holds no connection while it waits. Event ids are that cursor (``"<round row id>-<update row
+id>"``), so a browser's EventSource that reconnects with ``Last-Event-ID`` misses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
+
+from florist.server.api.routes.experiments import round_to_public, to_public, update_to_public
+from florist.server.api.schemas import ExperimentPublic, StreamEnd
+from florist.server.db import repository as repo
+
+router = APIRouter(prefix="/experiments", tags=["events"])
+
+# Module-level so that tests can shorten them.
+POLL_INTERVAL_S = 0.5
+HEARTBEAT_S = 10.0
+RETRY_MS = 2000
+FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
+_SINCE = re.compile(r"^(\d+)(?:-(\d+))?$")
+
+
+class EventStreamResponse(StreamingResponse):
+    media_type = "text/event-stream"
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """The highest round and client-update row ids already sent."""
+
+    round_id: int = 0
+    update_id: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.round_id}-{self.update_id}"
+
+
+def sse(event: str, data: BaseModel, event_id: Cursor | None = None) -> str:
+    """One server-sent event; the JSON payload is one line, so one ``data:`` field holds it."""
+    lines = [f"event: {event}"]
+    if event_id is not None:
+        lines.append(f"id: {event_id}")
+    lines.append(f"data: {data.model_dump_json()}")
+    return "\n".join(lines) + "\n\n"
+
+
+def _resolve_cursor(session: Session, experiment_id: int, since: str | None) -> Cursor:
+    if since is None:
+        return Cursor()
+    match = _SINCE.match(since.strip())
+    if match is None:
+        raise HTTPException(
+            422,
+            f"since/Last-Event-ID {since!r} is neither a server round nor an event id",
+        )
+    if match.group(2) is not None:
+        return Cursor(int(match.group(1)), int(match.group(2)))
+    round_id, update_id = repo.row_ids_through_round(
+        session, experiment_id=experiment_id, server_round=int(match.group(1))
+    )
+    return Cursor(round_id, update_id)
+
+
+@dataclass
+class _Poll:
+    experiment: ExperimentPublic | None
+    events: list[str]
+    cursor: Cursor
+
+
+def _poll(sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor) -> _Poll:
+    """Everything committed after ``cursor``, read in one short-lived session."""
+    with sessions() as session:
+        # The status first: a run is finished only after its last round was committed, so a
+        # finished status read here guarantees that the reads below see every round.
+        exp = repo.get_experiment(session, experiment_id=experiment_id)
+        if exp is None:
+            return _Poll(None, [], cursor)
+        events: list[str] = []
+        round_id, update_id = cursor.round_id, cursor.update_id
+        # Updates before their round, so a page draws a round's bars before its chart point.
+        for update in repo.updates_after(session, experiment_id=experiment_id, after_id=update_id):
+            update_id = update.id
+            events.append(sse("update", update_to_public(update), Cursor(round_id, update_id)))
+        for row in repo.rounds_after(session, experiment_id=experiment_id, after_id=round_id):
+            round_id = row.id
+            events.append(sse("round", round_to_public(row), Cursor(round_id, update_id)))
+        progress = repo.experiment_progress(session, experiment_ids=[exp.id])
+        return _Poll(to_public(exp, progress.get(exp.id)), events, Cursor(round_id, update_id))
+
+
+async def _stream(
+    request: Request, sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor
+) -> AsyncIterator[str]:
+    yield f"retry: {RETRY_MS}\n\n"
+    last_status: str | None = None
+    last_sent = time.monotonic()
+    while True:
+        poll = await run_in_threadpool(_poll, sessions, experiment_id, cursor)
+        if poll.experiment is None:  # deleted while being watched
+            yield sse("end", StreamEnd(status="deleted"), cursor)
+            return
+        cursor = poll.cursor
+        for event in poll.events:
+            yield event
+        status_json = poll.experiment.model_dump_json()
+        if status_json != last_status:
+            last_status = status_json
+            yield sse("status", poll.experiment, cursor)
+            last_sent = time.monotonic()
+        elif poll.events:
+            last_sent = time.monotonic()
+        if poll.experiment.status in FINISHED_STATUSES:
+            end = StreamEnd(status=poll.experiment.status, error=poll.experiment.error)
+            yield sse("end", end, cursor)
+            return
+        if time.monotonic() - last_sent >= HEARTBEAT_S:
+            last_sent = time.monotonic()
+            yield ": keep-alive\n\n"
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+_EVENTS_DESCRIPTION = """\
+A `text/event-stream` of the experiment, read from the database about twice a second:
+
+* `update`: a client update (`UpdatePublic`), in the order they were recorded;
+* `round`: a finished round (`RoundPublic`), after its updates;
+* `status`: the experiment (`ExperimentPublic`, with progress), first at once and then whenever
+  it changes;
+* `end`: once the experiment has finished, after everything else (`StreamEnd`); then the stream
+  closes.
+
+Lines starting with `:` are keep-alive comments. Every event's `id` is a cursor: reconnecting
+with `Last-Event-ID` (as EventSource does) or `?since=<id>` resumes after it, and
+`?since=<k>` (a server round) sends only rounds and updates after round k.
+"""
+
+
+@router.get(
+    "/{experiment_id}/events",
+    response_class=EventStreamResponse,
+    summary="Follow an experiment live (server-sent events)",
+    description=_EVENTS_DESCRIPTION,
+    responses={
+        200: {
+            "description": "The event stream.",
+            "content": {
+                "text/event-stream": {
+                    "schema": {"type": "string"},
+                    "example": 'event: round\nid: 4-12\ndata: {"server_round": 4, ...}\n\n',
+                }
+            },
+        },
+        404: {"description": "No experiment with this id."},
+        422: {"description": "A malformed `since` or `Last-Event-ID`."},
+    },
+)
+async def experiment_events(
+    experiment_id: int,
+    request: Request,
+    since: Annotated[
+        str | None,
+        Query(
+            description="Resume after this event id (`12-40`) or after this server round (`3`).",
+            pattern=r"^\d+(-\d+)?$",
+        ),
+    ] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> EventStreamResponse:
+    sessions: sessionmaker[Session] = request.app.state.sessions
+
+    def check() -> Cursor:
+        with sessions() as session:
+            if repo.get_experiment(session, experiment_id=experiment_id) is None:
+                raise HTTPException(
+                    status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} not found"
+                )
+            # A reconnecting EventSource sends the last id it saw; it wins over the URL's since.
+            return _resolve_cursor(session, experiment_id, last_event_id or since)
+
+    cursor = await run_in_threadpool(check)
+    return EventStreamResponse(
+        _stream(request, sessions, experiment_id, cursor),
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

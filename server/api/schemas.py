@@ -1,0 +1,157 @@
+"""REST payloads: ExperimentCreate in, *Public out (the naming ladder of the FastAPI template)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from florist.client.task import StrategyRef
+from florist.server.spec import ClientsConfig, ExperimentSpec
+
+
+class ExperimentCreate(ExperimentSpec):
+    """The body of ``POST /experiments``."""
+
+    model_config = ExperimentSpec.model_config | {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "name": "digits-fedavg",
+                    "strategy": {"name": "fedavg", "config": {}},
+                    "dataset": {
+                        "name": "digits",
+                        "partitioner": {"name": "dirichlet", "alpha": 0.5},
+                        "seed": 0,
+                    },
+                    "model": {"name": "mlp"},
+                    "rounds": 5,
+                    "clients": {"min": 3},
+                }
+            ]
+        }
+    }
+
+
+class ExperimentPublic(BaseModel):
+    id: int
+    name: str
+    status: str
+    strategy: StrategyRef
+    dataset: dict[str, Any]
+    model: dict[str, Any]
+    training: dict[str, Any]
+    clients: ClientsConfig
+    num_rounds: int
+    current_round: int = 0
+    best_accuracy: float | None = None
+    # Flower's run ids are uint64: sent as a string so JavaScript keeps every digit.
+    flwr_run_id: str | None = None
+    error: str | None = None
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+class ExperimentsPublic(BaseModel):
+    data: list[ExperimentPublic]
+    count: int
+
+
+class RoundPublic(BaseModel):
+    server_round: int
+    started_at: datetime
+    finished_at: datetime
+    duration_s: float
+    metrics: dict[str, Any]
+    train_metrics: dict[str, Any]
+    evaluate_metrics: dict[str, Any]
+    num_updates: int
+    num_rejected: int
+    num_failures: int
+    virtual_time_s: float | None = Field(
+        default=None,
+        description="Simulated seconds since the run began when the round was aggregated.",
+    )
+
+
+class RoundsPublic(BaseModel):
+    data: list[RoundPublic]
+    count: int
+
+
+class UpdatePublic(BaseModel):
+    server_round: int
+    node_id: str = Field(description="Flower's uint64 node id, as a string.")
+    status: str
+    reason: str | None
+    num_examples: int | None
+    train_time_s: float | None
+    metrics: dict[str, Any]
+    bytes_up: int
+    bytes_down: int
+    staleness: int
+    created_at: datetime
+    model_version: int | None = Field(
+        default=None, description="Global model version the task was sent."
+    )
+    arrival_version: int | None = Field(
+        default=None, description="Global model version when the reply arrived."
+    )
+    local_steps: int | None = None
+    dispatched_at: datetime | None = None
+    arrived_at: datetime | None = None
+    wall_duration_s: float | None = None
+    virtual_duration_s: float | None = None
+
+
+class UpdatesPublic(BaseModel):
+    data: list[UpdatePublic]
+    count: int
+
+
+class StrategyPublic(BaseModel):
+    name: str
+    summary: str
+    paper: str
+    tags: list[str]
+    config_schema: dict[str, Any]
+
+
+class StrategiesPublic(BaseModel):
+    data: list[StrategyPublic]
+    count: int
+    errors: dict[str, str] = Field(
+        default_factory=dict, description="Plugins that failed to load, with the reason."
+    )
+
+
+class Health(BaseModel):
+    status: str
+    database: str
+    superlink: str
+
+
+class NodePublic(BaseModel):
+    """A SuperNode the server has heard from, with its health."""
+
+    node_id: str = Field(description="Flower's uint64 node id, as a string.")
+    node_config: dict[str, Any]
+    first_seen: datetime
+    last_seen: datetime
+    seconds_since_seen: float
+    stale: bool = Field(description="Not seen for longer than the request's ``stale_after_s``.")
+
+
+class NodesPublic(BaseModel):
+    data: list[NodePublic]
+    count: int
+    stale_after_s: float
+
+
+class StreamEnd(BaseModel):
+    """The data of the last server-sent event, ``end``, sent once the experiment has finished."""
+
+    status: str
+    error: str | None = None

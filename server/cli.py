@@ -1,0 +1,358 @@
+"""The `florist` command: start the whole platform, its pieces alone, and submit experiments."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from florist.server.processes import (
+    Managed,
+    Supervisor,
+    flower_env,
+    superlink_command,
+    supernode_command,
+    supernode_processes,
+    wait_for_port,
+)
+from florist.server.settings import Settings, get_settings
+
+app = typer.Typer(help="Florist: federated learning on Flower.", no_args_is_help=True)
+db_app = typer.Typer(help="Database maintenance.")
+app.add_typer(db_app, name="db")
+console = Console()
+
+DEMO_EXPERIMENT: dict[str, Any] = {
+    "name": "demo-digits-fedavg",
+    "strategy": {"name": "fedavg", "config": {}},
+    "dataset": {"name": "digits", "partitioner": {"name": "dirichlet", "alpha": 0.5}, "seed": 0},
+    "model": {"name": "mlp"},
+    "rounds": 5,
+    "clients": {"min": 3},
+}
+
+
+def load_experiment(path: Path) -> dict[str, Any]:
+    """An experiment body from a .toml or .json file."""
+    text = path.read_text()
+    if path.suffix == ".toml":
+        return tomllib.loads(text)
+    if path.suffix == ".json":
+        body: dict[str, Any] = json.loads(text)
+        return body
+    raise typer.BadParameter(f"{path}: expected a .toml or .json file")
+
+
+def api_url(settings: Settings) -> str:
+    return f"http://{settings.api_host}:{settings.api_port}"
+
+
+def submit_and_follow(base: str, body: dict[str, Any], *, wait: bool = True) -> dict[str, Any]:
+    """POST the experiment; with ``wait``, show a progress bar per round until the run ends."""
+    with httpx.Client(base_url=base, timeout=30) as client:
+        response = client.post("/api/v1/experiments", json=body)
+        if response.status_code == 422:
+            console.print("[red]The experiment was refused:[/red]")
+            for err in response.json()["detail"]:
+                loc = ".".join(str(p) for p in err["loc"][1:])
+                console.print(f"  [bold]{loc}[/bold]: {err['msg']}")
+            raise typer.Exit(2)
+        response.raise_for_status()
+        exp: dict[str, Any] = response.json()
+        console.print(
+            f"Experiment [bold]{exp['id']}[/bold] ({exp['name']}) submitted: "
+            f"{base}/experiments/{exp['id']}"
+        )
+        if not wait:
+            return exp
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=console) as progress:
+            task = progress.add_task("rounds", total=exp["num_rounds"], info=exp["status"])
+            while exp["status"] not in ("completed", "failed", "cancelled"):
+                time.sleep(1.0)
+                exp = client.get(f"/api/v1/experiments/{exp['id']}").json()
+                acc = exp.get("best_accuracy")
+                info = exp["status"] + (f" · best accuracy {acc:.3f}" if acc is not None else "")
+                progress.update(task, completed=exp["current_round"], info=info)
+        colour = {"completed": "green", "failed": "red"}.get(exp["status"], "yellow")
+        console.print(
+            f"[{colour}]Experiment {exp['id']} {exp['status']}[/{colour}]"
+            + (f": {exp['error']}" if exp.get("error") else "")
+        )
+        return exp
+
+
+@app.command()
+def submit(
+    file: Annotated[Path, typer.Argument(exists=True, dir_okay=False, help=".toml or .json")],
+    api: Annotated[str | None, typer.Option(help="API base URL")] = None,
+    wait: Annotated[bool, typer.Option(help="Follow the run with a progress bar")] = True,
+) -> None:
+    """Submit an experiment through the API and follow it round by round."""
+    exp = submit_and_follow(api or api_url(get_settings()), load_experiment(file), wait=wait)
+    if exp["status"] == "failed":
+        raise typer.Exit(1)
+
+
+@app.command("api")
+def run_api(
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+) -> None:
+    """Serve the REST API and dashboard (needs a SuperLink to run experiments)."""
+    import uvicorn
+
+    from florist.server.api.app import create_app
+
+    settings = get_settings()
+    settings.api_host = host or settings.api_host
+    settings.api_port = port or settings.api_port
+    uvicorn.run(
+        create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info"
+    )
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Create or migrate the database to the newest schema."""
+    from florist.server.db.engine import upgrade_database
+
+    url = get_settings().resolved_database_url()
+    upgrade_database(url)
+    console.print(f"database at {url} is up to date")
+
+
+def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:
+    """SuperLink then API, each waited for, so a later failure names the right piece."""
+    env = flower_env(settings.home, {"FLORIST_DATABASE_URL": settings.resolved_database_url()})
+    sup.add(
+        Managed(
+            "superlink",
+            superlink_command(
+                control=settings.superlink_control,
+                fleet=settings.superlink_fleet,
+                insecure=settings.insecure,
+            ),
+            env,
+            logs / "superlink.log",
+        )
+    )
+    wait_for_port(settings.superlink_control)
+    wait_for_port(settings.superlink_fleet)
+    api_env = {
+        **env,
+        "FLORIST_API_HOST": settings.api_host,
+        "FLORIST_API_PORT": str(settings.api_port),
+    }
+    sup.add(
+        Managed(
+            "api", [sys.executable, "-m", "florist.server.cli", "api"], api_env, logs / "api.log"
+        )
+    )
+    wait_for_port(f"{settings.api_host}:{settings.api_port}")
+
+
+def _add_supernode(
+    sup: Supervisor,
+    name: str,
+    settings: Settings,
+    node_config: dict[str, int | float | str],
+    port: int,
+    logs: Path,
+    warm: bool,
+) -> None:
+    """A SuperNode; with ``warm``, tuned polls and a warm executor beside it (both supervised)."""
+    env = flower_env(settings.home)
+    clientappio = f"127.0.0.1:{port}"
+    if warm:
+        for managed in supernode_processes(
+            name,
+            superlink=settings.superlink_fleet,
+            clientappio=clientappio,
+            node_config=node_config,
+            env=env,
+            log_dir=logs,
+            insecure=settings.insecure,
+        ):
+            sup.add(managed)
+        return
+    cmd = supernode_command(
+        superlink=settings.superlink_fleet,
+        clientappio=clientappio,
+        node_config=node_config,
+        insecure=settings.insecure,
+    )
+    sup.add(Managed(name, cmd, env, logs / f"{name}.log"))
+
+
+def _supervise(sup: Supervisor, until: float | None = None) -> None:
+    try:
+        while until is None or time.monotonic() < until:
+            for line in sup.check():
+                console.print(f"[yellow]{line}[/yellow]")
+            time.sleep(1)
+    except KeyboardInterrupt:
+        console.print("stopping…")
+    finally:
+        sup.stop_all()
+
+
+def _prepare(settings: Settings) -> Path:
+    from florist.server.db.engine import upgrade_database
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.home = settings.home.resolve()
+    upgrade_database(settings.resolved_database_url())
+    return settings.home / "logs"
+
+
+@app.command()
+def up(
+    clients: Annotated[int, typer.Option(min=1, help="SuperNodes to start")] = 3,
+    demo: Annotated[bool, typer.Option(help="Submit the demo experiment once up")] = True,
+    experiment: Annotated[Path | None, typer.Option(help="Submit this experiment instead")] = None,
+    exit_after: Annotated[bool, typer.Option(help="Stop once the experiment ends")] = False,
+    warm: Annotated[
+        bool, typer.Option(help="Warm ClientApp executors (else Flower's process per message)")
+    ] = True,
+    fleet: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="Fleet file (examples/fleet.toml): one SuperNode per node, with its device "
+            "profile; overrides --clients. Default: the clients cycle through fast, normal, slow.",
+        ),
+    ] = None,
+) -> None:
+    """Start database, API, SuperLink and N SuperNodes on this machine, and supervise them."""
+    from florist.client.fleet import FleetError, load_fleet
+
+    if fleet is not None:
+        try:
+            profiles = load_fleet(fleet)
+        except FleetError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--fleet") from None
+        clients = len(profiles)
+    else:
+        mix = ("fast", "normal", "slow")  # florist.client.profiles.PROFILES
+        profiles = [{"profile": mix[i % len(mix)]} for i in range(clients)]
+    settings = get_settings()
+    logs = _prepare(settings)
+    sup = Supervisor()
+    try:
+        _start_server(sup, settings, logs)
+        for i, profile in enumerate(profiles):
+            node_config = {"partition-id": i, "num-partitions": clients, **profile}
+            # Each SuperNode needs its own ClientApp-side API port.
+            _add_supernode(sup, f"supernode-{i}", settings, node_config, 9100 + i, logs, warm)
+    except Exception:
+        sup.stop_all()
+        raise
+    base = api_url(settings)
+    console.print(
+        f"[green]Florist is up[/green]: dashboard and API at {base} "
+        f"(docs {base}/docs), {clients} SuperNodes "
+        f"({fleet or ', '.join(str(p['profile']) for p in profiles)}); logs in {logs}"
+    )
+    if demo or experiment:
+        body = load_experiment(experiment) if experiment else dict(DEMO_EXPERIMENT)
+        body.setdefault("clients", {}).setdefault("min", clients)
+        try:
+            submit_and_follow(base, body)
+        except (KeyboardInterrupt, typer.Exit) as exc:
+            sup.stop_all()
+            raise typer.Exit(getattr(exc, "exit_code", 130)) from None
+    if exit_after:
+        sup.stop_all()
+        return
+    console.print("Press Ctrl-C to stop.")
+    _supervise(sup)
+
+
+@app.command()
+def server() -> None:
+    """Start the server side alone (database, SuperLink, API), as a server container does."""
+    settings = get_settings()
+    logs = _prepare(settings)
+    sup = Supervisor()
+    _start_server(sup, settings, logs)
+    console.print(
+        f"[green]server up[/green]: API {api_url(settings)}, "
+        f"Fleet API (gRPC) {settings.superlink_fleet}"
+    )
+    _supervise(sup)
+
+
+@app.command()
+def client(
+    partition_id: Annotated[int, typer.Option(min=0)],
+    num_partitions: Annotated[int, typer.Option(min=1)],
+    superlink: Annotated[str | None, typer.Option(help="Fleet API host:port")] = None,
+    port: Annotated[int, typer.Option(help="This node's ClientApp-side API port")] = 9094,
+    profile: Annotated[
+        str | None, typer.Option(help="Device profile: fast, normal, slow, flaky")
+    ] = None,
+    warm: Annotated[
+        bool, typer.Option(help="Warm ClientApp executor (else Flower's process per message)")
+    ] = True,
+) -> None:
+    """Start one SuperNode (a client), as a client container does, and supervise it."""
+    settings = get_settings()
+    if superlink:
+        settings.superlink_fleet = superlink
+    node_config: dict[str, int | float | str] = {
+        "partition-id": partition_id,
+        "num-partitions": num_partitions,
+    }
+    if profile:
+        node_config["profile"] = profile
+    if not warm:
+        cmd = supernode_command(
+            superlink=settings.superlink_fleet,
+            insecure=settings.insecure,
+            clientappio=f"127.0.0.1:{port}",
+            node_config=node_config,
+        )
+        os.execvpe(cmd[0], cmd, flower_env(settings.home.resolve()))
+    settings.home = settings.home.resolve()
+    sup = Supervisor()
+    _add_supernode(sup, "supernode", settings, node_config, port, settings.home / "logs", warm)
+    console.print(
+        f"[green]client up[/green]: SuperNode for partition {partition_id} of "
+        f"{num_partitions}, connecting to {settings.superlink_fleet}"
+    )
+    _supervise(sup)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll drowns the bar
+    # A container runtime stops us with SIGTERM: treat it like Ctrl-C so children stop in order.
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Starting, following and stopping runs on the SuperLink through Flower's Control API client."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+from typing import Any
+
+from flwr.cli.build import build_fab_from_disk
+from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
+from flwr.common.serde import fab_to_proto, user_config_to_proto
+from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest, StopRunRequest
+from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.fab import Fab
+from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+
+def app_dir() -> Path:
+    """The Flower app folder shipped in the package (its pyproject names florist's apps)."""
+    return Path(str(files("florist.server") / "flwr_app"))
+
+
+@lru_cache(maxsize=1)
+def app_fab() -> Fab:
+    """The app's FAB, built once per process with Flower's own builder."""
+    fab_bytes = build_fab_from_disk(app_dir())
+    return Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
+
+
+@dataclass(frozen=True)
+class RunState:
+    """A run as the SuperLink reports it: ``status`` pending|starting|running|finished."""
+
+    run_id: int
+    status: str
+    sub_status: str
+    details: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+
+class SuperLinkUnavailable(ConnectionError):
+    """The SuperLink's Control API cannot be reached."""
+
+
+class ControlClient:
+    """A thin, typed face on ``flwr``'s ControlHttpClient for the calls Florist makes."""
+
+    def __init__(
+        self, address: str, *, insecure: bool = True, root_certificates: str | None = None
+    ):
+        self.address = address
+        self._client = ControlHttpClient.from_server_address(
+            server_address=address,
+            insecure=insecure,
+            root_certificates=root_certificates,
+            interceptors=[
+                CliClientHttpInterceptor(),
+                RuntimeVersionHttpInterceptor(component_name="flwr CLI"),
+            ],
+        )
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._client, method)(request)
+        except OSError as exc:
+            raise SuperLinkUnavailable(f"SuperLink at {self.address}: {exc}") from exc
+        except Exception as exc:
+            # httpx raises its own transport errors; keep a single error type for callers.
+            if type(exc).__module__.startswith("httpx"):
+                raise SuperLinkUnavailable(f"SuperLink at {self.address}: {exc}") from exc
+            raise
+
+    def start_run(self, run_config: dict[str, int | float | str | bool]) -> int:
+        """Submit florist's app with ``run_config``; returns Flower's run id."""
+        request = StartRunRequest(
+            fab=fab_to_proto(app_fab()), override_config=user_config_to_proto(run_config)
+        )
+        response = self._call("StartRun", request)
+        if not response.HasField("run_id"):
+            raise RuntimeError(f"SuperLink refused the run: {response.note or 'no reason given'}")
+        return int(response.run_id)
+
+    def run_state(self, run_id: int) -> RunState | None:
+        response = self._call("ListRuns", ListRunsRequest(run_id=run_id))
+        run = response.run_dict.get(run_id)
+        if run is None:
+            return None
+        return RunState(
+            run_id=run_id,
+            status=run.status.status,
+            sub_status=run.status.sub_status,
+            details=run.status.details,
+        )
+
+    def stop_run(self, run_id: int) -> bool:
+        return bool(self._call("StopRun", StopRunRequest(run_id=run_id)).success)
+
+    def close(self) -> None:
+        self._client.close()

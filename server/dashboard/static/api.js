@@ -1,0 +1,62 @@
+// Thin fetch wrappers for the Florist REST API (same origin, /api/v1).
+
+const BASE = "/api/v1";
+
+/** An HTTP error from the API, carrying its status, the server's `detail` text and, for 422, its list. */
+export class ApiError extends Error {
+  constructor(status, message, details = []) {
+    super(message);
+    this.name = "ApiError";
+    this.status = status;
+    this.details = details; // FastAPI's validation errors: [{loc, msg, type}, ...]
+  }
+}
+
+async function request(path, options = {}) {
+  let response;
+  try {
+    // no-store: every refresh must see the server's current state, never a cached answer.
+    response = await fetch(BASE + path, {
+      cache: "no-store",
+      ...options,
+      headers: { Accept: "application/json", ...(options.headers ?? {}) },
+    });
+  } catch (err) {
+    throw new ApiError(0, `cannot reach the server (${err.message})`);
+  }
+  if (!response.ok) {
+    let message = `HTTP ${response.status} ${response.statusText}`.trim();
+    let details = [];
+    try {
+      const body = await response.json();
+      if (typeof body.detail === "string") message = body.detail;
+      else if (Array.isArray(body.detail)) {
+        details = body.detail;
+        message = body.detail.map((d) => d.msg).join("; ");
+      }
+    } catch {
+      // Not JSON (a proxy's error page, say): the status line is all there is to show.
+    }
+    throw new ApiError(response.status, message, details);
+  }
+  return response.json();
+}
+
+const experimentPath = (id) => `/experiments/${encodeURIComponent(id)}`;
+
+export const listExperiments = () => request("/experiments");
+export const getExperiment = (id) => request(experimentPath(id));
+export const listRounds = (id) => request(`${experimentPath(id)}/rounds`);
+export const listUpdates = (id) => request(`${experimentPath(id)}/updates`);
+export const cancelExperiment = (id) => request(`${experimentPath(id)}/cancel`, { method: "POST" });
+export const listStrategies = () => request("/strategies");
+export const listNodes = () => request("/nodes");
+export const createExperiment = (body) =>
+  request("/experiments", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+
+/** The URL of the experiment's server-sent event stream (see GET …/events in the OpenAPI). */
+export const eventsUrl = (id) => `${BASE}${experimentPath(id)}/events`;

@@ -1,0 +1,448 @@
+// One experiment, live: a server-sent event stream feeds the charts, the timeline and the tables.
+
+import { cancelExperiment, eventsUrl, getExperiment, listNodes } from "../api.js";
+import { renderLineChart } from "../chart.js";
+import {
+  ACTIVE_STATUSES,
+  CANCELLABLE_STATUSES,
+  PALETTE,
+  axisToggle,
+  dash,
+  experimentDuration,
+  formatAxisSeconds,
+  formatClock,
+  formatDuration,
+  formatMetric,
+  formatNumber,
+  formatParams,
+  formatPercent,
+  formatTime,
+  h,
+  plainError,
+  secondsBetween,
+  setApiError,
+  setRefreshStatus,
+  statusBadge,
+} from "../dom.js";
+import { renderTimeline, taskSpan } from "../timeline.js";
+
+const COLORS = { accuracy: "#2563eb", loss: "#dc2626", trainLoss: "#d97706" };
+// Round metrics every run has; anything else a strategy recorded gets its own chart.
+const CORE_METRICS = new Set(["accuracy", "loss"]);
+// Train metrics every client reports, and the runtime's own timing: not the strategy's.
+const CORE_TRAIN_METRICS = new Set([
+  "train-loss", "train-accuracy", "num-examples", "train-time", "local-steps", "virtual-duration", "wall-duration",
+]);
+
+export function mountExperimentPage(id) {
+  const section = document.getElementById("experiment-detail");
+  section.hidden = false;
+  const state = {
+    experiment: null,
+    notFound: false,
+    rounds: new Map(), // server_round -> RoundPublic
+    updates: [],
+    nodes: new Map(), // node_id -> NodePublic
+    xAxis: "round",
+    cancelInFlight: false,
+    actionMessage: null,
+    streamState: "connecting", // connecting | live | reconnecting | ended | closed
+  };
+  let source = null;
+  let frame = null;
+
+  const scheduleRender = () => {
+    if (frame === null) frame = window.requestAnimationFrame(() => {
+      frame = null;
+      render();
+    });
+  };
+
+  async function start() {
+    render();
+    // Ids are integers; anything else cannot exist, and the API would answer 422 rather than 404.
+    if (!/^\d+$/.test(id)) {
+      state.notFound = true;
+      render();
+      return;
+    }
+    try {
+      state.experiment = await getExperiment(id);
+    } catch (err) {
+      if (err.status === 404) state.notFound = true;
+      else setApiError(err.message);
+      render();
+      return;
+    }
+    loadNodes();
+    connect();
+    render();
+  }
+
+  function loadNodes() {
+    listNodes()
+      .then((nodes) => {
+        state.nodes = new Map(nodes.data.map((n) => [n.node_id, n]));
+        scheduleRender();
+      })
+      .catch(() => {}); // the clients table reads "—" for the profile; the banner is for the stream
+  }
+
+  function connect() {
+    source = new EventSource(eventsUrl(id));
+    source.addEventListener("open", () => {
+      state.streamState = "live";
+      setApiError(null);
+      scheduleRender();
+    });
+    source.addEventListener("status", (event) => {
+      state.experiment = JSON.parse(event.data);
+      scheduleRender();
+    });
+    source.addEventListener("round", (event) => {
+      const round = JSON.parse(event.data);
+      state.rounds.set(round.server_round, round);
+      scheduleRender();
+    });
+    source.addEventListener("update", (event) => {
+      state.updates.push(JSON.parse(event.data));
+      scheduleRender();
+    });
+    source.addEventListener("end", () => {
+      // The experiment has finished: close, or EventSource would reconnect for ever.
+      source.close();
+      state.streamState = "ended";
+      loadNodes();
+      scheduleRender();
+    });
+    source.addEventListener("error", () => {
+      if (state.streamState === "ended") return;
+      // EventSource retries by itself, resuming from the last event id it saw.
+      state.streamState = source.readyState === EventSource.CLOSED ? "closed" : "reconnecting";
+      if (state.streamState === "closed") setApiError("the live stream was closed; reload the page to reconnect");
+      scheduleRender();
+    });
+  }
+
+  async function onCancel() {
+    state.cancelInFlight = true;
+    state.actionMessage = null;
+    render();
+    try {
+      state.experiment = await cancelExperiment(id);
+      state.actionMessage = { kind: "info", text: `Cancellation of experiment ${id} requested.` };
+    } catch (err) {
+      state.actionMessage = {
+        kind: "error",
+        text: err.status === 409 ? `Experiment ${id} has already finished.` : `Could not cancel: ${err.message}`,
+      };
+    }
+    state.cancelInFlight = false;
+    render();
+  }
+
+  // ------------------------------------------------------------ rendering
+
+  function render() {
+    const e = state.experiment;
+    const live = e !== null && ACTIVE_STATUSES.has(e.status) && state.streamState === "live";
+    const streamText = {
+      connecting: "connecting…",
+      live: "● live",
+      reconnecting: "reconnecting…",
+      ended: "finished",
+      closed: "disconnected",
+    }[state.streamState];
+    setRefreshStatus(e === null ? "" : `${streamText} · updated ${new Date().toLocaleTimeString()}`, live);
+    const back = h("a", { href: "/", class: "back-link", "data-testid": "back-link" }, "← All experiments");
+
+    if (state.notFound) {
+      document.title = "Florist · not found";
+      section.replaceChildren(
+        back,
+        h("p", { id: "not-found", class: "banner banner-warning", role: "alert" }, `Experiment ${id} not found`),
+      );
+      return;
+    }
+    if (e === null) {
+      section.replaceChildren(back, h("p", { class: "muted" }, `Loading experiment ${id}…`));
+      return;
+    }
+    document.title = `Florist · #${e.id} ${e.name}`;
+    const rounds = [...state.rounds.values()].sort((a, b) => a.server_round - b.server_round);
+    const compareLink = h("a", { href: `/compare?ids=${e.id}`, class: "button-link", id: "compare-link" }, "Compare…");
+    const parts = [
+      back,
+      h(
+        "div",
+        { class: "detail-header" },
+        h("h2", { id: "detail-title" }, `#${e.id} · ${e.name}`),
+        statusBadge(e.status, { id: "detail-status" }),
+        h("span", { id: "round-counter", class: "round-counter" }, `Round ${e.current_round} / ${e.num_rounds}`),
+        h("span", { id: "stream-state", class: `stream-state stream-${state.streamState}` }, streamText),
+        h("span", { class: "spacer" }),
+        compareLink,
+        CANCELLABLE_STATUSES.has(e.status)
+          ? h(
+              "button",
+              { id: "cancel-button", type: "button", class: "danger", disabled: state.cancelInFlight, onClick: onCancel },
+              state.cancelInFlight ? "Cancelling…" : "Cancel",
+            )
+          : null,
+      ),
+      state.actionMessage
+        ? h("p", { id: "action-message", class: `banner banner-${state.actionMessage.kind}` }, state.actionMessage.text)
+        : null,
+      e.error
+        ? h(
+            "div",
+            { id: "error-message", class: "banner banner-error", role: "alert" },
+            h("strong", {}, e.status === "failed" ? "Failed: " : "Error: "),
+            h("span", { class: "error-text" }, plainError(e.error)),
+          )
+        : null,
+      facts(e),
+      chartsPanel(e, rounds),
+      strategyPanels(e, rounds),
+      h("h3", {}, "Client timeline"),
+      h("div", { id: "client-timeline", "data-testid": "client-timeline", class: "timeline-box" }),
+      h("h3", {}, "Clients"),
+      clientsTable(),
+      h("h3", {}, "Rounds"),
+      roundsTable(rounds),
+    ];
+    section.replaceChildren(...parts.filter((part) => part !== null));
+    renderTimeline(section.querySelector("#client-timeline"), state.updates, rounds);
+  }
+
+  function facts(e) {
+    const rows = [
+      ["Strategy", e.strategy?.name, formatParams(e.strategy?.config, [])],
+      ["Dataset", e.dataset?.name, formatParams(e.dataset)],
+      ["Model", e.model?.name, formatParams(e.model)],
+      ["Clients", e.clients ? `min ${e.clients.min}` : dash],
+      ["Best accuracy", formatPercent(e.best_accuracy), "", "best-accuracy"],
+      ["Created", formatTime(e.created_at)],
+      ["Started", formatTime(e.started_at)],
+      ["Finished", formatTime(e.finished_at)],
+      ["Duration", formatDuration(experimentDuration(e)), "", "duration"],
+    ];
+    return h(
+      "dl",
+      { class: "facts" },
+      ...rows.flatMap(([label, value, extra, testid]) => [
+        h("dt", {}, label),
+        h(
+          "dd",
+          { "data-testid": testid ? `detail-${testid}` : null },
+          value ?? dash,
+          extra ? h("span", { class: "params" }, ` ${extra}`) : null,
+        ),
+      ]),
+    );
+  }
+
+  /** x of a round: its number, or seconds from the run's start to its aggregation. */
+  function xOf(round, t0) {
+    if (state.xAxis === "round") return round.server_round;
+    return secondsBetween(t0, round.finished_at);
+  }
+
+  function axisSpec(e, rounds) {
+    const t0 = e.started_at ?? rounds[0]?.started_at ?? null;
+    if (state.xAxis === "round") return { t0, xLabel: "round", xDomain: [0, e.num_rounds], xInteger: true };
+    return {
+      t0,
+      xLabel: "wall time since start",
+      xDomain: [0, 1],
+      xInteger: false,
+      formatX: formatAxisSeconds,
+      xTicks: 6,
+      pointLabel: (x, p) => `Round ${p.round} at ${formatDuration(x)}`,
+    };
+  }
+
+  function points(rounds, t0, pick) {
+    return rounds
+      .map((r) => ({ x: xOf(r, t0), y: pick(r), round: r.server_round }))
+      .filter((p) => typeof p.x === "number" && typeof p.y === "number" && Number.isFinite(p.y));
+  }
+
+  function chartsPanel(e, rounds) {
+    const axis = axisSpec(e, rounds);
+    const accuracyChart = h("div", { id: "accuracy-chart", class: "chart-box", "data-testid": "accuracy-chart" });
+    const lossChart = h("div", { id: "loss-chart", class: "chart-box", "data-testid": "loss-chart" });
+    renderLineChart(accuracyChart, {
+      ...axis,
+      title: "Accuracy per round",
+      yLabel: "accuracy",
+      yDomain: [0, 1],
+      formatY: (y) => formatPercent(y),
+      formatTick: (y) => formatPercent(y, 0),
+      emptyText: "No evaluated rounds yet",
+      series: [
+        {
+          name: "accuracy",
+          label: "Accuracy (server eval)",
+          color: COLORS.accuracy,
+          points: points(rounds, axis.t0, (r) => r.metrics?.accuracy),
+        },
+      ],
+    });
+    renderLineChart(lossChart, {
+      ...axis,
+      title: "Loss per round",
+      yLabel: "loss",
+      yDomain: [0, 0],
+      formatY: (y) => formatNumber(y),
+      formatTick: (y) => String(y),
+      emptyText: "No evaluated rounds yet",
+      series: [
+        { name: "loss", label: "Loss (server eval)", color: COLORS.loss, points: points(rounds, axis.t0, (r) => r.metrics?.loss) },
+        {
+          name: "train-loss",
+          label: "Train loss (clients)",
+          color: COLORS.trainLoss,
+          points: points(rounds, axis.t0, (r) => r.train_metrics?.["train-loss"]),
+        },
+      ],
+    });
+    const toggle = axisToggle("x-axis-toggle", state.xAxis, (value) => {
+      state.xAxis = value;
+      render();
+    });
+    return h(
+      "div",
+      {},
+      h("div", { class: "panel-head" }, h("h3", {}, "Accuracy and loss"), toggle),
+      h(
+        "div",
+        { class: "charts" },
+        h("figure", {}, h("figcaption", {}, "Accuracy"), accuracyChart),
+        h("figure", {}, h("figcaption", {}, "Loss"), lossChart),
+      ),
+    );
+  }
+
+  /** A small chart for every metric beyond the core ones, in rounds' metrics or train_metrics. */
+  function strategyPanels(e, rounds) {
+    const extra = [];
+    const seen = new Set();
+    for (const r of rounds) {
+      for (const [source, core] of [
+        ["metrics", CORE_METRICS],
+        ["train_metrics", CORE_TRAIN_METRICS],
+      ]) {
+        for (const [key, value] of Object.entries(r[source] ?? {})) {
+          const id = `${source}:${key}`;
+          if (core.has(key) || seen.has(id) || typeof value !== "number") continue;
+          seen.add(id);
+          extra.push({ source, key });
+        }
+      }
+    }
+    if (extra.length === 0) return null;
+    const axis = axisSpec(e, rounds);
+    const figures = extra.map(({ source, key }, index) => {
+      const box = h("div", {
+        id: `metric-chart-${key}`,
+        class: "chart-box",
+        "data-testid": "strategy-chart",
+        "data-metric": key,
+      });
+      renderLineChart(box, {
+        ...axis,
+        height: 200,
+        title: key,
+        yLabel: key,
+        formatY: formatMetric,
+        formatTick: formatMetric,
+        series: [{ name: key, label: key, color: PALETTE[(index + 2) % PALETTE.length], points: points(rounds, axis.t0, (r) => r[source]?.[key]) }],
+      });
+      const where = source === "metrics" ? "server" : "clients";
+      return h("figure", {}, h("figcaption", {}, key, h("span", { class: "muted" }, ` (${where})`)), box);
+    });
+    return h(
+      "div",
+      { id: "strategy-panels" },
+      h("h3", {}, `What ${e.strategy?.name ?? "the strategy"} records`),
+      h("div", { class: "charts small-charts" }, ...figures),
+    );
+  }
+
+  function clientsTable() {
+    const byNode = new Map();
+    for (const u of state.updates) {
+      const list = byNode.get(u.node_id) ?? [];
+      list.push(u);
+      byNode.set(u.node_id, list);
+    }
+    const head = h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        ...["Node", "Updates", "Accepted", "Mean train time", "Last seen", "Last update", "Device profile"].map((label, i) =>
+          h("th", { scope: "col", class: i >= 1 && i <= 3 ? "num" : null }, label),
+        ),
+      ),
+    );
+    const body = h("tbody");
+    if (byNode.size === 0) {
+      body.append(h("tr", {}, h("td", { colspan: 7, class: "empty" }, "No client has replied yet.")));
+    }
+    for (const [nodeId, list] of [...byNode.entries()].sort((a, b) => (BigInt(a[0]) < BigInt(b[0]) ? -1 : 1))) {
+      const accepted = list.filter((u) => u.status === "accepted");
+      const times = list.map((u) => u.train_time_s).filter((t) => typeof t === "number");
+      const mean = times.length ? times.reduce((a, b) => a + b, 0) / times.length : null;
+      const last = list.reduce((a, b) => (taskSpan(b).end >= taskSpan(a).end ? b : a));
+      const config = state.nodes.get(nodeId)?.node_config ?? {};
+      const profile = config.profile ?? config["device-profile"] ?? null;
+      const profileText = profile ?? (Object.keys(config).length ? formatParams(config, []) : dash);
+      body.append(
+        h(
+          "tr",
+          { "data-testid": "client-row", "data-node": nodeId },
+          h("td", { class: "mono" }, nodeId),
+          h("td", { class: "num" }, String(list.length)),
+          h("td", { class: "num" }, String(accepted.length)),
+          h("td", { class: "num" }, mean === null ? dash : `${mean.toFixed(2)} s`),
+          h("td", { class: "time" }, formatClock(new Date(taskSpan(last).end).toISOString())),
+          h("td", {}, statusBadge(last.status, { "data-testid": "last-update-status", title: last.reason ?? "" })),
+          h("td", { class: "params" }, String(profileText)),
+        ),
+      );
+    }
+    return h("div", { class: "table-scroll" }, h("table", { id: "clients-table", "data-testid": "clients-table" }, head, body));
+  }
+
+  function roundsTable(rounds) {
+    const columns = ["Round", "Accuracy", "Loss", "Train loss", "Duration", "Updates", "Rejected", "Failures"];
+    const head = h("thead", {}, h("tr", {}, ...columns.map((label) => h("th", { scope: "col", class: "num" }, label))));
+    const body = h("tbody");
+    if (rounds.length === 0) {
+      body.append(h("tr", {}, h("td", { colspan: columns.length, class: "empty" }, "No rounds recorded yet.")));
+    }
+    for (const r of rounds) {
+      body.append(
+        h(
+          "tr",
+          { "data-testid": "round-row", "data-round": r.server_round },
+          h("td", { class: "num" }, String(r.server_round)),
+          h("td", { class: "num" }, formatPercent(r.metrics?.accuracy)),
+          h("td", { class: "num" }, formatNumber(r.metrics?.loss)),
+          h("td", { class: "num" }, formatNumber(r.train_metrics?.["train-loss"])),
+          h("td", { class: "num" }, formatDuration(r.duration_s)),
+          h("td", { class: "num" }, String(r.num_updates ?? dash)),
+          h("td", { class: "num" }, String(r.num_rejected ?? dash)),
+          h("td", { class: "num" }, String(r.num_failures ?? dash)),
+        ),
+      );
+    }
+    const table = h("table", { id: "rounds-table", "data-testid": "rounds-table" }, head, body);
+    return h("div", { class: "table-scroll rounds-scroll" }, table);
+  }
+
+  start();
+}

@@ -1,0 +1,252 @@
+"""SQLAlchemy models for experiments, runs, rounds, client updates, nodes and events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+EXPERIMENT_STATUSES = (
+    "pending",
+    "submitted",
+    "running",
+    "completed",
+    "failed",
+    "cancelling",
+    "cancelled",
+)
+RUN_STATUSES = ("running", "completed", "failed", "stopped")
+UPDATE_STATUSES = ("accepted", "rejected", "failed")
+
+_UINT64_LIMIT = 2**64
+_INT64_LIMIT = 2**63
+
+
+def utcnow() -> datetime:
+    """Return the current time as an aware UTC datetime."""
+    return datetime.now(UTC)
+
+
+class UInt64(TypeDecorator[int]):
+    """An unsigned 64-bit integer stored in a signed BIGINT.
+
+    Flower node and run ids use the whole unsigned range, which BIGINT cannot hold, so values
+    at or above 2**63 are shifted down by 2**64. Equality lookups work; ORDER BY and range
+    comparisons in SQL do not follow unsigned order.
+    """
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        if not 0 <= value < _UINT64_LIMIT:
+            raise ValueError(f"{value} is outside the unsigned 64-bit range")
+        return value - _UINT64_LIMIT if value >= _INT64_LIMIT else value
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> int | None:
+        if value is None:
+            return None
+        return value + _UINT64_LIMIT if value < 0 else value
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    SQLite keeps no offset, so values are normalised to UTC on the way in and marked UTC on the
+    way out. Naive datetimes are refused: their meaning depends on the writer's clock settings.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: pass an aware (UTC) datetime")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+# Deterministic constraint names keep Alembic diffs and SQLite batch migrations stable.
+_NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    """Declarative base holding the metadata that the migrations mirror."""
+
+    metadata = MetaData(naming_convention=_NAMING_CONVENTION)
+
+
+# JSON columns that may be absent store SQL NULL rather than the JSON literal null.
+_NullableJSON = JSON(none_as_null=True)
+
+
+class Experiment(Base):
+    """A user's request to train: strategy, dataset and the validated spec."""
+
+    __tablename__ = "experiments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    strategy: Mapped[str] = mapped_column(String(100))
+    dataset: Mapped[str] = mapped_column(String(100))
+    num_rounds: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    flwr_run_id: Mapped[int | None] = mapped_column(UInt64, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+    runs: Mapped[list[Run]] = relationship(
+        back_populates="experiment",
+        order_by="Run.id",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class Run(Base):
+    """One Flower run executing an experiment."""
+
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    flwr_run_id: Mapped[int] = mapped_column(UInt64)
+    status: Mapped[str] = mapped_column(String(20), default="running")
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    final_metrics: Mapped[dict[str, Any] | None] = mapped_column(_NullableJSON, nullable=True)
+
+    experiment: Mapped[Experiment] = relationship(back_populates="runs")
+    rounds: Mapped[list[Round]] = relationship(
+        back_populates="run",
+        order_by="Round.server_round",
+        cascade="all, delete-orphan",
+        passive_deletes=True,
+    )
+
+
+class Round(Base):
+    """One finished server round: the global model's evaluation and aggregated client metrics."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("run_id", "server_round"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    experiment_id: Mapped[int] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    server_round: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    duration_s: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    train_metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    evaluate_metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    num_updates: Mapped[int] = mapped_column(Integer)
+    num_rejected: Mapped[int] = mapped_column(Integer)
+    num_failures: Mapped[int] = mapped_column(Integer)
+    # Simulated seconds since the run began when the round was aggregated (virtual clock only).
+    virtual_time_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    run: Mapped[Run] = relationship(back_populates="rounds")
+
+
+class ClientUpdate(Base):
+    """One client's reply in a round: accepted into the aggregate, rejected, or failed."""
+
+    __tablename__ = "client_updates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
+    experiment_id: Mapped[int] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), index=True
+    )
+    server_round: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[int] = mapped_column(UInt64)
+    status: Mapped[str] = mapped_column(String(20))
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    num_examples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    train_time_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON)
+    bytes_up: Mapped[int] = mapped_column(BigInteger, default=0)
+    bytes_down: Mapped[int] = mapped_column(BigInteger, default=0)
+    staleness: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    # The task's life, for asynchronous runs and the client timeline: the global model version
+    # it was sent and the version when it arrived (staleness = their difference), its local
+    # steps, when it left and came back, and how long it took on the wall and virtual clocks.
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    arrival_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    local_steps: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    arrived_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    wall_duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    virtual_duration_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Node(Base):
+    """A Flower SuperNode the server has heard from."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    node_id: Mapped[int] = mapped_column(UInt64, unique=True)
+    node_config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    first_seen: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class Event(Base):
+    """A timeline entry: submissions, state changes, warnings, errors."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    experiment_id: Mapped[int | None] = mapped_column(
+        ForeignKey("experiments.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    run_id: Mapped[int | None] = mapped_column(
+        ForeignKey("runs.id", ondelete="CASCADE"), nullable=True
+    )
+    kind: Mapped[str] = mapped_column(String(50))
+    message: Mapped[str] = mapped_column(Text)
+    data: Mapped[dict[str, Any] | None] = mapped_column(_NullableJSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

@@ -1,0 +1,324 @@
+"""Keyword-only data-access functions for the REST API and the run recorder.
+
+Every function takes the caller's session first, flushes what it writes (so ids and defaults
+are filled in) and leaves the commit to the caller: one request, one transaction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from florist.server.db.models import (
+    EXPERIMENT_STATUSES,
+    ClientUpdate,
+    Event,
+    Experiment,
+    Node,
+    Round,
+    utcnow,
+)
+
+# Columns a caller may change after creation; the primary key is not one of them.
+_UPDATABLE_EXPERIMENT_FIELDS = frozenset(Experiment.__table__.columns.keys()) - {"id"}
+
+
+class ExperimentNotFoundError(LookupError):
+    """No experiment has the requested id."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where an experiment stands, for list views.
+
+    ``current_round`` and ``last_metrics`` come from the latest run's newest round;
+    ``best_accuracy`` is the highest centralized ``accuracy`` over all its rounds.
+    """
+
+    current_round: int = 0
+    best_accuracy: float | None = None
+    last_metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def create_experiment(
+    session: Session,
+    *,
+    name: str,
+    strategy: str,
+    dataset: str,
+    num_rounds: int,
+    spec: Mapping[str, Any],
+) -> Experiment:
+    """Add a pending experiment."""
+    experiment = Experiment(
+        name=name,
+        status="pending",
+        strategy=strategy,
+        dataset=dataset,
+        num_rounds=num_rounds,
+        spec=dict(spec),
+        created_at=utcnow(),
+    )
+    session.add(experiment)
+    session.flush()
+    return experiment
+
+
+def get_experiment(session: Session, *, experiment_id: int) -> Experiment | None:
+    """Return the experiment, or None if there is none with this id."""
+    return session.get(Experiment, experiment_id)
+
+
+def list_experiments(
+    session: Session, *, offset: int = 0, limit: int = 100
+) -> tuple[list[Experiment], int]:
+    """Return one page of experiments, newest first, and the total count."""
+    total = session.scalar(select(func.count()).select_from(Experiment)) or 0
+    page = session.scalars(
+        select(Experiment)
+        .order_by(Experiment.created_at.desc(), Experiment.id.desc())
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    return list(page), total
+
+
+def update_experiment(session: Session, *, experiment_id: int, **fields: Any) -> Experiment:
+    """Set the given columns on an experiment.
+
+    Raises TypeError for a name that is not an updatable column, ValueError for an unknown
+    status, and ExperimentNotFoundError when the experiment does not exist.
+    """
+    unknown = set(fields) - _UPDATABLE_EXPERIMENT_FIELDS
+    if unknown:
+        raise TypeError(
+            f"unknown experiment fields {sorted(unknown)}; "
+            f"known: {sorted(_UPDATABLE_EXPERIMENT_FIELDS)}"
+        )
+    if "status" in fields and fields["status"] not in EXPERIMENT_STATUSES:
+        raise ValueError(f"unknown status {fields['status']!r}; known: {EXPERIMENT_STATUSES}")
+    experiment = session.get(Experiment, experiment_id)
+    if experiment is None:
+        raise ExperimentNotFoundError(f"experiment {experiment_id} does not exist")
+    for name, value in fields.items():
+        setattr(experiment, name, value)
+    session.flush()
+    return experiment
+
+
+def list_rounds(session: Session, *, experiment_id: int) -> list[Round]:
+    """Return the experiment's rounds, by run and then by server round."""
+    rounds = session.scalars(
+        select(Round)
+        .where(Round.experiment_id == experiment_id)
+        .order_by(Round.run_id, Round.server_round)
+    ).all()
+    return list(rounds)
+
+
+def list_updates(
+    session: Session, *, experiment_id: int, server_round: int | None = None
+) -> list[ClientUpdate]:
+    """Return the experiment's client updates, optionally of one server round, in order."""
+    query = select(ClientUpdate).where(ClientUpdate.experiment_id == experiment_id)
+    if server_round is not None:
+        query = query.where(ClientUpdate.server_round == server_round)
+    query = query.order_by(ClientUpdate.run_id, ClientUpdate.server_round, ClientUpdate.id)
+    return list(session.scalars(query).all())
+
+
+def _accuracy(metrics: Mapping[str, Any] | None) -> float | None:
+    value = (metrics or {}).get("accuracy")
+    # bool is an int; NaN never compares as best.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def experiment_progress(session: Session, *, experiment_ids: Sequence[int]) -> dict[int, Progress]:
+    """Return the progress of each requested experiment; those without rounds get Progress()."""
+    ids = list(dict.fromkeys(experiment_ids))
+    progress = {experiment_id: Progress() for experiment_id in ids}
+    if not ids:
+        return progress
+
+    newest_first = (
+        func.row_number()
+        .over(
+            partition_by=Round.experiment_id,
+            order_by=(Round.run_id.desc(), Round.server_round.desc()),
+        )
+        .label("position")
+    )
+    ranked = (
+        select(Round.experiment_id, Round.server_round, Round.metrics, newest_first)
+        .where(Round.experiment_id.in_(ids))
+        .subquery()
+    )
+    latest = session.execute(
+        select(ranked.c.experiment_id, ranked.c.server_round, ranked.c.metrics).where(
+            ranked.c.position == 1
+        )
+    ).all()
+
+    # Metrics are JSON, and extracting a float from it differs per backend and fails on odd
+    # values in PostgreSQL, so the best accuracy is picked here.
+    best: dict[int, float] = {}
+    for experiment_id, metrics in session.execute(
+        select(Round.experiment_id, Round.metrics).where(Round.experiment_id.in_(ids))
+    ):
+        accuracy = _accuracy(metrics)
+        if accuracy is not None and accuracy > best.get(experiment_id, -math.inf):
+            best[experiment_id] = accuracy
+
+    for experiment_id, server_round, metrics in latest:
+        progress[experiment_id] = Progress(
+            current_round=server_round,
+            best_accuracy=best.get(experiment_id),
+            last_metrics=dict(metrics or {}),
+        )
+    return progress
+
+
+def _upsert_nodes(session: Session, rows: list[dict[str, Any]], *, update: Iterable[str]) -> None:
+    """Insert node rows, or on a known node_id overwrite the columns named in ``update``."""
+    dialect = session.get_bind().dialect.name
+    if dialect == "postgresql":
+        pg_statement = postgresql.insert(Node).values(rows)
+        session.execute(
+            pg_statement.on_conflict_do_update(
+                index_elements=[Node.node_id],
+                set_={name: pg_statement.excluded[name] for name in update},
+            )
+        )
+    elif dialect == "sqlite":
+        sqlite_statement = sqlite.insert(Node).values(rows)
+        session.execute(
+            sqlite_statement.on_conflict_do_update(
+                index_elements=[Node.node_id],
+                set_={name: sqlite_statement.excluded[name] for name in update},
+            )
+        )
+    else:
+        raise NotImplementedError(f"node upsert is not implemented for {dialect}")
+
+
+def upsert_node(session: Session, *, node_id: int, node_config: Mapping[str, Any]) -> Node:
+    """Register a node, or refresh a known node's config and last_seen."""
+    now = utcnow()
+    _upsert_nodes(
+        session,
+        [
+            {
+                "node_id": node_id,
+                "node_config": dict(node_config),
+                "first_seen": now,
+                "last_seen": now,
+            }
+        ],
+        update=("node_config", "last_seen"),
+    )
+    node = session.scalars(
+        select(Node).where(Node.node_id == node_id).execution_options(populate_existing=True)
+    ).one()
+    return node
+
+
+def touch_nodes(session: Session, *, node_ids: Iterable[int], seen_at: datetime) -> None:
+    """Set last_seen for these nodes, registering unknown ones with an empty config."""
+    # Sorted, so that concurrent writers lock rows in the same order and cannot deadlock;
+    # de-duplicated, because PostgreSQL refuses to update one row twice in a statement.
+    unique_ids = sorted(set(node_ids))
+    if not unique_ids:
+        return
+    rows = [
+        {"node_id": node_id, "node_config": {}, "first_seen": seen_at, "last_seen": seen_at}
+        for node_id in unique_ids
+    ]
+    _upsert_nodes(session, rows, update=("last_seen",))
+
+
+def list_nodes(session: Session) -> list[Node]:
+    """Return every known node, in registration order."""
+    return list(session.scalars(select(Node).order_by(Node.id)).all())
+
+
+def add_event(
+    session: Session,
+    *,
+    kind: str,
+    message: str,
+    experiment_id: int | None = None,
+    run_id: int | None = None,
+    data: Mapping[str, Any] | None = None,
+) -> Event:
+    """Append an event to the timeline."""
+    event = Event(
+        experiment_id=experiment_id,
+        run_id=run_id,
+        kind=kind,
+        message=message,
+        data=dict(data) if data is not None else None,
+        created_at=utcnow(),
+    )
+    session.add(event)
+    session.flush()
+    return event
+
+
+def list_events(session: Session, *, experiment_id: int) -> list[Event]:
+    """Return the experiment's events, oldest first."""
+    events = session.scalars(
+        select(Event)
+        .where(Event.experiment_id == experiment_id)
+        .order_by(Event.created_at, Event.id)
+    ).all()
+    return list(events)
+
+
+def rounds_after(session: Session, *, experiment_id: int, after_id: int = 0) -> list[Round]:
+    """Return the experiment's rounds whose row id is above ``after_id``, oldest row first."""
+    rows = session.scalars(
+        select(Round)
+        .where(Round.experiment_id == experiment_id, Round.id > after_id)
+        .order_by(Round.id)
+    ).all()
+    return list(rows)
+
+
+def updates_after(session: Session, *, experiment_id: int, after_id: int = 0) -> list[ClientUpdate]:
+    """Return the experiment's client updates whose row id is above ``after_id``, in row order."""
+    rows = session.scalars(
+        select(ClientUpdate)
+        .where(ClientUpdate.experiment_id == experiment_id, ClientUpdate.id > after_id)
+        .order_by(ClientUpdate.id)
+    ).all()
+    return list(rows)
+
+
+def row_ids_through_round(
+    session: Session, *, experiment_id: int, server_round: int
+) -> tuple[int, int]:
+    """Return the highest round and update row ids of server rounds up to ``server_round``.
+
+    A stream that resumes "since round k" starts after these ids; (0, 0) when there are none.
+    """
+    round_id = session.scalar(
+        select(func.max(Round.id)).where(
+            Round.experiment_id == experiment_id, Round.server_round <= server_round
+        )
+    )
+    update_id = session.scalar(
+        select(func.max(ClientUpdate.id)).where(
+            ClientUpdate.experiment_id == experiment_id,
+            ClientUpdate.server_round <= server_round,
+        )
+    )
+    return round_id or 0, update_id or 0

@@ -1,0 +1,163 @@
+"""Shorter polls and back-offs for flwr 1.39's hard-coded waits, in one version-checked place.
+
+Flower 1.39 hard-codes the waits that dominate a dispatch on loopback (measured in
+FLOWER-NOTES, "Where the time goes"):
+
+- the SuperNode's idle poll of the SuperLink, ``time.sleep(3)`` in
+  ``flwr.supernode.start_client_internal``, and its reply wait loops, ``time.sleep(0.5)``;
+- the first back-off after an "object unavailable" answer when pulling a message's objects,
+  ``PULL_INITIAL_BACKOFF = 1`` s, bound as the keyword default of ``pull_objects`` and
+  ``pull_and_inflate_object_from_tree`` (SuperNode, ClientApp and ServerApp all pull that way).
+
+Nothing here edits Flower's files. :func:`tune_supernode` replaces the ``time`` module that
+``start_client_internal`` sees with a proxy whose ``sleep`` is capped, and
+:func:`tune_object_pulls` changes the two functions' keyword defaults. Both refuse to touch
+any other flwr version than :data:`TUNED_FLWR_VERSION` (they warn and do nothing), because the
+constants they replace are only known to mean what they mean there. The SuperExec task poll
+has an environment variable of its own (:data:`SUPEREXEC_POLL_ENV`); use that where it applies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TUNED_FLWR_VERSION = "1.39.0"
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+IDLE_POLL_ENV = "FLORIST_SUPERNODE_IDLE_POLL"
+REPLY_POLL_ENV = "FLORIST_SUPERNODE_REPLY_POLL"
+PULL_BACKOFF_ENV = "FLORIST_PULL_INITIAL_BACKOFF"
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """The waits Florist uses instead of flwr's (seconds)."""
+
+    #: The SuperNode's wait between two idle polls of the SuperLink (flwr: 3 s). Every node
+    #: sends one Fleet API request per interval, so many nodes on few cores want it longer.
+    idle_poll: float = 0.2
+    #: The SuperNode's wait while the ClientApp's reply is not there yet (flwr: 0.5 s).
+    reply_poll: float = 0.02
+    #: First back-off after "object unavailable" (flwr: 1 s); it doubles up to ``backoff_cap``.
+    pull_initial_backoff: float = 0.02
+    #: Longest back-off between two object pulls (flwr: 10 s).
+    pull_backoff_cap: float = 2.0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Tuning:
+        """Defaults, overridden by ``FLORIST_SUPERNODE_IDLE_POLL`` and friends."""
+        env = dict(os.environ if env is None else env)
+        base = cls()
+
+        def read(name: str, default: float) -> float:
+            raw = env.get(name)
+            if raw is None or raw == "":
+                return default
+            value = float(raw)
+            if not 0.0 < value <= 60.0:
+                raise ValueError(f"{name} must be in (0, 60] seconds, got {raw!r}")
+            return value
+
+        return cls(
+            idle_poll=read(IDLE_POLL_ENV, base.idle_poll),
+            reply_poll=read(REPLY_POLL_ENV, base.reply_poll),
+            pull_initial_backoff=read(PULL_BACKOFF_ENV, base.pull_initial_backoff),
+            pull_backoff_cap=base.pull_backoff_cap,
+        )
+
+
+def version_supported(version: str | None = None) -> bool:
+    """Whether the installed (or given) flwr version is the one these patches were written for."""
+    if version is None:
+        import flwr
+
+        version = flwr.__version__
+    if version != TUNED_FLWR_VERSION:
+        log.warning(
+            "flwr %s is installed; Florist's poll tuning is written for %s and is skipped "
+            "(Flower's own waits apply)",
+            version,
+            TUNED_FLWR_VERSION,
+        )
+        return False
+    return True
+
+
+# The idle poll and the reply waits are the only sleeps in start_client_internal (flwr 1.39):
+# 3 s when the SuperLink had no message, 0.5 s while waiting for the ClientApp's reply.
+_FLWR_IDLE_SLEEP = 3.0
+
+
+class CappedSleep:
+    """A stand-in for the ``time`` module whose ``sleep`` is shortened, everything else real.
+
+    ``sleep(3)`` (flwr's idle poll) becomes ``idle``; any other sleep is capped at ``other``.
+    """
+
+    def __init__(
+        self, *, idle: float, other: float, sleep: Callable[[float], None] = time.sleep
+    ) -> None:
+        self.idle = idle
+        self.other = other
+        self._sleep = sleep
+
+    def wait_for(self, seconds: float) -> float:
+        """How long a requested ``sleep(seconds)`` actually sleeps."""
+        if seconds >= _FLWR_IDLE_SLEEP:
+            return min(seconds, self.idle)
+        return min(seconds, self.other)
+
+    def sleep(self, seconds: float) -> None:
+        self._sleep(self.wait_for(seconds))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def tune_object_pulls(tuning: Tuning | None = None, *, version: str | None = None) -> bool:
+    """Shorten the first back-off of Flower's object pulls in this process; False if skipped."""
+    if not version_supported(version):
+        return False
+    tuning = tuning or Tuning.from_env()
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__
+        if defaults is None or not {"initial_backoff", "backoff_cap"} <= defaults.keys():
+            log.warning("%s has no back-off keywords; pull tuning skipped", fn.__qualname__)
+            return False
+        defaults["initial_backoff"] = tuning.pull_initial_backoff
+        defaults["backoff_cap"] = tuning.pull_backoff_cap
+    return True
+
+
+def tune_supernode(tuning: Tuning | None = None, *, version: str | None = None) -> bool:
+    """Shorten the SuperNode's idle poll and reply waits, and its object pulls; False if skipped.
+
+    Call it in the SuperNode's process before ``flower_supernode()`` runs.
+    """
+    if not version_supported(version):
+        return False
+    tuning = tuning or Tuning.from_env()
+    from flwr.supernode import start_client_internal as sci
+
+    current: ModuleType | CappedSleep = sci.time
+    if not isinstance(current, CappedSleep | ModuleType):
+        log.warning("flwr.supernode.start_client_internal.time is %r; not tuned", current)
+        return False
+    sci.time = CappedSleep(idle=tuning.idle_poll, other=tuning.reply_poll)  # type: ignore[assignment]
+    tune_object_pulls(tuning, version=version)
+    log.info(
+        "Flower waits tuned: idle poll %.2f s, reply wait %.2f s, first pull back-off %.2f s",
+        tuning.idle_poll,
+        tuning.reply_poll,
+        tuning.pull_initial_backoff,
+    )
+    return True

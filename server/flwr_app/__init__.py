@@ -1,0 +1,1 @@
+"""Florist: server/flwr_app."""

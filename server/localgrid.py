@@ -1,0 +1,96 @@
+"""An in-process Grid: each push runs florist's ClientApp handler directly, no processes.
+
+For unit tests of the server logic and for strategy benchmarks, where Flower's per-message
+process start-up would dominate. Deployments and the e2e tests use the real SuperLink/SuperNodes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from itertools import count
+from typing import Any
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from florist.client import clientapp
+from florist.server.recorder import InMemoryRunRecorder
+from florist.server.serverapp import RunResult, run_experiment
+from florist.server.spec import ExperimentSpec
+
+# (node id, the request, its reply) -> the reply the server gets
+Tamper = Callable[[int, Message, Message], Message]
+
+
+class LocalGrid(Grid):
+    def __init__(self, num_nodes: int, tamper: Tamper | None = None) -> None:
+        self.node_ids = [1000 + i for i in range(num_nodes)]
+        self.contexts = {
+            nid: Context(
+                run_id=1,
+                node_id=nid,
+                node_config={"partition-id": i, "num-partitions": num_nodes},
+                state=RecordDict(),
+                run_config={},
+            )
+            for i, nid in enumerate(self.node_ids)
+        }
+        self.tamper = tamper
+        self._ids = count()
+        self._replies: dict[str, Message] = {}
+        self.pushed = 0
+
+    def set_run(self, run: Run) -> None:
+        pass
+
+    @property
+    def run(self) -> Run:
+        raise NotImplementedError
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        return Message(*args, **kwargs)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.node_ids)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            msg_id = f"m{next(self._ids)}"
+            msg.metadata.__dict__["_message_id"] = msg_id
+            node = msg.metadata.dst_node_id
+            # Replies take their source node from the process-wide task identity.
+            TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, node
+            try:
+                # Through the ClientApp itself, so its mods (device profiles) apply.
+                reply = clientapp.app(msg, self.contexts[node])
+            except Exception as exc:  # a crashing ClientApp becomes an error reply, as in Flower
+                reply = Message(Error(code=0, reason=repr(exc)), reply_to=msg)
+            if self.tamper is not None:
+                reply = self.tamper(node, msg, reply)
+            self._replies[msg_id] = reply
+            ids.append(msg_id)
+            self.pushed += 1
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(
+        self, messages: Iterable[Message], *, timeout: float | None = None
+    ) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+def run_local(
+    spec: ExperimentSpec, num_nodes: int, tamper: Tamper | None = None
+) -> tuple[RunResult, InMemoryRunRecorder]:
+    """Run ``spec`` in this process on ``num_nodes`` simulated nodes; nothing touches a database."""
+    # Flower stamps every Message with the process's run id; a SuperLink would set it.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    recorder = InMemoryRunRecorder()
+    grid = LocalGrid(num_nodes, tamper)
+    result = run_experiment(grid, spec, recorder, experiment_id=1, flwr_run_id=1, poll_interval=0.0)
+    return result, recorder

@@ -1,0 +1,259 @@
+"""Starting Flower's own processes (SuperLink, SuperNodes) and keeping them alive."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _tool(name: str) -> str:
+    """A console script of this environment (next to the interpreter), else one on PATH."""
+    here = Path(sys.executable).parent / name
+    return str(here) if here.exists() else (shutil.which(name) or name)
+
+
+def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment Flower's processes get: their own FLWR_HOME, no telemetry."""
+    env = dict(os.environ)
+    # Flower's processes start their helpers (flower-superexec, flwr-serverapp) by name.
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    env.update({"FLWR_HOME": str(home / "flwr"), "FLWR_TELEMETRY_ENABLED": "0"})
+    env.update(extra or {})
+    return env
+
+
+def superlink_command(
+    *,
+    control: str = "127.0.0.1:8000",
+    fleet: str = "127.0.0.1:9092",
+    health: str | None = None,
+    database: Path | None = None,
+    insecure: bool = True,
+) -> list[str]:
+    host, port = control.rsplit(":", 1)
+    cmd = [
+        _tool("flower-superlink"),
+        "--disable-runtime-dependency-installation",
+        "--host",
+        host,
+        "--port",
+        port,
+        "--fleet-api-type",
+        "grpc-rere",
+        "--fleet-api-address",
+        fleet,
+    ]
+    if insecure:
+        cmd.append("--insecure")
+    if health:
+        cmd += ["--health-server-address", health]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    return cmd
+
+
+def supernode_command(
+    *,
+    superlink: str,
+    clientappio: str,
+    node_config: Mapping[str, int | float | str],
+    insecure: bool = True,
+    isolation: str = "subprocess",
+    tuned: bool = False,
+) -> list[str]:
+    """``flower-supernode``; ``isolation="process"`` leaves ClientApps to a warm executor
+    (``executor_command``), ``tuned`` starts it through florist.client.supernode (short polls)."""
+    if isolation not in ("subprocess", "process"):
+        raise ValueError(f"isolation must be 'subprocess' or 'process', got {isolation!r}")
+    host, port = clientappio.rsplit(":", 1)
+    config = " ".join(
+        f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items()
+    )
+    launcher = (
+        [sys.executable, "-m", "florist.client.supernode"] if tuned else [_tool("flower-supernode")]
+    )
+    cmd = [
+        *launcher,
+        "--grpc-rere",
+        "--superlink",
+        superlink,
+        "--host",
+        host,
+        "--port",
+        port,
+        "--node-config",
+        config,
+    ]
+    if insecure:
+        cmd.append("--insecure")
+    if isolation != "subprocess":
+        cmd += ["--isolation", isolation]
+    return cmd
+
+
+def executor_command(*, clientappio: str, insecure: bool = True) -> list[str]:
+    """Florist's warm ClientApp executor for the SuperNode whose ClientApp-side API is given."""
+    cmd = [sys.executable, "-m", "florist.client.executor", "--clientappio", clientappio]
+    if insecure:
+        cmd.append("--insecure")
+    return cmd
+
+
+def supernode_processes(
+    name: str,
+    *,
+    superlink: str,
+    clientappio: str,
+    node_config: Mapping[str, int | float | str],
+    env: Mapping[str, str],
+    log_dir: Path,
+    insecure: bool = True,
+    restart: bool = True,
+) -> list[Managed]:
+    """A SuperNode with short polls and its warm executor, to ``Supervisor.add`` in this order.
+
+    The executor is always restartable: a dead one leaves its SuperNode with no one to run
+    ClientApps (its claimed task fails after the token expires, the next ones wait).
+    """
+    node = supernode_command(
+        superlink=superlink,
+        clientappio=clientappio,
+        node_config=node_config,
+        insecure=insecure,
+        isolation="process",
+        tuned=True,
+    )
+    return [
+        Managed(name, node, env, log_dir / f"{name}.log", restart=restart),
+        Managed(
+            f"{name}-executor",
+            executor_command(clientappio=clientappio, insecure=insecure),
+            env,
+            log_dir / f"{name}-executor.log",
+            restart=True,
+        ),
+    ]
+
+
+def wait_for_port(address: str, timeout: float = 30.0) -> None:
+    """Block until something accepts TCP connections at host:port."""
+    host, port = address.rsplit(":", 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nothing listens on {address} after {timeout:.0f} s") from exc
+            time.sleep(0.2)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Managed:
+    """One supervised process: its command, where its output goes, how often it restarted."""
+
+    name: str
+    argv: Sequence[str]
+    env: Mapping[str, str]
+    log_path: Path
+    restart: bool = True
+    proc: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    last_start: float = 0.0
+    _log: object = field(default=None, repr=False)
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._log = log_file
+        # A new session so Ctrl-C in the terminal reaches the supervisor only, which then
+        # stops the children in order.
+        self.proc = subprocess.Popen(
+            list(self.argv),
+            env=dict(self.env),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.last_start = time.monotonic()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+            except ProcessLookupError:
+                pass
+        if self._log is not None:
+            self._log.close()  # type: ignore[attr-defined]
+            self._log = None
+
+
+class Supervisor:
+    """Starts processes in order, restarts one that dies (with back-off), stops all in reverse."""
+
+    def __init__(self, max_restarts: int = 5) -> None:
+        self.processes: list[Managed] = []
+        self.max_restarts = max_restarts
+
+    def add(self, managed: Managed) -> Managed:
+        managed.start()
+        self.processes.append(managed)
+        log.info(
+            "started %s (pid %s), log %s",
+            managed.name,
+            managed.proc and managed.proc.pid,
+            managed.log_path,
+        )
+        return managed
+
+    def check(self) -> list[str]:
+        """Restart what died; returns a line per event, for the operator."""
+        events = []
+        for m in self.processes:
+            if m.alive() or m.proc is None:
+                continue
+            code = m.proc.returncode
+            if not m.restart or m.restarts >= self.max_restarts:
+                if m.restart:
+                    events.append(
+                        f"{m.name} exited ({code}); giving up after {m.restarts} restarts"
+                    )
+                    m.restart = False
+                continue
+            # Back off so a process that dies at once does not spin.
+            if time.monotonic() - m.last_start < min(2.0**m.restarts, 30.0):
+                continue
+            m.restarts += 1
+            events.append(f"{m.name} exited ({code}); restarting ({m.restarts})")
+            m.start()
+        return events
+
+    def stop_all(self) -> None:
+        for m in reversed(self.processes):
+            m.stop()

@@ -1,0 +1,520 @@
+"""The run recorder: the ServerApp's single writer of runs, rounds, client updates and events."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal, cast, get_args
+
+from sqlalchemy import case, select, update
+from sqlalchemy.engine import URL, CursorResult, Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from florist.server.db.engine import make_engine, make_session_factory
+from florist.server.db.models import ClientUpdate, Experiment, Round, Run, utcnow
+from florist.server.db.repository import add_event, touch_nodes
+
+UpdateStatus = Literal["accepted", "rejected", "failed"]
+RunOutcome = Literal["completed", "failed", "stopped"]
+
+# Statuses that mean a user asked to cancel: the run's own outcome must not hide that.
+_CANCEL_STATUSES = ("cancelling", "cancelled")
+# Experiment status after a run ends on its own; "stopped" only happens when someone stops it.
+_EXPERIMENT_STATUS_FOR = {"completed": "completed", "failed": "failed", "stopped": "cancelled"}
+_UINT64_LIMIT = 2**64
+
+
+class RecorderError(Exception):
+    """A recorder call that cannot be honoured."""
+
+
+class UnknownRunError(RecorderError, LookupError):
+    """No run has the given id."""
+
+
+class UnknownExperimentError(RecorderError, LookupError):
+    """No experiment has the given id."""
+
+
+class DuplicateRoundError(RecorderError):
+    """The round was already recorded for this run; the first record is kept."""
+
+
+class RunFinishedError(RecorderError):
+    """The run has already finished and takes no more rounds or outcomes."""
+
+
+def _require_aware(name: str, value: datetime) -> None:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} must be timezone-aware (UTC), got {value!r}")
+
+
+@dataclass(frozen=True)
+class UpdateRecord:
+    """One client's reply in a round."""
+
+    node_id: int
+    status: UpdateStatus
+    num_examples: int | None = None
+    train_time_s: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    bytes_up: int = 0
+    bytes_down: int = 0
+    staleness: int = 0
+    reason: str | None = None
+    model_version: int | None = None
+    arrival_version: int | None = None
+    local_steps: int | None = None
+    dispatched_at: datetime | None = None
+    arrived_at: datetime | None = None
+    wall_duration_s: float | None = None
+    virtual_duration_s: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("dispatched_at", "arrived_at"):
+            value = getattr(self, name)
+            if value is not None:
+                _require_aware(name, value)
+        if not 0 <= self.node_id < _UINT64_LIMIT:
+            raise ValueError(f"node_id {self.node_id} is not an unsigned 64-bit integer")
+        if self.status not in get_args(UpdateStatus):
+            raise ValueError(f"status {self.status!r} is not one of {get_args(UpdateStatus)}")
+        if min(self.bytes_up, self.bytes_down, self.staleness) < 0:
+            raise ValueError("bytes_up, bytes_down and staleness must not be negative")
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    """One finished server round and every client update it handled."""
+
+    server_round: int
+    started_at: datetime
+    finished_at: datetime
+    metrics: dict[str, float]  # centralized evaluation of the global model
+    train_metrics: dict[str, float]
+    evaluate_metrics: dict[str, float]
+    updates: tuple[UpdateRecord, ...]
+    virtual_time_s: float | None = None
+
+    def __post_init__(self) -> None:
+        _require_aware("started_at", self.started_at)
+        _require_aware("finished_at", self.finished_at)
+        if self.finished_at < self.started_at:
+            raise ValueError("finished_at is earlier than started_at")
+
+    @property
+    def num_updates(self) -> int:
+        """Updates accepted into the aggregate."""
+        return sum(update.status == "accepted" for update in self.updates)
+
+    @property
+    def num_rejected(self) -> int:
+        """Updates that arrived but were refused (too stale, failed validation, ...)."""
+        return sum(update.status == "rejected" for update in self.updates)
+
+    @property
+    def num_failures(self) -> int:
+        """Clients that did not deliver an update."""
+        return sum(update.status == "failed" for update in self.updates)
+
+    @property
+    def seen_node_ids(self) -> set[int]:
+        """Nodes that replied; a failure may be a node that never answered, so it is not seen."""
+        return {update.node_id for update in self.updates if update.status != "failed"}
+
+
+class RunRecorder(ABC):
+    """Records one ServerApp's runs; every call is atomic."""
+
+    @abstractmethod
+    def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
+        """Open a run and mark its experiment running; return the run id."""
+
+    @abstractmethod
+    def record_round(self, run_id: int, record: RoundRecord) -> None:
+        """Store a round with its client updates, all or nothing.
+
+        Raises DuplicateRoundError if this server round is already recorded for the run.
+        """
+
+    @abstractmethod
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: RunOutcome,
+        error: str | None = None,
+        final_metrics: dict[str, float] | None = None,
+    ) -> None:
+        """Close the run and its experiment; a cancelled experiment stays cancelled."""
+
+    @abstractmethod
+    def record_event(
+        self, *, run_id: int | None, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        """Append an event, tied to the run's experiment when a run is given."""
+
+    @abstractmethod
+    def rounds(self, run_id: int) -> list[RoundRecord]:
+        """Return the run's recorded rounds, in server-round order."""
+
+
+def _experiment_outcome(current: str, status: RunOutcome) -> str:
+    return "cancelled" if current in _CANCEL_STATUSES else _EXPERIMENT_STATUS_FOR[status]
+
+
+@dataclass
+class InMemoryExperiment:
+    """The experiment columns the recorder writes, as the in-memory recorder keeps them."""
+
+    status: str = "pending"
+    flwr_run_id: int | None = None
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass
+class InMemoryRun:
+    """A run as the in-memory recorder keeps it."""
+
+    experiment_id: int
+    flwr_run_id: int
+    started_at: datetime
+    status: str = "running"
+    finished_at: datetime | None = None
+    error: str | None = None
+    final_metrics: dict[str, float] | None = None
+    rounds: dict[int, RoundRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class InMemoryEvent:
+    """An event as the in-memory recorder keeps it."""
+
+    experiment_id: int | None
+    run_id: int | None
+    kind: str
+    message: str
+    data: dict[str, Any] | None
+    created_at: datetime
+
+
+class InMemoryRunRecorder(RunRecorder):
+    """A recorder without a database, for unit tests of server logic.
+
+    Experiments are created on first use; tests may set ``experiments[id].status`` to play
+    the API's part (for example, a cancellation).
+    """
+
+    def __init__(self) -> None:
+        self.experiments: dict[int, InMemoryExperiment] = {}
+        self.runs: dict[int, InMemoryRun] = {}
+        self.events: list[InMemoryEvent] = []
+        self.nodes_last_seen: dict[int, datetime] = {}
+        # The async runtime may record from several threads.
+        self._lock = threading.Lock()
+
+    def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
+        now = utcnow()
+        with self._lock:
+            experiment = self.experiments.setdefault(experiment_id, InMemoryExperiment())
+            if experiment.status not in _CANCEL_STATUSES:
+                experiment.status = "running"
+            experiment.started_at = now
+            experiment.flwr_run_id = flwr_run_id
+            run_id = len(self.runs) + 1
+            self.runs[run_id] = InMemoryRun(
+                experiment_id=experiment_id, flwr_run_id=flwr_run_id, started_at=now
+            )
+            return run_id
+
+    def _open_run(self, run_id: int) -> InMemoryRun:
+        run = self.runs.get(run_id)
+        if run is None:
+            raise UnknownRunError(f"run {run_id} does not exist")
+        if run.finished_at is not None:
+            raise RunFinishedError(f"run {run_id} has already finished")
+        return run
+
+    def _touch_nodes(self, node_ids: set[int], seen_at: datetime) -> None:
+        for node_id in node_ids:
+            self.nodes_last_seen[node_id] = seen_at
+
+    def record_round(self, run_id: int, record: RoundRecord) -> None:
+        with self._lock:
+            run = self._open_run(run_id)
+            if record.server_round in run.rounds:
+                raise DuplicateRoundError(
+                    f"round {record.server_round} of run {run_id} is already recorded"
+                )
+            # Nodes first: if that fails, the round is not stored either.
+            self._touch_nodes(record.seen_node_ids, record.finished_at)
+            run.rounds[record.server_round] = record
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: RunOutcome,
+        error: str | None = None,
+        final_metrics: dict[str, float] | None = None,
+    ) -> None:
+        now = utcnow()
+        with self._lock:
+            run = self._open_run(run_id)
+            run.status = status
+            run.finished_at = now
+            run.error = error
+            run.final_metrics = dict(final_metrics) if final_metrics is not None else None
+            experiment = self.experiments[run.experiment_id]
+            experiment.status = _experiment_outcome(experiment.status, status)
+            experiment.finished_at = now
+            if error is not None:
+                experiment.error = error
+
+    def record_event(
+        self, *, run_id: int | None, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        with self._lock:
+            experiment_id = None
+            if run_id is not None:
+                run = self.runs.get(run_id)
+                if run is None:
+                    raise UnknownRunError(f"run {run_id} does not exist")
+                experiment_id = run.experiment_id
+            self.events.append(InMemoryEvent(experiment_id, run_id, kind, message, data, utcnow()))
+
+    def rounds(self, run_id: int) -> list[RoundRecord]:
+        with self._lock:
+            run = self.runs.get(run_id)
+            if run is None:
+                raise UnknownRunError(f"run {run_id} does not exist")
+            return [run.rounds[key] for key in sorted(run.rounds)]
+
+
+class SqlRunRecorder(RunRecorder):
+    """A recorder writing through SQLAlchemy; each call is its own transaction.
+
+    A failing call rolls back everything it wrote and re-raises.
+    """
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+        self._owned_engine: Engine | None = None
+
+    @classmethod
+    def from_url(cls, url: str | URL) -> SqlRunRecorder:
+        """Build a recorder with its own engine; the caller migrates the database first."""
+        engine = make_engine(url)
+        recorder = cls(make_session_factory(engine))
+        recorder._owned_engine = engine
+        return recorder
+
+    def close(self) -> None:
+        """Release the connections of an engine built by ``from_url``."""
+        if self._owned_engine is not None:
+            self._owned_engine.dispose()
+
+    @staticmethod
+    def _open_run(session: Session, run_id: int) -> Run:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise UnknownRunError(f"run {run_id} does not exist")
+        if run.finished_at is not None:
+            raise RunFinishedError(f"run {run_id} has already finished")
+        return run
+
+    def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
+        now = utcnow()
+        with self._session_factory() as session, session.begin():
+            # A cancellation requested before the run came up must survive its start.
+            started = session.execute(
+                update(Experiment)
+                .where(Experiment.id == experiment_id)
+                .values(
+                    status=case(
+                        (Experiment.status.in_(_CANCEL_STATUSES), Experiment.status),
+                        else_="running",
+                    ),
+                    started_at=now,
+                    flwr_run_id=flwr_run_id,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if cast(CursorResult[Any], started).rowcount != 1:
+                raise UnknownExperimentError(f"experiment {experiment_id} does not exist")
+            run = Run(
+                experiment_id=experiment_id,
+                flwr_run_id=flwr_run_id,
+                status="running",
+                started_at=now,
+            )
+            session.add(run)
+            session.flush()
+            return run.id
+
+    @staticmethod
+    def _round_exists(session: Session, run_id: int, server_round: int) -> bool:
+        found = session.scalar(
+            select(Round.id).where(Round.run_id == run_id, Round.server_round == server_round)
+        )
+        return found is not None
+
+    def record_round(self, run_id: int, record: RoundRecord) -> None:
+        duplicate = DuplicateRoundError(
+            f"round {record.server_round} of run {run_id} is already recorded"
+        )
+        try:
+            with self._session_factory() as session, session.begin():
+                run = self._open_run(session, run_id)
+                if self._round_exists(session, run_id, record.server_round):
+                    raise duplicate
+                session.add(
+                    Round(
+                        run_id=run_id,
+                        experiment_id=run.experiment_id,
+                        server_round=record.server_round,
+                        started_at=record.started_at,
+                        finished_at=record.finished_at,
+                        duration_s=(record.finished_at - record.started_at).total_seconds(),
+                        metrics=dict(record.metrics),
+                        train_metrics=dict(record.train_metrics),
+                        evaluate_metrics=dict(record.evaluate_metrics),
+                        num_updates=record.num_updates,
+                        num_rejected=record.num_rejected,
+                        num_failures=record.num_failures,
+                        virtual_time_s=record.virtual_time_s,
+                    )
+                )
+                # The round goes first, so a concurrent duplicate fails here on the unique
+                # constraint before any update row is written.
+                session.flush()
+                now = utcnow()
+                session.add_all(
+                    ClientUpdate(
+                        run_id=run_id,
+                        experiment_id=run.experiment_id,
+                        server_round=record.server_round,
+                        node_id=update.node_id,
+                        status=update.status,
+                        reason=update.reason,
+                        num_examples=update.num_examples,
+                        train_time_s=update.train_time_s,
+                        metrics=dict(update.metrics),
+                        bytes_up=update.bytes_up,
+                        bytes_down=update.bytes_down,
+                        staleness=update.staleness,
+                        created_at=now,
+                        model_version=update.model_version,
+                        arrival_version=update.arrival_version,
+                        local_steps=update.local_steps,
+                        dispatched_at=update.dispatched_at,
+                        arrived_at=update.arrived_at,
+                        wall_duration_s=update.wall_duration_s,
+                        virtual_duration_s=update.virtual_duration_s,
+                    )
+                    for update in record.updates
+                )
+                session.flush()
+                touch_nodes(session, node_ids=record.seen_node_ids, seen_at=record.finished_at)
+        except IntegrityError as error:
+            # Another writer may have stored the same round between our check and insert.
+            with self._session_factory() as session:
+                if self._round_exists(session, run_id, record.server_round):
+                    raise duplicate from error
+            raise
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: RunOutcome,
+        error: str | None = None,
+        final_metrics: dict[str, float] | None = None,
+    ) -> None:
+        now = utcnow()
+        with self._session_factory() as session, session.begin():
+            run = self._open_run(session, run_id)
+            run.status = status
+            run.finished_at = now
+            run.error = error
+            run.final_metrics = dict(final_metrics) if final_metrics is not None else None
+            values: dict[str, Any] = {
+                # Decided inside one UPDATE, so that a cancellation the API commits meanwhile
+                # is never overwritten by a stale read.
+                "status": case(
+                    (Experiment.status.in_(_CANCEL_STATUSES), "cancelled"),
+                    else_=_EXPERIMENT_STATUS_FOR[status],
+                ),
+                "finished_at": now,
+            }
+            if error is not None:
+                values["error"] = error
+            session.execute(
+                update(Experiment)
+                .where(Experiment.id == run.experiment_id)
+                .values(values)
+                .execution_options(synchronize_session=False)
+            )
+
+    def record_event(
+        self, *, run_id: int | None, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        with self._session_factory() as session, session.begin():
+            experiment_id = None
+            if run_id is not None:
+                run = session.get(Run, run_id)
+                if run is None:
+                    raise UnknownRunError(f"run {run_id} does not exist")
+                experiment_id = run.experiment_id
+            add_event(
+                session,
+                kind=kind,
+                message=message,
+                experiment_id=experiment_id,
+                run_id=run_id,
+                data=data,
+            )
+
+    def rounds(self, run_id: int) -> list[RoundRecord]:
+        with self._session_factory() as session:
+            if session.get(Run, run_id) is None:
+                raise UnknownRunError(f"run {run_id} does not exist")
+            rows = session.scalars(
+                select(Round).where(Round.run_id == run_id).order_by(Round.server_round)
+            ).all()
+            updates: dict[int, list[UpdateRecord]] = {row.server_round: [] for row in rows}
+            for update_row in session.scalars(
+                select(ClientUpdate)
+                .where(ClientUpdate.run_id == run_id)
+                .order_by(ClientUpdate.server_round, ClientUpdate.id)
+            ):
+                updates.setdefault(update_row.server_round, []).append(
+                    UpdateRecord(
+                        node_id=update_row.node_id,
+                        status=cast(UpdateStatus, update_row.status),
+                        num_examples=update_row.num_examples,
+                        train_time_s=update_row.train_time_s,
+                        metrics=dict(update_row.metrics),
+                        bytes_up=update_row.bytes_up,
+                        bytes_down=update_row.bytes_down,
+                        staleness=update_row.staleness,
+                        reason=update_row.reason,
+                    )
+                )
+            return [
+                RoundRecord(
+                    server_round=row.server_round,
+                    started_at=row.started_at,
+                    finished_at=row.finished_at,
+                    metrics=dict(row.metrics),
+                    train_metrics=dict(row.train_metrics),
+                    evaluate_metrics=dict(row.evaluate_metrics),
+                    updates=tuple(updates[row.server_round]),
+                )
+                for row in rows
+            ]

@@ -1,0 +1,385 @@
+"""The event-driven server loop on the Grid: one update at a time, on the wall or virtual clock.
+
+Each node has at most one task in flight. An arriving reply is checked like a synchronous one
+(strategies/validation.py), handed to the strategy's :class:`EventStrategy`, and the strategy's
+:class:`Decision` says whether the global model changed and whom to send work next. Every
+aggregation is committed as a round, with every update handled since the previous one.
+
+On the **virtual clock** each reply carries the simulated duration of its task
+(``virtual-duration``, from the node's device profile); the loop holds replies until no task is in
+flight and then handles the one that finishes first in virtual time (ties: lowest node id), so a
+run is deterministic given its seed whatever the real timing.
+
+A decision may set a **timer** (``wake_in``, e.g. a round's deadline under the experiment's
+:class:`~florist.strategies.events.DropoutPolicy`); the strategy's ``on_tick`` runs when it comes
+due. On the wall clock the loop checks it at every poll, after the replies pulled at that poll.
+On the virtual clock it is one more event in time order: once every reply is in hand, a timer
+earlier than the first held reply fires first (virtual time jumps to it) and the replies after
+it arrive later; a reply at exactly the timer's time goes first. ``refused`` updates are recorded
+as rejected, ``notes`` as events.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+
+from florist.client.profiles import dropout_duration
+from florist.server.db.models import utcnow
+from florist.server.recorder import RoundRecord, RunRecorder, UpdateRecord
+from florist.server.rounds import numeric_metrics, train_update
+from florist.server.spec import ExperimentSpec
+from florist.strategies.events import Arrival, Decision, EventStrategy, Weights
+from florist.strategies.validation import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+
+log = logging.getLogger(__name__)
+
+LOCAL_STEPS_KEY = "florist.training.local-steps"  # TrainingConfig.local_steps, flattened
+
+
+def to_record(weights: Weights) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()})
+
+
+@dataclass
+class Task:
+    """One dispatched training task, until its reply is handled."""
+
+    node_id: int
+    version: int
+    sent: Weights
+    bytes_down: int
+    dispatched_at: datetime
+    dispatched_mono: float
+    virtual_start: float
+
+
+@dataclass
+class Event:
+    """A task's end: its reply, or ``reply=None`` when the server gave up waiting."""
+
+    task: Task
+    reply: Message | None
+    arrived_at: datetime
+    wall_duration_s: float
+    virtual_end: float
+
+
+@dataclass
+class Tick:
+    """A strategy's timer coming due at ``at`` on the experiment's clock."""
+
+    at: float
+
+
+class EventLoop:
+    """Runs an :class:`EventStrategy` on the Grid until ``rounds`` aggregations or the budget."""
+
+    def __init__(
+        self,
+        grid: Grid,
+        spec: ExperimentSpec,
+        strategy: EventStrategy,
+        recorder: RunRecorder,
+        run_id: int,
+        evaluate: Callable[[int, ArrayRecord], dict[str, float]],
+        task_config: Mapping[str, Any],
+        *,
+        poll_interval: float = 0.05,
+    ) -> None:
+        self.grid = grid
+        self.spec = spec
+        self.strategy = strategy
+        self.recorder = recorder
+        self.run_id = run_id
+        self.evaluate = evaluate
+        self.task_config = dict(task_config)
+        self.poll_interval = poll_interval
+        self.virtual = spec.clock == "virtual"
+        self.version = 0
+        self.vtime = 0.0
+        self.weights: Weights = {}
+        self.inflight: dict[str, Task] = {}
+        self.held: list[Event] = []  # virtual clock: replies waiting for their turn
+        self.pending: list[UpdateRecord] = []  # handled since the last aggregation
+        self.wake_at: float | None = None  # the strategy's timer, on the experiment's clock
+        self.started = time.monotonic()
+        self.repeats: Counter[tuple[int, int]] = Counter()
+        self.round_started = utcnow()
+        self.history: list[RoundRecord] = []
+        self.initial_metrics: dict[str, float] = {}
+        # Before anything runs: a policy the strategy cannot honour fails the run at once.
+        strategy.use_dropout_policy(spec.dropout)
+
+    # --- the loop -------------------------------------------------------------------------
+
+    def run(self, initial: ArrayRecord) -> ArrayRecord:
+        self.weights = {k: v.numpy() for k, v in initial.items()}
+        nodes = self._wait_for_nodes()
+        self.initial_metrics = self.evaluate(0, initial)
+        self.recorder.record_event(
+            run_id=self.run_id,
+            kind="initial-evaluation",
+            message="global model evaluated before any update",
+            data=self.initial_metrics,
+        )
+        self.started = time.monotonic()
+        self.round_started = utcnow()
+        self._apply(self.strategy.begin(nodes, self.weights))
+        while not self._done():
+            if not self.inflight and not self.held and self.wake_at is None:
+                raise RuntimeError("the strategy left no task in flight: the run cannot go on")
+            for event in self._next_events():
+                if isinstance(event, Tick):
+                    self._tick(event)
+                else:
+                    self._handle(event)
+                if self._done():
+                    break
+        return to_record(self.weights)
+
+    def _clock(self) -> float:
+        """Now on the experiment's clock: virtual seconds, or wall seconds since the start."""
+        return self.vtime if self.virtual else time.monotonic() - self.started
+
+    def _done(self) -> bool:
+        if self.version >= self.spec.rounds:
+            return True
+        budget = self.spec.time_budget_s
+        if budget is None or self.version == 0:
+            return False
+        return self._clock() >= budget
+
+    def _wait_for_nodes(self) -> list[int]:
+        deadline = time.monotonic() + self.spec.round_timeout_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= self.spec.clients.min:
+                return nodes
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"{len(nodes)} nodes connected, {self.spec.clients.min} needed, "
+                    f"after {self.spec.round_timeout_s:.0f} s"
+                )
+            log.info("waiting for nodes: %d of %d", len(nodes), self.spec.clients.min)
+            time.sleep(1.0)
+
+    # --- dispatch ---------------------------------------------------------------------------
+
+    def _busy(self, node_id: int) -> bool:
+        return any(t.node_id == node_id for t in self.inflight.values()) or any(
+            e.task.node_id == node_id for e in self.held
+        )
+
+    def _dispatch(self, node_id: int, local_steps: int | None) -> None:
+        if self._busy(node_id):
+            return  # one task per node: the strategy asks again when it reports
+        repeat = self.repeats[(node_id, self.version)]
+        self.repeats[(node_id, self.version)] += 1
+        config = dict(self.task_config)
+        # The round it contributes to seeds its batches, as on Flower's loop; a node sent the
+        # same version again trains on other batches.
+        config["server-round"] = self.version + 1
+        config["task-repeat"] = repeat
+        config["model-version"] = self.version
+        if self.virtual:
+            # The node's availability trace is read at this time (client/profiles.py).
+            config["virtual-time"] = self.vtime
+        if local_steps is not None:
+            config[LOCAL_STEPS_KEY] = local_steps
+        arrays = to_record(self.weights)
+        message = Message(
+            content=RecordDict({ARRAYS_KEY: arrays, "config": ConfigRecord(config)}),
+            dst_node_id=node_id,
+            message_type=MessageType.TRAIN,
+            ttl=self.spec.round_timeout_s,
+        )
+        (msg_id,) = list(self.grid.push_messages([message]))
+        self.inflight[msg_id] = Task(
+            node_id=node_id,
+            version=self.version,
+            sent=dict(self.weights),
+            bytes_down=arrays.count_bytes(),
+            dispatched_at=utcnow(),
+            dispatched_mono=time.monotonic(),
+            virtual_start=self.vtime,
+        )
+
+    # --- arrivals ---------------------------------------------------------------------------
+
+    def _pull(self) -> list[Event]:
+        replies = list(self.grid.pull_messages(list(self.inflight)))
+        now, mono = utcnow(), time.monotonic()
+        events = []
+        for reply in replies:
+            task = self.inflight.pop(reply.metadata.reply_to_message_id, None)
+            if task is None:
+                continue
+            if reply.has_error():
+                # A dropout says how long the node worked before vanishing; other errors: 0.
+                duration = dropout_duration(reply.error) or 0.0
+            else:
+                duration = numeric_metrics(reply.content.metric_records.get(METRICS_KEY)).get(
+                    "virtual-duration", 0.0
+                )
+            events.append(
+                Event(task, reply, now, mono - task.dispatched_mono, task.virtual_start + duration)
+            )
+        # Flower answers an expired TTL with an error reply; a deadline of our own as well, so
+        # that a reply that never comes cannot stall the run.
+        for msg_id, task in list(self.inflight.items()):
+            if mono - task.dispatched_mono > self.spec.round_timeout_s + 5:
+                del self.inflight[msg_id]
+                events.append(
+                    Event(task, None, now, mono - task.dispatched_mono, task.virtual_start)
+                )
+        return events
+
+    def _next_events(self) -> list[Event | Tick]:
+        while True:
+            events = self._pull()
+            if not self.virtual:
+                due: list[Event | Tick] = []
+                if self.wake_at is not None and self._clock() >= self.wake_at:
+                    due = [Tick(self._clock())]
+                if events or due:
+                    return [*sorted(events, key=lambda e: e.task.node_id), *due]
+            else:
+                self.held.extend(events)
+                if not self.inflight:
+                    self.held.sort(key=lambda e: (e.virtual_end, e.task.node_id))
+                    first = self.held[0].virtual_end if self.held else None
+                    if self.wake_at is not None and (first is None or self.wake_at < first):
+                        self.vtime = max(self.vtime, self.wake_at)
+                        return [Tick(self.vtime)]
+                    if self.held:
+                        event = self.held.pop(0)
+                        self.vtime = max(self.vtime, event.virtual_end)
+                        return [event]
+            time.sleep(self.poll_interval)
+
+    def _tick(self, tick: Tick) -> None:
+        if self.wake_at is None or self.wake_at > tick.at:
+            return  # replaced by a later timer while the replies before it were handled
+        self.wake_at = None
+        self._apply(self.strategy.on_tick(tick.at, self.weights))
+
+    def _handle(self, event: Event) -> None:
+        task, reply = event.task, event.reply
+        common: dict[str, Any] = {
+            "node_id": task.node_id,
+            "bytes_down": task.bytes_down,
+            "staleness": self.version - task.version,
+            "model_version": task.version,
+            "arrival_version": self.version,
+            "dispatched_at": task.dispatched_at,
+            "arrived_at": event.arrived_at,
+            "wall_duration_s": event.wall_duration_s,
+        }
+        if reply is None or reply.has_error():
+            reason = (
+                (reply.error.reason or "error reply")
+                if reply is not None
+                else "no reply before the deadline"
+            )
+            self.pending.append(UpdateRecord(status="failed", reason=reason, **common))
+            self._apply(self.strategy.on_failure(task.node_id, reason, self.weights))
+            return
+        update = train_update(reply.content, task.sent, **common)
+        metrics = update.metrics
+        steps = int(metrics.get("local-steps", 0))
+        update = replace(
+            update, local_steps=steps, virtual_duration_s=metrics.get("virtual-duration")
+        )
+        self.pending.append(update)
+        arrays = reply.content.array_records.get(ARRAYS_KEY)
+        if update.status == "rejected" or arrays is None:
+            log.warning("rejected update from node %d: %s", task.node_id, update.reason)
+            self._apply(self.strategy.on_failure(task.node_id, update.reason or "", self.weights))
+            return
+        arrival = Arrival(
+            node_id=task.node_id,
+            weights={k: v.numpy() for k, v in arrays.items()},
+            sent_weights=task.sent,
+            sent_version=task.version,
+            version=self.version,
+            num_examples=int(metrics[WEIGHT_KEY]),
+            local_steps=steps,
+            metrics=metrics,
+            duration_s=(event.virtual_end - task.virtual_start)
+            if self.virtual
+            else event.wall_duration_s,
+        )
+        self._apply(self.strategy.on_arrival(arrival, self.weights))
+
+    def _apply(self, decision: Decision) -> None:
+        for node_id, reason in decision.refused.items():
+            self._refuse(node_id, reason)
+        for note in decision.notes:
+            self.recorder.record_event(
+                run_id=self.run_id,
+                kind=note.kind,
+                message=note.message,
+                data={**note.data, "clock_s": self._clock(), "model_version": self.version},
+            )
+        if decision.weights is not None:
+            self._aggregated(decision.weights)
+        for node_id in decision.dispatch:
+            self._dispatch(node_id, decision.local_steps.get(node_id))
+        if decision.wake_in is not None:
+            self.wake_at = self._clock() + decision.wake_in
+
+    def _refuse(self, node_id: int, reason: str) -> None:
+        """The node's latest accepted update since the last aggregation stays out of it."""
+        for i in range(len(self.pending) - 1, -1, -1):
+            update = self.pending[i]
+            if update.node_id == node_id and update.status == "accepted":
+                self.pending[i] = replace(update, status="rejected", reason=reason)
+                return
+        log.warning("refused update from node %d not found among pending ones", node_id)
+
+    def _aggregated(self, weights: Weights) -> None:
+        self.version += 1
+        self.weights = weights
+        metrics = self.evaluate(self.version, to_record(weights))
+        record = RoundRecord(
+            server_round=self.version,
+            started_at=self.round_started,
+            finished_at=max(utcnow(), self.round_started),
+            metrics=metrics,
+            train_metrics=_weighted_metrics(
+                [
+                    (u.num_examples, u.metrics)
+                    for u in self.pending
+                    if u.status == "accepted" and u.num_examples is not None
+                ]
+            ),
+            evaluate_metrics={},
+            updates=tuple(self.pending),
+            virtual_time_s=self.vtime if self.virtual else None,
+        )
+        self.recorder.record_round(self.run_id, record)
+        self.history.append(record)
+        self.pending = []
+        self.round_started = record.finished_at
+
+
+def _weighted_metrics(accepted: list[tuple[int, dict[str, float]]]) -> dict[str, float]:
+    """Example-weighted mean of each metric over the accepted updates of a round."""
+    total = sum(n for n, _ in accepted)
+    if total == 0:
+        return {}
+    keys = sorted({k for _, m in accepted for k in m})
+    return {
+        k: sum(n * m[k] for n, m in accepted if k in m) / sum(n for n, m in accepted if k in m)
+        for k in keys
+    }

@@ -1,0 +1,145 @@
+"""The experiment spec: what a user submits, validated once at the edge."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Self
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from florist.client.task import StrategyRef, TaskSpec
+from florist.strategies import (
+    ServerSetup,
+    StrategyConfig,
+    StrategyPlugin,
+    StrategyRegistry,
+    default_registry,
+)
+from florist.strategies.events import DropoutPolicy
+from florist.strategies.registry import StrategyRegistryError
+
+
+class ClientsConfig(BaseModel):
+    """Which SuperNodes take part in each round."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    min: int = Field(default=2, ge=1, le=100_000, description="Nodes needed before a round starts.")
+    fraction_train: float = Field(default=1.0, gt=0, le=1, description="Share of nodes sampled.")
+    fraction_evaluate: float = Field(
+        default=0.0, ge=0, le=1, description="Share of nodes for federated evaluation (0: none)."
+    )
+
+
+class ExperimentSpec(TaskSpec):
+    """A whole experiment: the clients' task plus how the server runs it."""
+
+    name: str = Field(min_length=1, max_length=200, examples=["digits-fedavg"])
+    rounds: int = Field(ge=1, le=100_000)
+    clients: ClientsConfig = Field(default_factory=ClientsConfig)
+    round_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=86_400,
+        description="How long a round (or, on the event runtime, one task) waits for its reply.",
+    )
+    runtime: Literal["flower", "event"] | None = Field(
+        default=None,
+        description="flower: Flower's synchronous Strategy.start loop; event: Florist's "
+        "event-driven loop (one update at a time). Default: flower where the strategy has a "
+        "Flower server half, else event; a dropout policy other than the default implies event.",
+    )
+    time_budget_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Event runtime: stop at the first aggregation after this many seconds on "
+        "the experiment's clock; `rounds` (aggregations) stays an upper bound.",
+    )
+    dropout: DropoutPolicy = Field(
+        default_factory=DropoutPolicy,
+        description="Event runtime, synchronous rounds: deadline, quorum, over-commitment and "
+        "late updates. The default waits for every sampled node, as Flower's FedAvg does.",
+    )
+
+    @field_validator("dropout")
+    @classmethod
+    def _not_on_flowers_loop(cls, dropout: DropoutPolicy, info: ValidationInfo) -> DropoutPolicy:
+        if not dropout.is_default and info.data.get("runtime") == "flower":
+            raise ValueError(
+                "a dropout policy needs runtime 'event': Flower's loop waits for every reply"
+            )
+        return dropout
+
+    @model_validator(mode="after")
+    def _dropout_implies_the_event_runtime(self) -> Self:
+        if not self.dropout.is_default:
+            self.runtime = "event"
+        return self
+
+    def task(self) -> TaskSpec:
+        """The part every client message carries."""
+        return TaskSpec.model_validate(self.model_dump(include=set(TaskSpec.model_fields)))
+
+
+class StrategySpecError(ValueError):
+    """The strategy name or its config is wrong; ``errors`` are pydantic-style, loc-relative."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+def resolve_strategy(
+    ref: StrategyRef, registry: StrategyRegistry | None = None
+) -> tuple[StrategyPlugin, StrategyConfig]:
+    """The plugin and its validated config; errors carry locs like ('strategy', 'config', 'x')."""
+    registry = registry or default_registry()
+    try:
+        plugin = registry.get(ref.name)
+    except StrategyRegistryError as exc:
+        raise StrategySpecError(
+            [{"loc": ("strategy", "name"), "msg": str(exc), "type": "unknown_strategy"}]
+        ) from exc
+    try:
+        return plugin, plugin.parse_config(ref.config)
+    except ValidationError as exc:
+        errors = [
+            {
+                "loc": ("strategy", "config", *err["loc"]),
+                "msg": err["msg"],
+                "type": err["type"],
+            }
+            for err in exc.errors(include_url=False, include_context=False)
+        ]
+        raise StrategySpecError(errors) from exc
+
+
+def server_setup(spec: ExperimentSpec) -> ServerSetup:
+    """What a server half gets besides its config: the experiment's sampling settings."""
+    return ServerSetup(
+        num_rounds=spec.rounds,
+        min_clients=spec.clients.min,
+        fraction_train=spec.clients.fraction_train,
+        fraction_evaluate=spec.clients.fraction_evaluate,
+    )
+
+
+def runtime_of(spec: ExperimentSpec, plugin: StrategyPlugin) -> Literal["flower", "event"]:
+    """The loop that runs ``spec``: as asked, else Flower's where the plugin has a Flower half."""
+    runtime = spec.runtime or ("flower" if plugin.build_server is not None else "event")
+    missing = plugin.build_event_server if runtime == "event" else plugin.build_server
+    if missing is None:
+        msg = (
+            f"strategy {plugin.name!r} has no event-driven server half"
+            if runtime == "event"
+            else f"strategy {plugin.name!r} runs only on the event runtime"
+        )
+        raise StrategySpecError([{"loc": ("runtime",), "msg": msg, "type": "runtime_unsupported"}])
+    return runtime

@@ -1,0 +1,80 @@
+"""The strategy plugin contract: a typed config, a server half and a client half."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from flwr.serverapp.strategy import Strategy
+    from torch import nn
+
+    from florist.client.training import TrainResult, TrainTask
+    from florist.datasets import XY
+
+    from .events import EventStrategy
+
+
+class StrategyConfig(BaseModel):
+    """Base of every plugin's config: unknown fields are refused, never ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class EmptyConfig(StrategyConfig):
+    """A strategy with nothing to configure."""
+
+
+@dataclass(frozen=True)
+class ServerSetup:
+    """What the server half gets besides its own config: the experiment's sampling settings."""
+
+    num_rounds: int
+    min_clients: int
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+
+
+def default_trainer(task: TrainTask) -> TrainResult:
+    """Plain local SGD: the client half of every strategy that does not change local training."""
+    from florist.client.training import train_sgd
+
+    return train_sgd(task)
+
+
+@dataclass(frozen=True)
+class StrategyPlugin:
+    """One registered algorithm.
+
+    The server half is ``build_server`` (a Flower ``Strategy``, run by Flower's synchronous
+    loop) and/or ``build_event_server`` (an :class:`~florist.strategies.events.EventStrategy`,
+    run by Florist's event-driven loop); at least one is set. ``train`` is the client half, run
+    by the ClientApp on each training message.
+    """
+
+    name: str
+    summary: str
+    config_model: type[StrategyConfig]
+    build_server: Callable[[Any, ServerSetup], Strategy] | None
+    build_event_server: Callable[[Any, ServerSetup], EventStrategy] | None = None
+    train: Callable[[TrainTask], TrainResult] = default_trainer
+    # Extra centralized metrics per round (e.g. FAL's robust accuracy): (global model, held-out
+    # test data, config) -> metrics recorded with the round beside accuracy and loss.
+    server_metrics: Callable[[nn.Module, XY, Any], dict[str, float]] | None = None
+    paper: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.build_server is None and self.build_event_server is None:
+            raise ValueError(f"strategy {self.name!r} has no server half")
+
+    def parse_config(self, raw: dict[str, Any] | None) -> StrategyConfig:
+        """Validate a raw config dict (raises pydantic.ValidationError naming the field)."""
+        return self.config_model.model_validate(raw or {})
+
+    def config_schema(self) -> dict[str, Any]:
+        """The config's JSON schema, as the API serves it."""
+        return self.config_model.model_json_schema()

@@ -1,0 +1,203 @@
+"""The event-driven server half: react to one arriving update, decide when to aggregate and whom
+to send what next. Pure maths on numpy weights; Florist's runtime (server/runtime.py) does the I/O.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+Weights = dict[str, np.ndarray]
+
+
+class DropoutPolicy(BaseModel):
+    """What a synchronous round does about nodes that are slow or gone (ExperimentSpec.dropout).
+
+    The defaults keep plain FedAvg: sample k nodes, wait for all of them (a lost task counts as
+    reported; a silent one is given up after ``round_timeout_s``), aggregate what arrived.
+    k is the round's target size (``clients.min`` / ``clients.fraction_train``, Flower's rule).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    deadline_s: float | None = Field(
+        default=None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds on the experiment's clock (wall, or virtual) after a round's "
+        "dispatch at which it aggregates what arrived, if the quorum is met. None: wait for all.",
+    )
+    quorum: float = Field(
+        default=1.0,
+        gt=0,
+        le=1,
+        description="Share of the round's k nodes whose updates are needed to aggregate before "
+        "all have reported (at the deadline).",
+    )
+    on_short: Literal["wait", "skip"] = Field(
+        default="wait",
+        description="Below quorum: wait (keep waiting until the quorum is met or nothing more can "
+        "come, then aggregate what arrived) or skip (end the round without a new model and "
+        "sample it again).",
+    )
+    max_skips: int = Field(
+        default=10,
+        ge=0,
+        le=10_000,
+        description="Consecutive skipped attempts of one round before the run fails.",
+    )
+    over_commit: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        allow_inf_nan=False,
+        description="Dispatch to ⌈k·(1 + over_commit)⌉ nodes (at most all) and aggregate the "
+        "first k updates.",
+    )
+    late_updates: Literal["drop", "stale"] = Field(
+        default="drop",
+        description="An update that arrives after its round closed: drop (recorded as rejected, "
+        "reason 'late …') or stale (aggregated with the next round as its delta on the current "
+        "model, weighted by examples·(1 + staleness)^-½).",
+    )
+
+    @property
+    def is_default(self) -> bool:
+        return self == DropoutPolicy()
+
+
+class DropoutPolicyError(ValueError):
+    """The experiment's dropout policy cannot be honoured by its strategy."""
+
+
+@dataclass(frozen=True)
+class Arrival:
+    """One sound update, as the server sees it when it arrives."""
+
+    node_id: int
+    weights: Weights  # the client's model after local training
+    sent_weights: Weights  # the global model it started from
+    sent_version: int  # that model's version
+    version: int  # the global version now; staleness = version - sent_version
+    num_examples: int
+    local_steps: int
+    metrics: Mapping[str, float]
+    duration_s: float  # on the experiment's clock
+
+    @property
+    def staleness(self) -> int:
+        return self.version - self.sent_version
+
+    def delta(self) -> Weights:
+        """x_i − x_sent(i): the update against the model the client started from."""
+        return {k: self.weights[k] - self.sent_weights[k] for k in self.weights}
+
+
+@dataclass(frozen=True)
+class Note:
+    """A decision worth recording (an ``events`` row of this kind), e.g. a policy's choice."""
+
+    message: str
+    data: Mapping[str, Any] = field(default_factory=dict)
+    kind: str = "policy"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the strategy wants after an event: a new global model (or None), and tasks to send.
+
+    ``dispatch`` lists nodes to send the (new) global model to now; ``local_steps`` may set
+    their local steps (None: the experiment's training settings). ``refused`` names nodes whose
+    latest update since the last aggregation stays out of the aggregate, with the reason it is
+    recorded under (status rejected). ``wake_in`` asks for :meth:`EventStrategy.on_tick` that
+    many seconds from now on the experiment's clock (it replaces any earlier request; None leaves
+    it). ``notes`` are recorded as events.
+    """
+
+    weights: Weights | None = None
+    dispatch: tuple[int, ...] = ()
+    local_steps: Mapping[int, int] = field(default_factory=dict)
+    refused: Mapping[int, str] = field(default_factory=dict)
+    wake_in: float | None = None
+    notes: tuple[Note, ...] = ()
+
+
+class EventStrategy(ABC):
+    """Server half of an algorithm that acts on one update at a time.
+
+    The runtime calls :meth:`begin` once with the nodes taking part, then :meth:`on_arrival` for
+    each sound update and :meth:`on_failure` for each lost task, in arrival order on the
+    experiment's clock (virtual arrival time on the virtual clock). Each node has at most one
+    task in flight; the runtime drops dispatches to busy nodes. A decision's ``wake_in`` sets a
+    timer: :meth:`on_tick` runs when it comes due, ordered with the arrivals on the clock.
+    """
+
+    def use_dropout_policy(self, policy: DropoutPolicy) -> None:
+        """Adopt the experiment's dropout policy. Default: only the default policy applies."""
+        if not policy.is_default:
+            raise DropoutPolicyError(
+                f"{type(self).__name__} has no synchronous rounds: a dropout policy other than "
+                "the default does not apply to it"
+            )
+
+    def begin(self, nodes: Sequence[int], weights: Weights) -> Decision:
+        """Start: by default every node gets the initial model."""
+        return Decision(dispatch=tuple(nodes))
+
+    @abstractmethod
+    def on_arrival(self, arrival: Arrival, weights: Weights) -> Decision:
+        """React to a sound update; ``weights`` is the current global model."""
+
+    def on_failure(self, node_id: int, reason: str, weights: Weights) -> Decision:
+        """A task was lost (error reply, deadline, dropout). Default: send that node work again."""
+        return Decision(dispatch=(node_id,))
+
+    def on_tick(self, now: float, weights: Weights) -> Decision:
+        """The timer a decision asked for came due; ``now`` is on the experiment's clock."""
+        return Decision()
+
+
+def weighted_mean(models: Sequence[Weights], weights: Sequence[float]) -> Weights:
+    """Σ w_i·x_i / Σ w_i, accumulated in the given order (so callers fix the order)."""
+    total = float(sum(weights))
+    out: Weights = {}
+    for model, w in zip(models, weights, strict=True):
+        factor = w / total
+        for key, value in model.items():
+            if key in out:
+                out[key] += value * factor
+            else:
+                out[key] = value * factor
+    return out
+
+
+def mix(current: Weights, incoming: Weights, alpha: float) -> Weights:
+    """(1 − α)·x + α·x_i, FedAsync's server update."""
+    return {k: (1.0 - alpha) * current[k] + alpha * incoming[k] for k in current}
+
+
+def apply_delta(current: Weights, delta: Weights, scale: float) -> Weights:
+    """x + η·Δ, keeping each array's dtype."""
+    return {k: (current[k] + scale * delta[k]).astype(current[k].dtype) for k in current}
+
+
+def average_with_stale(
+    current: Weights, fresh: Sequence[Arrival], stale: Sequence[Arrival] = ()
+) -> Weights:
+    """FedAvg of a round's fresh models, weighted by examples in the given order, plus late ones.
+
+    A late update kept from an earlier round enters as x + Δ_i (its delta applied to the current
+    model) weighted by n_i·(1 + τ_i)^-½, FedAsync's polynomial staleness function with a = ½.
+    Without late updates this is exactly ``weighted_mean`` of the fresh models.
+    """
+    models = [a.weights for a in fresh]
+    factors: list[float] = [a.num_examples for a in fresh]
+    for a in stale:
+        models.append({k: (current[k] + d).astype(current[k].dtype) for k, d in a.delta().items()})
+        factors.append(a.num_examples * (1.0 + a.staleness) ** -0.5)
+    return weighted_mean(models, factors)

@@ -1,0 +1,58 @@
+"""FedBuff (Nguyen et al., AISTATS 2022): buffered asynchronous aggregation. Client half: local SGD.
+
+Each arriving update Δ_i = x_i − x_sent(i) goes into a buffer; when K updates are in, the server
+applies x ← x + η_g·(1/K)·Σ Δ_i (optionally each Δ_i scaled by 1/√(1 + staleness), as the paper's
+experiments do) and empties the buffer. Every node gets new work as soon as it reports.
+https://arxiv.org/abs/2106.06639
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from pydantic import Field
+
+from .base import ServerSetup, StrategyConfig, StrategyPlugin
+from .events import Arrival, Decision, EventStrategy, Weights, apply_delta, weighted_mean
+
+
+class FedBuffConfig(StrategyConfig):
+    buffer_size: int = Field(default=3, ge=1, description="K: updates per aggregation.")
+    server_lr: float = Field(default=1.0, gt=0, description="η_g, the server learning rate.")
+    staleness_scaling: bool = Field(
+        default=True, description="Scale each update by 1/√(1 + staleness)."
+    )
+
+
+class FedBuff(EventStrategy):
+    def __init__(self, config: FedBuffConfig) -> None:
+        self.config = config
+        self.buffer: list[Weights] = []
+
+    def begin(self, nodes: Sequence[int], weights: Weights) -> Decision:
+        return Decision(dispatch=tuple(nodes))
+
+    def on_arrival(self, arrival: Arrival, weights: Weights) -> Decision:
+        scale = (1.0 + arrival.staleness) ** -0.5 if self.config.staleness_scaling else 1.0
+        self.buffer.append({k: v * scale for k, v in arrival.delta().items()})
+        if len(self.buffer) < self.config.buffer_size:
+            return Decision(dispatch=(arrival.node_id,))
+        mean_delta = weighted_mean(self.buffer, [1.0] * len(self.buffer))
+        self.buffer = []
+        new = apply_delta(weights, mean_delta, self.config.server_lr)
+        return Decision(weights=new, dispatch=(arrival.node_id,))
+
+
+def build_event_server(config: FedBuffConfig, setup: ServerSetup) -> FedBuff:
+    return FedBuff(config)
+
+
+plugin = StrategyPlugin(
+    name="fedbuff",
+    summary="FedBuff: aggregate every K asynchronous updates from a buffer.",
+    config_model=FedBuffConfig,
+    build_server=None,
+    build_event_server=build_event_server,
+    paper="https://arxiv.org/abs/2106.06639",
+    tags=("async",),
+)

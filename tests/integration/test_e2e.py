@@ -1,0 +1,109 @@
+"""End to end over gRPC: REST call → SuperLink → three SuperNodes → rounds in the database."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from florist.server.control import ControlClient
+
+from .conftest import Api
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+# Local training that reaches the accuracy bar: the defaults (2 local epochs of SGD, lr 0.05,
+# momentum 0.9, batch 32) on an MLP with one hidden layer of 64 units.
+FEDAVG: dict[str, Any] = {
+    "name": "e2e-digits-fedavg",
+    "strategy": {"name": "fedavg", "config": {}},
+    "dataset": {"name": "digits", "partitioner": {"name": "dirichlet", "alpha": 0.5}, "seed": 0},
+    "model": {"name": "mlp"},
+    "training": {"local_epochs": 2, "lr": 0.05, "momentum": 0.9, "batch_size": 32},
+    "rounds": 5,
+    "clients": {"min": 3},
+}
+
+
+def test_fedavg_digits_five_rounds(api: Api) -> None:
+    exp = api.submit(FEDAVG)
+    done = api.wait_finished(exp["id"])
+    assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+
+    rounds = api.client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()
+    assert rounds["count"] == 5
+    assert [r["server_round"] for r in rounds["data"]] == [1, 2, 3, 4, 5]
+    assert all(r["num_updates"] == 3 for r in rounds["data"])
+    assert rounds["data"][-1]["metrics"]["accuracy"] >= 0.80
+
+    updates = api.client.get(f"/api/v1/experiments/{exp['id']}/updates").json()
+    assert updates["count"] == 15
+    assert {u["status"] for u in updates["data"]} == {"accepted"}
+    assert len({u["node_id"] for u in updates["data"]}) == 3
+    assert all(u["num_examples"] > 0 and u["bytes_up"] > 0 for u in updates["data"])
+    assert done["current_round"] == 5 and done["best_accuracy"] >= 0.80
+    assert done["flwr_run_id"] is not None and done["finished_at"] is not None
+
+
+# The acceptance run goes on both backends; the other paths do not depend on the database.
+sqlite_only = pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+
+
+@sqlite_only
+def test_cancel_a_running_experiment(api: Api) -> None:
+    exp = api.submit(FEDAVG | {"name": "e2e-cancel", "rounds": 40})
+    api.wait(exp["id"], lambda e: e["current_round"] >= 1)
+    response = api.client.post(f"/api/v1/experiments/{exp['id']}/cancel")
+    assert response.status_code == 200
+    assert response.json()["status"] in ("cancelling", "cancelled")
+    done = api.wait_finished(exp["id"], timeout=60)
+    assert done["status"] == "cancelled"
+
+    control = ControlClient(api.stack.control)
+    state = control.run_state(int(done["flwr_run_id"]))
+    control.close()
+    assert state is not None and (state.status, state.sub_status) == ("finished", "stopped")
+    # The rounds committed before the cancel are all still there.
+    rounds = api.client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()
+    assert 1 <= rounds["count"] < 40
+    assert [r["server_round"] for r in rounds["data"]] == list(range(1, rounds["count"] + 1))
+
+
+@sqlite_only
+def test_third_party_plugin_runs_without_touching_florist(api: Api) -> None:
+    body = FEDAVG | {
+        "name": "e2e-thirdparty",
+        "strategy": {"name": "fedavg_marked", "config": {"marker": 2.5}},
+        "rounds": 2,
+    }
+    exp = api.submit(body)
+    done = api.wait_finished(exp["id"])
+    assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+    updates = api.client.get(f"/api/v1/experiments/{exp['id']}/updates").json()["data"]
+    assert len(updates) == 6
+    assert all(u["metrics"]["marker"] == 2.5 for u in updates)
+
+
+@sqlite_only
+def test_cli_submit_follows_the_run_to_the_end(api: Api, tmp_path: Path) -> None:
+    spec = tmp_path / "experiment.toml"
+    spec.write_text(
+        'name = "e2e-cli"\nrounds = 2\n[strategy]\nname = "fedprox"\n'
+        "[strategy.config]\nproximal_mu = 0.01\n"
+        '[dataset]\nname = "digits"\n[dataset.partitioner]\nname = "iid"\n'
+        "[clients]\nmin = 3\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "florist.server.cli", "submit", str(spec), "--api", api.base],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "completed" in out.stdout
+    listing = api.client.get("/api/v1/experiments").json()["data"]
+    (exp,) = [e for e in listing if e["name"] == "e2e-cli"]
+    assert exp["status"] == "completed" and exp["current_round"] == 2

@@ -1,0 +1,53 @@
+"""Each seed strategy through the REST API on real SuperNodes, for a few rounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from .conftest import Api
+
+pytestmark = [
+    pytest.mark.e2e,
+    pytest.mark.slow,
+    pytest.mark.parametrize("database_url", ["sqlite"], indirect=True),
+]
+
+BASE: dict[str, Any] = {
+    "dataset": {"name": "digits", "partitioner": {"name": "dirichlet", "alpha": 0.5}, "seed": 0},
+    "model": {"name": "mlp"},
+    "training": {"local_epochs": 1},
+    "rounds": 2,
+    "clients": {"min": 3},
+}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "round_key", "train_key"),
+    [
+        ({"name": "fedspeed", "config": {"rho": 0.1, "inv_lambda": 0.1}}, None, None),
+        ({"name": "fal", "config": {"epsilon": 0.1, "pgd_steps": 3}}, "robust-accuracy", None),
+        (
+            {"name": "curriculum", "config": {"ordering": "curriculum", "pacing": "linear"}},
+            None,
+            "pacing-fraction",
+        ),
+    ],
+    ids=["fedspeed", "fal", "curriculum"],
+)
+def test_strategy_runs_over_grpc(
+    api: Api, strategy: dict[str, Any], round_key: str | None, train_key: str | None
+) -> None:
+    exp = api.submit(BASE | {"name": f"e2e-{strategy['name']}", "strategy": strategy})
+    done = api.wait_finished(exp["id"])
+    assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+    rounds = api.client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
+    assert [r["server_round"] for r in rounds] == [1, 2]
+    assert all(r["num_updates"] == 3 for r in rounds)
+    if round_key:
+        assert all(round_key in r["metrics"] for r in rounds)
+    if train_key:
+        assert all(train_key in r["train_metrics"] for r in rounds)
+    updates = api.client.get(f"/api/v1/experiments/{exp['id']}/updates").json()
+    assert updates["count"] == 6

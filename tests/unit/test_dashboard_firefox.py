@@ -1,0 +1,56 @@
+"""The dashboard's pages in headless Firefox ESR, on the same fake API as the Chromium tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.firefox import FIREFOX, Firefox
+from tests.unit.test_dashboard_page import LiveServer, live_server  # noqa: F401 - the fixture
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        not FIREFOX.exists(), reason=f"{FIREFOX} is missing; `apt-get install -y firefox-esr`"
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def firefox() -> Iterator[Firefox]:
+    browser = Firefox()
+    yield browser
+    browser.close()
+
+
+def count(selector: str) -> str:
+    return f"document.querySelectorAll({selector!r}).length"
+
+
+def test_experiments_page(firefox: Firefox, live_server: LiveServer) -> None:  # noqa: F811
+    firefox.goto(f"{live_server.url}/")
+    firefox.wait_for(f"{count('[data-testid=experiment-row]')} === 3")
+    text = firefox.evaluate("document.querySelector('#experiments-table').textContent")
+    assert "mnist-fedprox" in text and "completed" in text
+    assert firefox.evaluate(count("#submit-form select, #submit-form input")) > 5
+    assert firefox.errors == []
+
+
+def test_experiment_page_draws_its_charts(firefox: Firefox, live_server: LiveServer) -> None:  # noqa: F811
+    rounds = len(live_server.api.rounds[1])
+    firefox.goto(f"{live_server.url}/experiments/1")
+    firefox.wait_for(f"{count('#accuracy-chart circle')} >= {rounds}")
+    firefox.wait_for(f"{count('#client-timeline rect[data-testid=task-bar]')} > 0")
+    assert "Round" in firefox.evaluate("document.querySelector('#round-counter').textContent")
+    assert firefox.errors == []
+
+
+def test_unknown_experiment_and_compare(firefox: Firefox, live_server: LiveServer) -> None:  # noqa: F811
+    firefox.goto(f"{live_server.url}/experiments/42")
+    firefox.wait_for("!document.querySelector('#not-found').hidden")
+    firefox.goto(f"{live_server.url}/compare?ids=1,2")
+    firefox.wait_for(f"{count('#compare-chart g.chart-series')} === 2")
+    firefox.goto(f"{live_server.url}/nodes")
+    firefox.wait_for(f"{count('[data-testid=node-row]')} === 2")
+    assert firefox.errors == []

@@ -1,0 +1,883 @@
+"""The dashboard pages on a fake REST API: their routes and assets, then the pages in Chromium."""
+
+import asyncio
+import copy
+import json
+import re
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.testclient import TestClient
+from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
+from starlette.requests import Request as ServerRequest
+
+from florist.server.dashboard import STATIC_DIR, mount_dashboard
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
+
+ACTIVE_STATUSES = {"pending", "submitted", "running", "cancelling"}
+# The list polls every 2 s while something runs and the fake stream every 0.1 s; allow a few.
+POLL_TIMEOUT_MS = 7_000
+STREAM_POLL_S = 0.1
+
+browser_test = pytest.mark.skipif(
+    not CHROMIUM.exists(),
+    reason=f"{CHROMIUM} is missing; install it with `apt-get install -y chromium chromium-driver`",
+)
+
+
+# ---------------------------------------------------------------- fake API
+
+
+def _round(
+    server_round: int,
+    accuracy: float,
+    loss: float,
+    train_loss: float | None,
+    *,
+    extra: dict[str, float] | None = None,
+    train_extra: dict[str, float] | None = None,
+) -> dict[str, Any]:
+    train_metrics = {} if train_loss is None else {"train-loss": train_loss, "train-accuracy": 0.5}
+    return {
+        "server_round": server_round,
+        "started_at": f"2025-01-10T10:{server_round:02d}:00Z",
+        "finished_at": f"2025-01-10T10:{server_round:02d}:30Z",
+        "duration_s": 30.0,
+        "metrics": {"accuracy": accuracy, "loss": loss, **(extra or {})},
+        "train_metrics": {**train_metrics, **(train_extra or {})},
+        "evaluate_metrics": {},
+        "num_updates": 0 if server_round == 0 else 4,
+        "num_rejected": 0,
+        "num_failures": 0,
+        "virtual_time_s": None,
+    }
+
+
+NODE_IDS = ("101", "202", "18446744073709551557")
+
+
+def _update(
+    server_round: int, node: int, status: str = "accepted", staleness: int = 0
+) -> dict[str, Any]:
+    """Node ``node``'s task in a round: it left at :00 and took 10 s per node index, plus 5."""
+    took = 5 + 10 * node
+    return {
+        "server_round": server_round,
+        "node_id": NODE_IDS[node],
+        "status": status,
+        "reason": "non-finite weights" if status == "rejected" else None,
+        "num_examples": 100,
+        "train_time_s": took - 1.0,
+        "metrics": {},
+        "bytes_up": 1000,
+        "bytes_down": 1000,
+        "staleness": staleness,
+        "created_at": f"2025-01-10T10:{server_round:02d}:{took:02d}Z",
+        "model_version": server_round - 1,
+        "arrival_version": server_round - 1 + staleness,
+        "local_steps": 12,
+        "dispatched_at": f"2025-01-10T10:{server_round:02d}:00Z",
+        "arrived_at": f"2025-01-10T10:{server_round:02d}:{took:02d}Z",
+        "wall_duration_s": float(took),
+        "virtual_duration_s": None,
+    }
+
+
+def _updates_of(server_round: int) -> list[dict[str, Any]]:
+    if server_round == 0:
+        return []
+    if server_round == 2:
+        return [_update(2, 0), _update(2, 1, "rejected"), _update(2, 2, "failed", staleness=1)]
+    return [_update(server_round, i, staleness=i % 2) for i in range(3)]
+
+
+def _experiment(
+    experiment_id: int,
+    name: str,
+    status: str,
+    *,
+    current_round: int,
+    num_rounds: int,
+    best_accuracy: float | None,
+    error: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "id": experiment_id,
+        "name": name,
+        "status": status,
+        "strategy": {"name": "fedprox", "config": {"proximal_mu": 0.1}},
+        "dataset": {"name": "mnist", "partitioner": "dirichlet", "alpha": 0.5},
+        "model": {"name": "mlp"},
+        "num_rounds": num_rounds,
+        "current_round": current_round,
+        "best_accuracy": best_accuracy,
+        "error": error,
+        "created_at": "2025-01-10T09:59:00Z",
+        "started_at": "2025-01-10T10:00:00Z",
+        "finished_at": None if status in ACTIVE_STATUSES else "2025-01-10T10:20:00Z",
+    }
+
+
+FAILED_ERROR = "dataset 'cifar100' is not installed on client 2"
+
+
+def _initial_experiments() -> dict[int, dict[str, Any]]:
+    running = _experiment(
+        1, "mnist-fedprox", "running", current_round=2, num_rounds=5, best_accuracy=0.81
+    )
+    completed = _experiment(
+        2, "mnist-baseline", "completed", current_round=3, num_rounds=3, best_accuracy=0.9
+    )
+    failed = _experiment(
+        3,
+        "cifar-broken",
+        "failed",
+        current_round=0,
+        num_rounds=4,
+        best_accuracy=None,
+        error=FAILED_ERROR,
+    )
+    return {e["id"]: e for e in (running, completed, failed)}
+
+
+def _initial_rounds() -> dict[int, list[dict[str, Any]]]:
+    return {
+        # Round 0 is the initial model's evaluation: no clients trained, so no train loss.
+        1: [_round(0, 0.11, 2.30, None), _round(1, 0.62, 1.20, 1.50), _round(2, 0.81, 0.70, 0.90)],
+        2: [
+            _round(
+                r,
+                0.3 * r,
+                2.0 - 0.5 * r,
+                2.1 - 0.5 * r,
+                extra={"robust-accuracy": 0.2 * r},
+                train_extra={"pacing-fraction": 0.25 * (r + 1)},
+            )
+            for r in range(4)
+        ],
+        3: [],
+    }
+
+
+def _initial_updates() -> dict[int, list[dict[str, Any]]]:
+    return {
+        1: [u for r in (1, 2) for u in _updates_of(r)],
+        2: [u for r in (1, 2, 3) for u in _updates_of(r)],
+        3: [],
+    }
+
+
+STRATEGIES: dict[str, Any] = {
+    "data": [
+        {
+            "name": "fedavg",
+            "summary": "Federated averaging.",
+            "paper": "",
+            "tags": [],
+            "config_schema": {"properties": {}, "type": "object"},
+        },
+        {
+            "name": "fedprox",
+            "summary": "FedAvg with a proximal term.",
+            "paper": "",
+            "tags": [],
+            "config_schema": {
+                "properties": {
+                    "proximal_mu": {
+                        "default": 0.01,
+                        "description": "Weight of the proximal term.",
+                        "minimum": 0,
+                        "title": "Proximal Mu",
+                        "type": "number",
+                    }
+                },
+                "type": "object",
+            },
+        },
+        {
+            "name": "fal",
+            "summary": "Federated adversarial learning.",
+            "paper": "",
+            "tags": [],
+            "config_schema": {
+                "properties": {
+                    "pgd_steps": {"default": 10, "title": "Pgd Steps", "type": "integer"},
+                    "random_start": {"default": False, "title": "Random Start", "type": "boolean"},
+                    "step_size": {
+                        "anyOf": [{"type": "number"}, {"type": "null"}],
+                        "default": None,
+                        "title": "Step Size",
+                    },
+                    "ordering": {
+                        "default": "anti",
+                        "enum": ["curriculum", "anti", "random"],
+                        "title": "Ordering",
+                        "type": "string",
+                    },
+                },
+                "type": "object",
+            },
+        },
+    ],
+    "count": 3,
+    "errors": {},
+}
+
+NODES: dict[str, Any] = {
+    "data": [
+        {
+            "node_id": NODE_IDS[0],
+            "node_config": {"partition-id": 0, "num-partitions": 3, "profile": "phone"},
+            "first_seen": "2025-01-10T09:00:00Z",
+            "last_seen": "2025-01-10T10:20:00Z",
+            "seconds_since_seen": 4.0,
+            "stale": False,
+        },
+        {
+            "node_id": NODE_IDS[2],
+            "node_config": {},
+            "first_seen": "2025-01-10T09:00:00Z",
+            "last_seen": "2025-01-10T09:05:00Z",
+            "seconds_since_seen": 900.0,
+            "stale": True,
+        },
+    ],
+    "count": 2,
+    "stale_after_s": 120.0,
+}
+
+
+@dataclass
+class FakeApi:
+    """What the fake REST API serves; tests mutate it to make the page see a change."""
+
+    experiments: dict[int, dict[str, Any]] = field(default_factory=_initial_experiments)
+    rounds: dict[int, list[dict[str, Any]]] = field(default_factory=_initial_rounds)
+    updates: dict[int, list[dict[str, Any]]] = field(default_factory=_initial_updates)
+    submitted: list[dict[str, Any]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        self.experiments = _initial_experiments()
+        self.rounds = _initial_rounds()
+        self.updates = _initial_updates()
+        self.submitted = []
+
+    def add_round(self, experiment_id: int, new_round: dict[str, Any]) -> None:
+        experiment = copy.deepcopy(self.experiments[experiment_id])
+        experiment["current_round"] = new_round["server_round"]
+        accuracies = [experiment["best_accuracy"] or 0.0, new_round["metrics"]["accuracy"]]
+        experiment["best_accuracy"] = max(accuracies)
+        # Replace, never mutate in place: the server thread may be serialising the old values.
+        self.updates[experiment_id] = [
+            *self.updates[experiment_id],
+            *_updates_of(new_round["server_round"]),
+        ]
+        self.rounds[experiment_id] = [*self.rounds[experiment_id], new_round]
+        self.experiments[experiment_id] = experiment
+
+    def set_status(self, experiment_id: int, status: str) -> None:
+        self.experiments[experiment_id] = {**self.experiments[experiment_id], "status": status}
+
+
+def _not_found(experiment_id: int) -> JSONResponse:
+    return JSONResponse({"detail": f"experiment {experiment_id} not found"}, status_code=404)
+
+
+def build_app(api: FakeApi) -> FastAPI:
+    app = FastAPI()
+
+    @app.get("/api/v1/experiments")
+    def list_experiments() -> dict[str, Any]:
+        data = list(api.experiments.values())
+        return {"data": data, "count": len(data)}
+
+    @app.get("/api/v1/experiments/{experiment_id}", response_model=None)
+    def get_experiment(experiment_id: int) -> dict[str, Any] | JSONResponse:
+        return api.experiments.get(experiment_id) or _not_found(experiment_id)
+
+    @app.get("/api/v1/experiments/{experiment_id}/rounds", response_model=None)
+    def list_rounds(experiment_id: int) -> dict[str, Any] | JSONResponse:
+        if experiment_id not in api.experiments:
+            return _not_found(experiment_id)
+        data = api.rounds[experiment_id]
+        return {"data": data, "count": len(data)}
+
+    @app.get("/api/v1/experiments/{experiment_id}/updates", response_model=None)
+    def list_updates(experiment_id: int) -> dict[str, Any] | JSONResponse:
+        if experiment_id not in api.experiments:
+            return _not_found(experiment_id)
+        data = api.updates[experiment_id]
+        return {"data": data, "count": len(data)}
+
+    @app.get("/api/v1/experiments/{experiment_id}/events", response_model=None)
+    def events(experiment_id: int, request: ServerRequest) -> StreamingResponse | JSONResponse:
+        """The real stream's protocol (status, update, round, end) over the fake's state."""
+        if experiment_id not in api.experiments:
+            return _not_found(experiment_id)
+
+        async def stream() -> AsyncIterator[str]:
+            sent_rounds = sent_updates = 0
+            last_status = None
+            while True:
+                experiment = api.experiments[experiment_id]
+                updates = api.updates[experiment_id]
+                rounds = api.rounds[experiment_id]
+                for update in updates[sent_updates:]:
+                    yield f"event: update\ndata: {json.dumps(update)}\n\n"
+                for new_round in rounds[sent_rounds:]:
+                    yield f"event: round\ndata: {json.dumps(new_round)}\n\n"
+                sent_updates, sent_rounds = len(updates), len(rounds)
+                if experiment != last_status:
+                    last_status = experiment
+                    yield f"event: status\ndata: {json.dumps(experiment)}\n\n"
+                if experiment["status"] not in ACTIVE_STATUSES:
+                    yield f"event: end\ndata: {json.dumps({'status': experiment['status']})}\n\n"
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(STREAM_POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
+
+    @app.get("/api/v1/strategies")
+    def strategies() -> dict[str, Any]:
+        return STRATEGIES
+
+    @app.get("/api/v1/nodes")
+    def nodes() -> dict[str, Any]:
+        return NODES
+
+    @app.post("/api/v1/experiments", response_model=None)
+    def create(body: dict[str, Any]) -> dict[str, Any] | JSONResponse:
+        # The real API's 422 shape for the two mistakes the tests make.
+        mu = body["strategy"]["config"].get("proximal_mu")
+        errors = []
+        if isinstance(mu, int | float) and mu < 0:
+            errors.append(
+                {
+                    "loc": ["body", "strategy", "config", "proximal_mu"],
+                    "msg": "Input should be greater than or equal to 0",
+                    "type": "greater_than_equal",
+                }
+            )
+        if body["rounds"] is None or body["rounds"] < 1:
+            errors.append(
+                {"loc": ["body", "rounds"], "msg": "Input should be greater than or equal to 1"}
+            )
+        if errors:
+            return JSONResponse({"detail": errors}, status_code=422)
+        api.submitted.append(body)
+        new_id = max(api.experiments) + 1
+        experiment = _experiment(
+            new_id,
+            body["name"],
+            "pending",
+            current_round=0,
+            num_rounds=body["rounds"],
+            best_accuracy=None,
+        )
+        api.experiments[new_id] = experiment
+        api.rounds[new_id] = []
+        api.updates[new_id] = []
+        return JSONResponse(experiment, status_code=201)
+
+    @app.post("/api/v1/experiments/{experiment_id}/cancel", response_model=None)
+    def cancel(experiment_id: int) -> dict[str, Any] | JSONResponse:
+        if experiment_id not in api.experiments:
+            return _not_found(experiment_id)
+        experiment = copy.deepcopy(api.experiments[experiment_id])
+        if experiment["status"] not in ACTIVE_STATUSES:
+            detail = f"experiment {experiment_id} already finished"
+            return JSONResponse({"detail": detail}, status_code=409)
+        experiment["status"] = "cancelling"
+        api.experiments[experiment_id] = experiment
+        return experiment
+
+    mount_dashboard(app)
+    return app
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@dataclass
+class LiveServer:
+    url: str
+    api: FakeApi
+
+
+@pytest.fixture(scope="module")
+def live_server() -> Iterator[LiveServer]:
+    api = FakeApi()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # port 0: the OS picks a free one, and we keep it bound
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(build_app(api), log_level="warning", lifespan="off", ws="none")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("the test server did not start")
+        time.sleep(0.02)
+    yield LiveServer(url=f"http://127.0.0.1:{port}", api=api)
+    server.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@dataclass
+class PageSession:
+    """A fresh browser page plus what it asked for and what it complained about."""
+
+    page: Page
+    server: LiveServer
+    requests: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def goto(self, path: str) -> None:
+        self.page.goto(self.server.url + path)
+
+    def script_errors(self) -> list[str]:
+        """Console errors other than the browser's own note on an HTTP error status."""
+        return [e for e in self.errors if not e.startswith("Failed to load resource")]
+
+    def screenshot(self, name: str) -> None:
+        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+        self.page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
+
+
+@pytest.fixture
+def session(live_server: LiveServer, browser: Browser) -> Iterator[PageSession]:
+    live_server.api.reset()
+    context = browser.new_context(viewport={"width": 1366, "height": 900})
+    page = context.new_page()
+    page.set_default_timeout(POLL_TIMEOUT_MS)
+    result = PageSession(page=page, server=live_server)
+
+    def on_console(message: ConsoleMessage) -> None:
+        if message.type == "error":
+            result.errors.append(message.text)
+
+    def on_request(request: Request) -> None:
+        result.requests.append(request.url)
+
+    page.on("request", on_request)
+    page.on("console", on_console)
+    page.on("pageerror", lambda exc: result.errors.append(str(exc)))
+    yield result
+    context.close()
+
+
+# ---------------------------------------------------------------- routes and assets
+
+
+def test_page_and_assets_are_served_with_their_content_types() -> None:
+    # Prepare
+    client = TestClient(build_app(FakeApi()))
+    script_names = [p.relative_to(STATIC_DIR).as_posix() for p in STATIC_DIR.rglob("*.js")]
+
+    # Execute
+    index = client.get("/")
+    pages = [client.get(path) for path in ("/experiments/3", "/compare?ids=1,2", "/nodes")]
+    scripts = [client.get(f"/static/{name}") for name in script_names]
+    css = client.get("/static/style.css")
+    missing = client.get("/static/nope.js")
+
+    # Assert
+    assert {"app.js", "chart.js", "api.js", "pages/experiment.js"} <= set(script_names)
+    for page in (index, *pages):
+        assert page.status_code == 200
+        assert page.headers["content-type"].startswith("text/html")
+        assert '<script type="module" src="/static/app.js">' in page.text
+        assert page.text == index.text
+    for script in scripts:
+        assert script.status_code == 200
+        # Browsers run module scripts only when served with a JavaScript MIME type.
+        assert script.headers["content-type"].split(";")[0] in {
+            "text/javascript",
+            "application/javascript",
+        }
+    assert css.status_code == 200
+    assert css.headers["content-type"].startswith("text/css")
+    assert missing.status_code == 404
+
+
+def test_assets_reference_nothing_outside_the_app() -> None:
+    # The SVG namespace is an identifier, not a fetch.
+    allowed = {"http://www.w3.org/2000/svg"}
+    for asset in (path for path in STATIC_DIR.rglob("*") if path.is_file()):
+        urls = set(re.findall(r"(?:https?:)?//[\w.-]+\.[a-z]{2,}[^\s\"')]*", asset.read_text()))
+        assert urls <= allowed, f"{asset.name} refers to {urls - allowed}"
+
+
+# ---------------------------------------------------------------- the page in a browser
+
+
+@pytest.mark.browser
+@browser_test
+def test_table_lists_experiments(session: PageSession) -> None:
+    # Execute
+    session.goto("/")
+
+    # Assert
+    rows = session.page.get_by_test_id("experiment-row")
+    expect(rows).to_have_count(3)
+    running = session.page.locator('#experiments-table tr[data-experiment-id="1"]')
+    expect(running).to_contain_text("mnist-fedprox")
+    expect(running.get_by_test_id("status-badge")).to_have_text("running")
+    expect(running.get_by_test_id("progress")).to_have_text("round 2 / 5")
+    expect(running.get_by_test_id("best-accuracy")).to_have_text("81.0%")
+    expect(running).to_contain_text("fedprox")
+    expect(running).to_contain_text("mnist")
+    failed = session.page.locator('#experiments-table tr[data-experiment-id="3"]')
+    expect(failed.get_by_test_id("status-badge")).to_have_text("failed")
+    expect(failed.get_by_test_id("best-accuracy")).to_have_text("—")
+    expect(session.page.locator("#experiment-detail")).to_be_hidden()
+    session.screenshot("experiments-table")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_clicking_a_row_shows_charts_with_one_point_per_round(session: PageSession) -> None:
+    # Prepare
+    session.goto("/")
+
+    # Execute
+    session.page.locator('#experiments-table tr[data-experiment-id="2"]').click()
+
+    # Assert
+    expect(session.page).to_have_url(f"{session.server.url}/experiments/2")
+    expect(session.page.locator("#detail-title")).to_have_text("#2 · mnist-baseline")
+    expect(session.page.locator("#round-counter")).to_have_text("Round 3 / 3")
+    expect(session.page.locator("#accuracy-chart circle")).to_have_count(4)
+    loss_chart = session.page.locator("#loss-chart")
+    expect(loss_chart.locator('circle[data-series="loss"]')).to_have_count(4)
+    expect(loss_chart.locator('circle[data-series="train-loss"]')).to_have_count(4)
+    expect(loss_chart.get_by_test_id("chart-legend")).to_contain_text("Train loss")
+    expect(session.page.get_by_test_id("round-row")).to_have_count(4)
+    # A completed experiment cannot be cancelled.
+    expect(session.page.locator("#cancel-button")).to_have_count(0)
+    session.screenshot("experiment-completed")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_a_new_round_updates_counter_and_chart_without_reload(session: PageSession) -> None:
+    # Prepare
+    session.goto("/experiments/1")
+    page = session.page
+    expect(page.locator("#round-counter")).to_have_text("Round 2 / 5")
+    expect(page.locator("#accuracy-chart circle")).to_have_count(3)
+    # Round 0 has no train loss, so only rounds 1 and 2 are on the train-loss series.
+    expect(page.locator('#loss-chart circle[data-series="train-loss"]')).to_have_count(2)
+    page.evaluate("window.__sameDocument = true")
+
+    # Execute
+    session.server.api.add_round(1, _round(3, 0.88, 0.5, 0.6))
+
+    # Assert
+    expect(page.locator("#round-counter")).to_have_text("Round 3 / 5", timeout=POLL_TIMEOUT_MS)
+    expect(page.locator("#accuracy-chart circle")).to_have_count(4)
+    expect(page.locator('#accuracy-chart circle[data-round="3"]')).to_have_count(1)
+    expect(page.get_by_test_id("round-row")).to_have_count(4)
+    # The round's client tasks reach the timeline and the clients table too.
+    expect(page.locator("#client-timeline [data-testid=task-bar]")).to_have_count(9)
+    expect(page.get_by_test_id("client-row").first.locator("td").nth(1)).to_have_text("3")
+    expect(page.get_by_test_id("detail-best-accuracy")).to_have_text("88.0%")
+    # Absent values (finished_at, round 0's train loss) read as a dash, never "null".
+    expect(page.locator("#experiment-detail")).not_to_contain_text("null")
+    assert page.evaluate("window.__sameDocument") is True
+    session.screenshot("experiment-running")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_cancel_button_cancels_a_running_experiment(session: PageSession) -> None:
+    # Prepare
+    session.goto("/experiments/1")
+    button = session.page.locator("#cancel-button")
+
+    # Execute
+    button.click()
+
+    # Assert
+    expect(session.page.locator("#detail-status")).to_have_text("cancelling")
+    expect(button).to_have_count(0)
+    expect(session.page.locator("#action-message")).to_contain_text("Cancellation")
+    assert session.server.api.experiments[1]["status"] == "cancelling"
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_failed_experiment_shows_its_error_and_no_stack_trace(session: PageSession) -> None:
+    # Execute
+    session.goto("/experiments/3")
+
+    # Assert
+    error = session.page.locator("#error-message")
+    expect(error).to_contain_text(FAILED_ERROR)
+    expect(session.page.locator("#detail-status")).to_have_text("failed")
+    expect(session.page.locator("#accuracy-chart")).to_contain_text("No evaluated rounds yet")
+    session.screenshot("experiment-failed")
+
+    # Prepare: should a traceback reach the page anyway, only its last line is shown.
+    experiment = copy.deepcopy(session.server.api.experiments[3])
+    experiment["error"] = (
+        "Traceback (most recent call last):\n"
+        '  File "/srv/florist/run.py", line 12, in main\n'
+        f"ValueError: {FAILED_ERROR}\n"
+    )
+    session.server.api.experiments[3] = experiment
+
+    # Execute
+    session.page.reload()
+
+    # Assert
+    expect(error).to_contain_text(f"ValueError: {FAILED_ERROR}")
+    expect(error).not_to_contain_text("Traceback")
+    expect(error).not_to_contain_text("run.py")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+@pytest.mark.parametrize("experiment_id", ["42", "abc"])
+def test_unknown_experiment_shows_not_found(session: PageSession, experiment_id: str) -> None:
+    # Execute
+    session.goto(f"/experiments/{experiment_id}")
+
+    # Assert
+    expect(session.page.locator("#not-found")).to_have_text(f"Experiment {experiment_id} not found")
+    expect(session.page.get_by_test_id("back-link")).to_be_visible()
+    expect(session.page.locator("#experiments-section")).to_be_hidden()
+    assert session.script_errors() == []
+    if experiment_id == "42":
+        session.screenshot("experiment-not-found")
+
+
+@pytest.mark.browser
+@browser_test
+def test_every_request_stays_on_the_app(session: PageSession) -> None:
+    # Execute: the list, a detail with its live stream, the compare and nodes pages.
+    session.goto("/")
+    expect(session.page.get_by_test_id("experiment-row")).to_have_count(3)
+    session.page.locator('#experiments-table tr[data-experiment-id="1"]').click()
+    expect(session.page.locator("#accuracy-chart circle")).to_have_count(3)
+    session.page.get_by_test_id("back-link").click()
+    expect(session.page.locator("#experiments-section")).to_be_visible()
+    session.goto("/compare?ids=1,2")
+    expect(session.page.get_by_test_id("compare-row")).to_have_count(2)
+    session.goto("/nodes")
+    expect(session.page.get_by_test_id("node-row")).to_have_count(2)
+
+    # Assert
+    assert any(url.endswith("/static/chart.js") for url in session.requests)
+    assert any(url.endswith("/api/v1/experiments/1/events") for url in session.requests)
+    outside = [url for url in session.requests if not url.startswith(session.server.url + "/")]
+    assert outside == []
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_experiment_page_shows_timeline_clients_and_strategy_panels(session: PageSession) -> None:
+    # Execute
+    session.goto("/experiments/2")
+    page = session.page
+
+    # Assert: a bar per task, failed and rejected ones marked.
+    bars = page.locator("#client-timeline [data-testid=task-bar]")
+    expect(bars).to_have_count(9)
+    expect(page.locator('#client-timeline rect[data-status="failed"]')).to_have_count(1)
+    expect(page.locator('#client-timeline rect[data-status="rejected"]')).to_have_count(1)
+    expect(page.locator("#client-timeline .task-mark-failed")).to_have_count(1)
+    # Clients: one row per node, with its counts, last status and the profile from /nodes.
+    rows = page.get_by_test_id("client-row")
+    expect(rows).to_have_count(3)
+    first = page.locator(f'#clients-table tr[data-node="{NODE_IDS[0]}"]')
+    expect(first.locator("td").nth(1)).to_have_text("3")
+    expect(first).to_contain_text("phone")
+    failing = page.locator(f'#clients-table tr[data-node="{NODE_IDS[2]}"]')
+    expect(failing.get_by_test_id("last-update-status")).to_have_text("accepted")
+    # Strategy panels: the extra server metric and the extra client metric.
+    expect(page.locator("#metric-chart-robust-accuracy circle")).to_have_count(4)
+    expect(page.locator("#metric-chart-pacing-fraction circle")).to_have_count(4)
+    expect(page.get_by_test_id("strategy-chart")).to_have_count(2)
+
+    # Execute: plot against wall time instead of rounds.
+    page.locator('#x-axis-toggle button[data-x="time"]').click()
+
+    # Assert
+    expect(page.locator('#x-axis-toggle button[data-x="time"]')).to_have_attribute(
+        "aria-pressed", "true"
+    )
+    expect(page.locator("#accuracy-chart")).to_contain_text("wall time")
+    expect(page.locator("#accuracy-chart circle")).to_have_count(4)
+    session.screenshot("experiment-timeline")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_stream_end_stops_the_live_view(session: PageSession) -> None:
+    # Prepare
+    session.goto("/experiments/1")
+    expect(session.page.locator("#stream-state")).to_have_text("● live")
+
+    # Execute
+    session.server.api.set_status(1, "completed")
+
+    # Assert
+    expect(session.page.locator("#detail-status")).to_have_text("completed")
+    expect(session.page.locator("#stream-state")).to_have_text("finished")
+    expect(session.page.locator("#cancel-button")).to_have_count(0)
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_form_is_built_from_the_strategy_schema(session: PageSession) -> None:
+    # Execute
+    session.goto("/")
+    page = session.page
+    page.locator("#f-strategy").select_option("fal")
+
+    # Assert: integer, boolean, nullable number and enum fields with their defaults.
+    expect(page.locator("#f-config-pgd_steps")).to_have_value("10")
+    expect(page.locator("#f-config-random_start")).not_to_be_checked()
+    expect(page.locator("#f-config-step_size")).to_have_value("")
+    expect(page.locator("#f-config-ordering")).to_have_value("anti")
+
+    # Execute
+    page.locator("#f-strategy").select_option("fedprox")
+
+    # Assert
+    expect(page.locator("#f-config-proximal_mu")).to_have_value("0.01")
+    expect(page.locator('[data-field="strategy.config.proximal_mu"]')).to_contain_text(
+        "Weight of the proximal term"
+    )
+    expect(page.locator("#f-config-pgd_steps")).to_have_count(0)
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_form_shows_each_422_error_next_to_its_field(session: PageSession) -> None:
+    # Prepare
+    session.goto("/")
+    page = session.page
+    page.locator("#f-strategy").select_option("fedprox")
+    page.locator("#f-config-proximal_mu").fill("-1")
+    page.locator("#f-rounds").fill("0")
+
+    # Execute
+    page.locator("#submit-button").click()
+
+    # Assert
+    mu_error = page.locator('[data-error-for="strategy.config.proximal_mu"]')
+    expect(mu_error).to_have_text("Input should be greater than or equal to 0")
+    expect(page.locator('[data-error-for="rounds"]')).to_contain_text("greater than or equal to 1")
+    expect(page.locator("#form-message")).to_contain_text("not submitted")
+    assert session.server.api.submitted == []
+    session.screenshot("experiments-form-errors")
+
+    # Execute: fix both and submit again.
+    page.locator("#f-config-proximal_mu").fill("0.1")
+    page.locator("#f-rounds").fill("4")
+    page.locator("#f-name").fill("from-the-form")
+    page.locator("#f-partitioner").select_option("shards")
+    page.locator("#submit-button").click()
+
+    # Assert: the experiment page of the new experiment.
+    expect(page).to_have_url(f"{session.server.url}/experiments/4")
+    expect(page.locator("#detail-title")).to_have_text("#4 · from-the-form")
+    (sent,) = session.server.api.submitted
+    assert sent["strategy"] == {"name": "fedprox", "config": {"proximal_mu": 0.1}}
+    assert sent["dataset"] == {
+        "name": "digits",
+        "partitioner": {"name": "shards", "classes_per_partition": 2},
+    }
+    assert sent["rounds"] == 4 and sent["clients"] == {"min": 2}
+    assert session.script_errors() == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_compare_from_the_list(session: PageSession) -> None:
+    # Prepare
+    session.goto("/")
+    page = session.page
+    expect(page.locator("#compare-button")).to_be_disabled()
+
+    # Execute
+    for experiment_id in (1, 2):
+        row = page.locator(f'#experiments-table tr[data-experiment-id="{experiment_id}"]')
+        row.get_by_test_id("compare-pick").check()
+    page.locator("#compare-button").click()
+
+    # Assert
+    expect(page).to_have_url(f"{session.server.url}/compare?ids=1,2")
+    expect(page.get_by_test_id("compare-row")).to_have_count(2)
+    expect(page.locator("#compare-chart g.chart-series")).to_have_count(2)
+    expect(page.locator("#compare-chart circle")).to_have_count(7)
+    expect(page.locator("#compare-chart")).to_contain_text("mnist-baseline")
+    page.locator('#compare-x-toggle button[data-x="time"]').click()
+    expect(page.locator("#compare-chart")).to_contain_text("wall time")
+    session.screenshot("compare")
+    # Only experiment 1 ran on the virtual clock: its points alone plot against virtual time.
+    api = session.server.api
+    api.rounds[1] = [r | {"virtual_time_s": 12.5 * r["server_round"]} for r in api.rounds[1]]
+    page.reload()
+    page.locator('#compare-x-toggle button[data-x="virtual"]').click()
+    expect(page.locator("#compare-chart")).to_contain_text("virtual time")
+    expect(page.locator("#compare-chart circle")).to_have_count(len(api.rounds[1]))
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_compare_names_unknown_ids(session: PageSession) -> None:
+    session.goto("/compare?ids=2,99,x")
+    expect(session.page.locator("#compare-missing")).to_have_text(
+        "Not found: experiment x, experiment 99"
+    )
+    expect(session.page.get_by_test_id("compare-row")).to_have_count(1)
+    assert session.script_errors() == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_nodes_page_shows_health_and_config(session: PageSession) -> None:
+    session.goto("/nodes")
+    rows = session.page.get_by_test_id("node-row")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0).get_by_test_id("node-health")).to_have_text("online")
+    expect(rows.nth(0)).to_contain_text("profile=phone")
+    expect(rows.nth(1).get_by_test_id("node-health")).to_have_text("stale")
+    expect(rows.nth(1)).to_contain_text(NODE_IDS[2])
+    session.screenshot("nodes")
+    assert session.errors == []

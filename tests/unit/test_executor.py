@@ -1,0 +1,268 @@
+"""The warm executor's pure parts, Flower's poll tuning and the SuperNode process commands."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import random
+import signal
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+from flwr.clientapp.client_app import ClientApp, LoadClientAppError
+from flwr.common.constant import ErrorCode
+from flwr.supercore.fab import Fab
+from flwr.supercore.run import Run
+
+from florist.client import executor as ex
+from florist.server import flower_tuning as ft
+from florist.server.processes import supernode_command, supernode_processes
+
+# --------------------------------------------------------------------------- executor helpers
+
+
+def test_backoff_doubles_up_to_the_cap() -> None:
+    assert list(itertools.islice(ex.backoff_delays(0.01, 0.05), 5)) == [
+        0.01,
+        0.02,
+        0.04,
+        0.05,
+        0.05,
+    ]
+
+
+@pytest.mark.parametrize("initial,cap,factor", [(0, 1, 2), (0.5, 0.1, 2), (0.1, 1, 0.5)])
+def test_backoff_refuses_nonsense(initial: float, cap: float, factor: float) -> None:
+    with pytest.raises(ValueError):
+        next(ex.backoff_delays(initial, cap, factor))
+
+
+def test_poll_interval_prefers_florist_then_flower_then_default() -> None:
+    assert ex.poll_interval({}) == ex.DEFAULT_POLL_S
+    assert ex.poll_interval({"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5"}) == 0.5
+    both = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.5", ex.POLL_ENV: "0.05"}
+    assert ex.poll_interval(both) == 0.05
+    with pytest.raises(ValueError):
+        ex.poll_interval({ex.POLL_ENV: "0"})
+
+
+def test_error_reason_matches_stock_flower_codes() -> None:
+    code, reason = ex.error_reason(ZeroDivisionError("division by zero"))
+    assert code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+    assert reason == "<class 'ZeroDivisionError'>:<'division by zero'>"
+    code, _ = ex.error_reason(LoadClientAppError("no such module"))
+    assert code == ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+
+
+def _module_in(folder: Path, name: str) -> ModuleType:
+    """Import ``name`` from a file in ``folder`` and register it in sys.modules."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.py"
+    path.write_text("VALUE = 1\n")
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules[name] = module
+    return module
+
+
+def test_modules_under_finds_only_the_folders_modules(tmp_path: Path) -> None:
+    inside = _module_in(tmp_path / "app", "florist_test_inside")
+    outside = _module_in(tmp_path / "other", "florist_test_outside")
+    try:
+        found = ex.modules_under(
+            {"a": inside, "b": outside, "c": None, "sys": sys}, tmp_path / "app"
+        )
+        assert found == ["a"]
+    finally:
+        sys.modules.pop("florist_test_inside")
+        sys.modules.pop("florist_test_outside")
+
+
+class FakeFlower:
+    """Stands in for FAB installation and ClientApp loading; counts the calls."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.installs: list[bytes] = []
+        self.loads: list[str] = []
+
+    def project_dir(self, fab_id: str, version: str, fab_hash: str) -> Path:
+        return self.root / fab_hash
+
+    def install(self, content: bytes) -> None:
+        self.installs.append(content)
+
+    def load(self, fab_id: str, version: str, fab_hash: str) -> ClientApp:
+        self.loads.append(fab_hash)
+        # The app's own module, imported from its project folder as Flower would.
+        _module_in(self.root / fab_hash, "florist_test_fab_app")
+        sys.path.insert(0, str((self.root / fab_hash).resolve()))
+        return ClientApp()
+
+
+def _run() -> Run:
+    return Run.create_empty(run_id=1)
+
+
+def test_app_cache_reuses_the_app_of_the_same_fab(tmp_path: Path) -> None:
+    fake = FakeFlower(tmp_path)
+    cache = ex.AppCache(install=fake.install, load=fake.load, project_dir=fake.project_dir)
+    try:
+        first = cache.get(_run(), Fab("h1", b"fab-1", {}))
+        again = cache.get(_run(), Fab("h1", b"fab-1", {}))
+        assert first is again
+        assert fake.loads == ["h1"] and fake.installs == [b"fab-1"]
+    finally:
+        cache.forget()
+
+
+def test_a_new_fab_purges_the_previous_apps_modules(tmp_path: Path) -> None:
+    fake = FakeFlower(tmp_path)
+    cache = ex.AppCache(install=fake.install, load=fake.load, project_dir=fake.project_dir)
+    try:
+        cache.get(_run(), Fab("h1", b"fab-1", {}))
+        old_module = sys.modules["florist_test_fab_app"]
+        (tmp_path / "h2").mkdir()  # already installed: no second install
+        cache.get(_run(), Fab("h2", b"fab-2", {}))
+        assert fake.loads == ["h1", "h2"] and fake.installs == [b"fab-1"]
+        # The module was dropped and imported again from the new FAB's folder.
+        assert sys.modules["florist_test_fab_app"] is not old_module
+        assert str((tmp_path / "h1").resolve()) not in sys.path
+        assert cache.fab_hash == "h2"
+    finally:
+        cache.forget()
+        assert "florist_test_fab_app" not in sys.modules
+
+
+# --------------------------------------------------------------------------- signals, state
+
+
+def test_sigint_invalidates_a_running_task_only() -> None:
+    guard = ex.SignalGuard()
+    guard.phase = ex.Phase.RUNNING
+    with pytest.raises(ex.TaskInvalidated):
+        guard._on_sigint(signal.SIGINT, None)
+    guard.phase = ex.Phase.CLOSING
+    guard._on_sigint(signal.SIGINT, None)  # the heartbeat's late signal: ignored
+    guard.phase = ex.Phase.IDLE
+    with pytest.raises(KeyboardInterrupt):
+        guard._on_sigint(signal.SIGINT, None)
+
+
+def test_sigterm_stops_at_once_unless_outputs_are_being_pushed() -> None:
+    guard = ex.SignalGuard()
+    guard.phase = ex.Phase.CLOSING
+    guard._on_sigterm(signal.SIGTERM, None)
+    assert guard.stop_requested
+    guard.phase = ex.Phase.RUNNING
+    with pytest.raises(SystemExit):
+        guard._on_sigterm(signal.SIGTERM, None)
+
+
+def test_process_state_reset_gives_every_task_the_same_rngs() -> None:
+    threads = torch.get_num_threads()
+    state = ex.ProcessState()
+    try:
+        first = (random.random(), torch.rand(3).tolist())
+        torch.set_num_threads(1)
+        state.reset()
+        again = (random.random(), torch.rand(3).tolist())
+        assert first == again
+        assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------- flower_tuning
+
+
+def test_tuning_refuses_other_flower_versions() -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+
+    before = dict(inflatable_utils.pull_objects.__kwdefaults__ or {})
+    assert not ft.version_supported("1.40.0")
+    assert not ft.tune_object_pulls(version="1.40.0")
+    assert not ft.tune_supernode(version="1.40.0")
+    assert inflatable_utils.pull_objects.__kwdefaults__ == before
+    assert ft.version_supported()  # the project pins the tuned version
+
+
+def test_capped_sleep_shortens_flowers_waits() -> None:
+    slept: list[float] = []
+    capped = ft.CappedSleep(idle=0.2, other=0.02, sleep=slept.append)
+    capped.sleep(3)  # SuperNode idle poll
+    capped.sleep(0.5)  # reply wait
+    capped.sleep(0.01)
+    assert slept == [0.2, 0.02, 0.01]
+    assert capped.monotonic() > 0  # the rest of ``time`` is the real one
+
+
+def test_tuning_reads_and_checks_the_environment() -> None:
+    tuning = ft.Tuning.from_env({ft.IDLE_POLL_ENV: "0.5"})
+    assert tuning.idle_poll == 0.5 and tuning.reply_poll == ft.Tuning().reply_poll
+    with pytest.raises(ValueError):
+        ft.Tuning.from_env({ft.PULL_BACKOFF_ENV: "-1"})
+
+
+@pytest.fixture
+def restore_flower() -> Any:
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal as sci
+
+    fns = (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree)
+    saved = [dict(fn.__kwdefaults__ or {}) for fn in fns]
+    saved_time = sci.time
+    yield
+    for fn, kw in zip(fns, saved, strict=True):
+        fn.__kwdefaults__ = kw
+    sci.time = saved_time
+
+
+@pytest.mark.usefixtures("restore_flower")
+def test_tune_supernode_patches_the_polls_and_pulls() -> None:
+    from flwr.supercore.inflatable import inflatable_utils
+    from flwr.supernode import start_client_internal as sci
+
+    tuning = ft.Tuning(idle_poll=0.3, reply_poll=0.01, pull_initial_backoff=0.04)
+    assert ft.tune_supernode(tuning)
+    assert isinstance(sci.time, ft.CappedSleep) and sci.time.idle == 0.3
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        assert fn.__kwdefaults__ is not None
+        assert fn.__kwdefaults__["initial_backoff"] == 0.04
+        assert fn.__kwdefaults__["backoff_cap"] == tuning.pull_backoff_cap
+    # Applying it twice is harmless.
+    assert ft.tune_supernode(tuning)
+
+
+# --------------------------------------------------------------------------- process commands
+
+
+def test_supernode_command_defaults_are_unchanged() -> None:
+    cmd = supernode_command(
+        superlink="127.0.0.1:9092", clientappio="127.0.0.1:9100", node_config={"a": 1}
+    )
+    assert cmd[0].endswith("flower-supernode") and "--isolation" not in cmd
+
+
+def test_supernode_processes_pair_a_tuned_node_with_its_executor(tmp_path: Path) -> None:
+    node, executor = supernode_processes(
+        "supernode-0",
+        superlink="127.0.0.1:9092",
+        clientappio="127.0.0.1:9100",
+        node_config={"partition-id": 0, "num-partitions": 1},
+        env={},
+        log_dir=tmp_path,
+        restart=False,
+    )
+    assert node.argv[:3] == [sys.executable, "-m", "florist.client.supernode"]
+    assert list(node.argv[-2:]) == ["--isolation", "process"] and not node.restart
+    assert list(executor.argv[1:3]) == ["-m", "florist.client.executor"]
+    assert "127.0.0.1:9100" in executor.argv and executor.restart
+    with pytest.raises(ValueError):
+        supernode_command(superlink="x:1", clientappio="x:2", node_config={}, isolation="thread")

@@ -1,0 +1,511 @@
+"""One contract for every RunRecorder, run against the in-memory and the SQL implementation."""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import StatementError
+from sqlalchemy.orm import Session, sessionmaker
+
+import florist.server.recorder as recorder_module
+from florist.server.db import repository
+from florist.server.db.engine import make_engine, make_session_factory
+from florist.server.db.models import ClientUpdate, Round, Run
+from florist.server.recorder import (
+    DuplicateRoundError,
+    InMemoryExperiment,
+    InMemoryRunRecorder,
+    RoundRecord,
+    RunFinishedError,
+    RunRecorder,
+    SqlRunRecorder,
+    UnknownExperimentError,
+    UnknownRunError,
+    UpdateRecord,
+)
+
+T0 = datetime(2026, 5, 1, 9, 0, tzinfo=UTC)
+BIG_FLWR_RUN_ID = 2**64 - 3
+
+
+def make_round(server_round: int, *, accuracy: float = 0.5) -> RoundRecord:
+    start = T0 + timedelta(minutes=server_round)
+    return RoundRecord(
+        server_round=server_round,
+        started_at=start,
+        finished_at=start + timedelta(seconds=12.5),
+        metrics={"accuracy": accuracy, "loss": 1.0 - accuracy},
+        train_metrics={"train_loss": 0.7},
+        evaluate_metrics={},
+        updates=(
+            UpdateRecord(
+                node_id=2**64 - 1,
+                status="accepted",
+                num_examples=120,
+                train_time_s=3.5,
+                metrics={"train_loss": 0.6},
+                bytes_up=1000,
+                bytes_down=2000,
+            ),
+            UpdateRecord(node_id=11, status="rejected", staleness=4, reason="too stale"),
+            UpdateRecord(node_id=12, status="failed", reason="timeout"),
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class ExperimentView:
+    """The experiment columns the recorder is responsible for."""
+
+    status: str
+    flwr_run_id: int | None
+    error: str | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class Harness(ABC):
+    """A recorder plus the API-side actions and views that the contract needs."""
+
+    recorder: RunRecorder
+
+    @abstractmethod
+    def new_experiment(self) -> int:
+        """Create a submitted experiment, as the API would; return its id."""
+
+    @abstractmethod
+    def set_status(self, experiment_id: int, status: str) -> None:
+        """Change the experiment's status, as the API does on a cancel request."""
+
+    @abstractmethod
+    def experiment(self, experiment_id: int) -> ExperimentView:
+        """Read the experiment back."""
+
+    @abstractmethod
+    def event_kinds(self, experiment_id: int) -> list[str]:
+        """The kinds of the experiment's events, oldest first."""
+
+    @abstractmethod
+    def break_node_tracking(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        """Make the next record_round fail after the round itself was written."""
+
+
+class InMemoryHarness(Harness):
+    def __init__(self) -> None:
+        self.recorder: InMemoryRunRecorder = InMemoryRunRecorder()
+
+    def new_experiment(self) -> int:
+        experiment_id = len(self.recorder.experiments) + 1
+        self.recorder.experiments[experiment_id] = InMemoryExperiment(status="submitted")
+        return experiment_id
+
+    def set_status(self, experiment_id: int, status: str) -> None:
+        self.recorder.experiments[experiment_id].status = status
+
+    def experiment(self, experiment_id: int) -> ExperimentView:
+        e = self.recorder.experiments[experiment_id]
+        return ExperimentView(e.status, e.flwr_run_id, e.error, e.started_at, e.finished_at)
+
+    def event_kinds(self, experiment_id: int) -> list[str]:
+        return [e.kind for e in self.recorder.events if e.experiment_id == experiment_id]
+
+    def break_node_tracking(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def fail(*args: object) -> None:
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(self.recorder, "_touch_nodes", fail)
+
+
+class SqlHarness(Harness):
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self.session_factory = session_factory
+        self.recorder: SqlRunRecorder = SqlRunRecorder(session_factory)
+
+    def new_experiment(self) -> int:
+        with self.session_factory.begin() as session:
+            experiment = repository.create_experiment(
+                session, name="e", strategy="fedavg", dataset="digits", num_rounds=3, spec={}
+            )
+            repository.update_experiment(session, experiment_id=experiment.id, status="submitted")
+            return experiment.id
+
+    def set_status(self, experiment_id: int, status: str) -> None:
+        with self.session_factory.begin() as session:
+            repository.update_experiment(session, experiment_id=experiment_id, status=status)
+
+    def experiment(self, experiment_id: int) -> ExperimentView:
+        with self.session_factory() as session:
+            e = repository.get_experiment(session, experiment_id=experiment_id)
+            assert e is not None
+            return ExperimentView(e.status, e.flwr_run_id, e.error, e.started_at, e.finished_at)
+
+    def event_kinds(self, experiment_id: int) -> list[str]:
+        with self.session_factory() as session:
+            return [e.kind for e in repository.list_events(session, experiment_id=experiment_id)]
+
+    def break_node_tracking(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        def fail(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("injected failure")
+
+        monkeypatch.setattr(recorder_module, "touch_nodes", fail)
+
+
+class RunRecorderContract:
+    """Behaviour every RunRecorder shares; subclasses provide the ``harness`` fixture."""
+
+    @pytest.fixture
+    def harness(self) -> Iterator[Harness]:
+        raise NotImplementedError
+
+    def test_start_run_marks_experiment_running(self, harness: Harness) -> None:
+        # Prepare
+        experiment_id = harness.new_experiment()
+
+        # Execute
+        run_id = harness.recorder.start_run(
+            experiment_id=experiment_id, flwr_run_id=BIG_FLWR_RUN_ID
+        )
+
+        # Assert
+        view = harness.experiment(experiment_id)
+        assert isinstance(run_id, int)
+        assert (view.status, view.flwr_run_id) == ("running", BIG_FLWR_RUN_ID)
+        assert view.started_at is not None and view.started_at.tzinfo is not None
+        assert view.finished_at is None
+        assert harness.recorder.rounds(run_id) == []
+
+    def test_rounds_read_back_in_order(self, harness: Harness) -> None:
+        # Prepare
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        records = [make_round(2, accuracy=0.8), make_round(1, accuracy=0.6)]
+
+        # Execute
+        for record in records:
+            harness.recorder.record_round(run_id, record)
+        stored = harness.recorder.rounds(run_id)
+
+        # Assert
+        assert stored == sorted(records, key=lambda r: r.server_round)
+        assert (stored[0].num_updates, stored[0].num_rejected, stored[0].num_failures) == (1, 1, 1)
+        assert all(r.started_at.tzinfo is not None for r in stored)
+
+    def test_duplicate_round_raises_and_keeps_the_first(self, harness: Harness) -> None:
+        # Prepare
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        first = make_round(1, accuracy=0.6)
+        harness.recorder.record_round(run_id, first)
+
+        # Execute
+        with pytest.raises(DuplicateRoundError):
+            harness.recorder.record_round(run_id, make_round(1, accuracy=0.9))
+
+        # Assert
+        assert harness.recorder.rounds(run_id) == [first]
+
+    def test_failed_round_leaves_nothing_and_recorder_usable(
+        self, harness: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Prepare
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        harness.break_node_tracking(monkeypatch)
+
+        # Execute
+        with pytest.raises(RuntimeError, match="injected failure"):
+            harness.recorder.record_round(run_id, make_round(1))
+        monkeypatch.undo()
+        after_failure = harness.recorder.rounds(run_id)
+        harness.recorder.record_round(run_id, make_round(1))
+
+        # Assert
+        assert after_failure == []
+        assert harness.recorder.rounds(run_id) == [make_round(1)]
+
+    def test_finish_run_completes_the_experiment(self, harness: Harness) -> None:
+        # Prepare
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+
+        # Execute
+        harness.recorder.finish_run(run_id, status="completed", final_metrics={"accuracy": 0.9})
+
+        # Assert
+        view = harness.experiment(experiment_id)
+        assert (view.status, view.error) == ("completed", None)
+        assert view.finished_at is not None and view.started_at is not None
+        assert view.finished_at >= view.started_at
+
+    def test_failed_run_copies_the_error(self, harness: Harness) -> None:
+        # Prepare
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+
+        # Execute
+        harness.recorder.finish_run(run_id, status="failed", error="all clients failed")
+
+        # Assert
+        view = harness.experiment(experiment_id)
+        assert (view.status, view.error) == ("failed", "all clients failed")
+
+    @pytest.mark.parametrize("cancel_status", ["cancelling", "cancelled"])
+    @pytest.mark.parametrize("outcome", ["completed", "failed", "stopped"])
+    def test_finish_run_keeps_a_cancellation(
+        self, harness: Harness, cancel_status: str, outcome: recorder_module.RunOutcome
+    ) -> None:
+        # Prepare
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        harness.set_status(experiment_id, cancel_status)
+
+        # Execute
+        harness.recorder.finish_run(run_id, status=outcome)
+
+        # Assert
+        view = harness.experiment(experiment_id)
+        assert view.status == "cancelled"
+        assert view.finished_at is not None
+
+    def test_stopped_run_cancels_the_experiment(self, harness: Harness) -> None:
+        # Prepare
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+
+        # Execute
+        harness.recorder.finish_run(run_id, status="stopped")
+
+        # Assert
+        assert harness.experiment(experiment_id).status == "cancelled"
+
+    def test_start_run_keeps_an_earlier_cancellation(self, harness: Harness) -> None:
+        # Prepare
+        experiment_id = harness.new_experiment()
+        harness.set_status(experiment_id, "cancelling")
+
+        # Execute
+        harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=5)
+
+        # Assert
+        view = harness.experiment(experiment_id)
+        assert (view.status, view.flwr_run_id) == ("cancelling", 5)
+
+    def test_finished_run_takes_no_more_writes(self, harness: Harness) -> None:
+        # Prepare
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        harness.recorder.finish_run(run_id, status="completed")
+
+        # Execute / Assert
+        with pytest.raises(RunFinishedError):
+            harness.recorder.record_round(run_id, make_round(1))
+        with pytest.raises(RunFinishedError):
+            harness.recorder.finish_run(run_id, status="failed", error="late")
+        assert harness.recorder.rounds(run_id) == []
+
+    def test_unknown_run_is_refused(self, harness: Harness) -> None:
+        with pytest.raises(UnknownRunError):
+            harness.recorder.record_round(999, make_round(1))
+        with pytest.raises(UnknownRunError):
+            harness.recorder.finish_run(999, status="completed")
+        with pytest.raises(UnknownRunError):
+            harness.recorder.record_event(run_id=999, kind="k", message="m")
+        with pytest.raises(UnknownRunError):
+            harness.recorder.rounds(999)
+
+    def test_events_attach_to_the_run_experiment(self, harness: Harness) -> None:
+        # Prepare
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+
+        # Execute
+        harness.recorder.record_event(run_id=run_id, kind="started", message="run started")
+        harness.recorder.record_event(run_id=None, kind="system", message="no run")
+        harness.recorder.record_event(
+            run_id=run_id, kind="warning", message="slow", data={"node_id": 3}
+        )
+
+        # Assert
+        assert harness.event_kinds(experiment_id) == ["started", "warning"]
+
+
+class TestInMemoryRunRecorder(RunRecorderContract):
+    @pytest.fixture
+    def harness(self) -> Iterator[Harness]:
+        yield InMemoryHarness()
+
+    def test_seen_nodes_are_tracked(self) -> None:
+        # Prepare
+        recorder = InMemoryRunRecorder()
+        run_id = recorder.start_run(experiment_id=1, flwr_run_id=1)
+
+        record = make_round(1)
+
+        # Execute
+        recorder.record_round(run_id, record)
+
+        # Assert: the failed node did not answer, so it was not seen.
+        assert recorder.nodes_last_seen == {2**64 - 1: record.finished_at, 11: record.finished_at}
+
+
+class TestSqlRunRecorder(RunRecorderContract):
+    @pytest.fixture
+    def harness(self, session_factory: sessionmaker[Session]) -> Iterator[Harness]:
+        yield SqlHarness(session_factory)
+
+    def test_round_row_counts_and_nodes(self, session_factory: sessionmaker[Session]) -> None:
+        # Prepare
+        harness = SqlHarness(session_factory)
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        record = make_round(1)
+
+        # Execute
+        harness.recorder.record_round(run_id, record)
+
+        # Assert
+        with session_factory() as session:
+            (row,) = repository.list_rounds(session, experiment_id=experiment_id)
+            updates = repository.list_updates(session, experiment_id=experiment_id)
+            nodes = {n.node_id: n for n in repository.list_nodes(session)}
+        assert (row.num_updates, row.num_rejected, row.num_failures) == (1, 1, 1)
+        assert row.duration_s == pytest.approx(12.5)
+        assert [u.node_id for u in updates] == [2**64 - 1, 11, 12]
+        assert set(nodes) == {2**64 - 1, 11}
+        assert nodes[11].last_seen == record.finished_at
+
+    def test_unstorable_update_rolls_back_the_whole_round(
+        self, session_factory: sessionmaker[Session]
+    ) -> None:
+        # Prepare: a metric value that cannot be serialised to JSON fails the update rows,
+        # after the round row itself was flushed.
+        harness = SqlHarness(session_factory)
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        bad = UpdateRecord(node_id=1, status="accepted", metrics=cast(Any, {"x": object()}))
+        record = RoundRecord(
+            server_round=1,
+            started_at=T0,
+            finished_at=T0,
+            metrics={},
+            train_metrics={},
+            evaluate_metrics={},
+            updates=(UpdateRecord(node_id=2, status="accepted"), bad),
+        )
+
+        # Execute: SQLite wraps the TypeError in a StatementError, psycopg raises it as is.
+        with pytest.raises((StatementError, TypeError), match="not JSON serializable"):
+            harness.recorder.record_round(run_id, record)
+
+        # Assert
+        with session_factory() as session:
+            assert session.scalar(select(func.count()).select_from(Round)) == 0
+            assert session.scalar(select(func.count()).select_from(ClientUpdate)) == 0
+            assert repository.list_nodes(session) == []
+
+    def test_another_engine_sees_a_committed_round(
+        self, session_factory: sessionmaker[Session], migrated_url: str
+    ) -> None:
+        # Prepare: a reader with its own engine, as the API process has.
+        harness = SqlHarness(session_factory)
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        reader_engine = make_engine(migrated_url)
+        reader = make_session_factory(reader_engine)
+        with reader() as session:
+            before = repository.list_rounds(session, experiment_id=experiment_id)
+
+        # Execute
+        harness.recorder.record_round(run_id, make_round(1, accuracy=0.75))
+
+        # Assert
+        with reader() as session:
+            after = repository.list_rounds(session, experiment_id=experiment_id)
+            progress = repository.experiment_progress(session, experiment_ids=[experiment_id])
+        reader_engine.dispose()
+        assert before == []
+        assert [r.server_round for r in after] == [1]
+        assert progress[experiment_id].best_accuracy == 0.75
+
+    def test_rounds_survive_a_concurrent_writer(
+        self, session_factory: sessionmaker[Session], migrated_url: str
+    ) -> None:
+        # Prepare: another engine keeps writing, as the API does while a run goes on.
+        harness = SqlHarness(session_factory)
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        other_engine = make_engine(migrated_url)
+        other = make_session_factory(other_engine)
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def keep_writing() -> None:
+            try:
+                while not stop.is_set():
+                    with other.begin() as session:
+                        repository.add_event(
+                            session, kind="poll", message="tick", experiment_id=experiment_id
+                        )
+                        repository.upsert_node(session, node_id=11, node_config={"p": 1})
+            except BaseException as error:
+                errors.append(error)
+
+        writer = threading.Thread(target=keep_writing)
+        writer.start()
+
+        # Execute
+        try:
+            for server_round in range(1, 31):
+                harness.recorder.record_round(run_id, make_round(server_round))
+        finally:
+            stop.set()
+            writer.join()
+            other_engine.dispose()
+
+        # Assert
+        assert errors == []
+        assert [r.server_round for r in harness.recorder.rounds(run_id)] == list(range(1, 31))
+
+    def test_unknown_experiment_is_refused(self, session_factory: sessionmaker[Session]) -> None:
+        recorder = SqlRunRecorder(session_factory)
+        with pytest.raises(UnknownExperimentError):
+            recorder.start_run(experiment_id=404, flwr_run_id=1)
+        with session_factory() as session:
+            assert session.scalar(select(func.count()).select_from(Run)) == 0
+
+    def test_from_url_writes_to_the_same_database(
+        self, migrated_url: str, session_factory: sessionmaker[Session]
+    ) -> None:
+        # Prepare
+        experiment_id = SqlHarness(session_factory).new_experiment()
+        recorder = SqlRunRecorder.from_url(migrated_url)
+
+        # Execute
+        try:
+            run_id = recorder.start_run(experiment_id=experiment_id, flwr_run_id=2**63)
+            recorder.finish_run(run_id, status="completed", final_metrics={"accuracy": 0.5})
+        finally:
+            recorder.close()
+
+        # Assert
+        with session_factory() as session:
+            run = session.get(Run, run_id)
+            assert run is not None
+            assert (run.status, run.flwr_run_id, run.final_metrics) == (
+                "completed",
+                2**63,
+                {"accuracy": 0.5},
+            )
+
+
+def test_records_refuse_naive_times_and_bad_values() -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        RoundRecord(1, datetime(2026, 1, 1), T0, {}, {}, {}, ())
+    with pytest.raises(ValueError, match="earlier"):
+        RoundRecord(1, T0, T0 - timedelta(seconds=1), {}, {}, {}, ())
+    with pytest.raises(ValueError, match="unsigned 64-bit"):
+        UpdateRecord(node_id=2**64, status="accepted")
+    with pytest.raises(ValueError, match="status"):
+        UpdateRecord(node_id=1, status=cast(Any, "lost"))

@@ -1,0 +1,164 @@
+"""The ServerApp's round logic on an in-process Grid: recording, rejection, determinism."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, Message, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+
+from florist.server.localgrid import LocalGrid
+from florist.server.recorder import InMemoryRunRecorder
+from florist.server.serverapp import run_experiment
+from florist.server.spec import ExperimentSpec
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> None:
+    # Flower stamps every Message with the process's run id; the SuperLink sets it for real.
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def make_spec(**overrides: Any) -> ExperimentSpec:
+    body: dict[str, Any] = {
+        "name": "unit",
+        "strategy": {"name": "fedavg", "config": {}},
+        "dataset": {"name": "digits", "partitioner": {"name": "dirichlet", "alpha": 0.5}},
+        "model": {"name": "logreg"},
+        "training": {"local_epochs": 1},
+        "rounds": 3,
+        "clients": {"min": 3},
+    }
+    body.update(overrides)
+    return ExperimentSpec.model_validate(body)
+
+
+def final_weights(strategy: Any) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in strategy.final_arrays.items()}
+
+
+def run(spec: ExperimentSpec, grid: LocalGrid | None = None) -> tuple[Any, InMemoryRunRecorder]:
+    recorder = InMemoryRunRecorder()
+    strategy = run_experiment(
+        grid or LocalGrid(3), spec, recorder, experiment_id=1, flwr_run_id=7, poll_interval=0
+    )
+    return strategy, recorder
+
+
+def test_every_round_is_recorded_with_its_updates() -> None:
+    strategy, recorder = run(make_spec())
+    rounds = recorder.rounds(1)
+    assert [r.server_round for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        assert r.num_updates == 3 and r.num_rejected == 0 and r.num_failures == 0
+        assert {u.node_id for u in r.updates} == {1000, 1001, 1002}
+        assert all(u.num_examples and u.num_examples > 0 for u in r.updates)
+        assert all(u.bytes_up > 0 and u.bytes_up == u.bytes_down for u in r.updates)
+        assert 0.0 <= r.metrics["accuracy"] <= 1.0
+        assert r.started_at <= r.finished_at
+    # Training helps: the last round beats the untrained model's accuracy.
+    assert rounds[-1].metrics["accuracy"] > strategy.initial_metrics["accuracy"] + 0.3
+    assert recorder.experiments[1].status == "completed"
+
+
+def test_same_seed_same_weights_and_other_seed_differs() -> None:
+    a, _ = run(make_spec(rounds=2))
+    b, _ = run(make_spec(rounds=2))
+    c, _ = run(make_spec(rounds=2, seed=1))
+    for key, value in final_weights(a).items():
+        np.testing.assert_array_equal(value, final_weights(b)[key])
+    assert any(not np.array_equal(v, final_weights(c)[k]) for k, v in final_weights(a).items())
+
+
+def test_fedprox_with_mu_zero_equals_fedavg() -> None:
+    avg, _ = run(make_spec(rounds=2))
+    prox, _ = run(make_spec(rounds=2, strategy={"name": "fedprox", "config": {"proximal_mu": 0}}))
+    prox_mu, _ = run(
+        make_spec(rounds=2, strategy={"name": "fedprox", "config": {"proximal_mu": 1.0}})
+    )
+    for key, value in final_weights(avg).items():
+        np.testing.assert_array_equal(value, final_weights(prox)[key])
+    assert any(not np.allclose(v, final_weights(prox_mu)[k]) for k, v in final_weights(avg).items())
+
+
+def _replace_arrays(reply: Message, fn: Any) -> Message:
+    arrays = reply.content.array_records["arrays"]
+    bad = ArrayRecord({k: Array(fn(k, v.numpy())) for k, v in arrays.items()})
+    content = RecordDict({"arrays": bad, "metrics": reply.content.metric_records["metrics"]})
+    reply.content = content
+    return reply
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (lambda k, v: np.full_like(v, np.nan), "NaN"),
+        (lambda k, v: np.zeros((v.size + 1,), dtype=v.dtype), "shape"),
+        (lambda k, v: v.astype(np.float64), "float64"),
+    ],
+)
+def test_malformed_update_is_rejected_recorded_and_not_aggregated(
+    corrupt: Any, reason: str
+) -> None:
+    def tamper(node: int, request: Message, reply: Message) -> Message:
+        return _replace_arrays(reply, corrupt) if node == 1001 else reply
+
+    spec = make_spec(rounds=2)
+    strategy, recorder = run(spec, LocalGrid(3, tamper=tamper))
+    for r in recorder.rounds(1):
+        bad = [u for u in r.updates if u.node_id == 1001]
+        assert len(bad) == 1 and bad[0].status == "rejected"
+        assert bad[0].reason is not None and reason in bad[0].reason
+        assert r.num_updates == 2 and r.num_rejected == 1
+    for value in final_weights(strategy).values():
+        assert np.isfinite(value).all()
+
+    # Nothing of the bad update reached the average: same as a run where that node's
+    # reply is dropped entirely.
+    def drop(node: int, request: Message, reply: Message) -> Message:
+        if node == 1001:
+            from flwr.app import Error
+
+            return Message(Error(code=0, reason="dropped"), reply_to=request)
+        return reply
+
+    dropped, rec2 = run(spec, LocalGrid(3, tamper=drop))
+    assert rec2.rounds(1)[0].num_failures == 1
+    for key, value in final_weights(strategy).items():
+        np.testing.assert_array_equal(value, final_weights(dropped)[key])
+
+
+def test_bad_example_count_is_rejected() -> None:
+    def tamper(node: int, request: Message, reply: Message) -> Message:
+        if node == 1002:
+            reply.content.metric_records["metrics"]["num-examples"] = -5
+        return reply
+
+    _, recorder = run(make_spec(rounds=1), LocalGrid(3, tamper=tamper))
+    (update,) = [u for u in recorder.rounds(1)[0].updates if u.node_id == 1002]
+    assert update.status == "rejected" and "num-examples" in (update.reason or "")
+
+
+def test_client_error_is_recorded_as_failed() -> None:
+    def tamper(node: int, request: Message, reply: Message) -> Message:
+        if node == 1000:
+            from flwr.app import Error
+
+            error = Error(code=1, reason="ClientAppException: out of memory")
+            return Message(error, reply_to=request)
+        return reply
+
+    _, recorder = run(make_spec(rounds=1), LocalGrid(3, tamper=tamper))
+    (failed,) = [u for u in recorder.rounds(1)[0].updates if u.status == "failed"]
+    assert failed.node_id == 1000 and "out of memory" in (failed.reason or "")
+
+
+def test_a_failing_run_is_finished_as_failed() -> None:
+    recorder = InMemoryRunRecorder()
+    spec = make_spec(strategy={"name": "no-such-strategy", "config": {}})
+    with pytest.raises(Exception, match="no-such-strategy"):
+        run_experiment(LocalGrid(3), spec, recorder, experiment_id=1, flwr_run_id=7)
+    assert recorder.experiments[1].status == "failed"
+    assert "no-such-strategy" in (recorder.experiments[1].error or "")
