@@ -45,6 +45,12 @@ class ExperimentPublic(BaseModel):
     clients: ClientsConfig
     num_rounds: int
     current_round: int = 0
+    asynchronous: bool = Field(
+        default=False,
+        description="The strategy aggregates updates as they arrive: its rounds are aggregations, "
+        "and accepted_updates is the measure of progress.",
+    )
+    accepted_updates: int = Field(default=0, description="Client updates aggregated so far.")
     best_accuracy: float | None = None
     # Flower's run ids are uint64: sent as a string so JavaScript keeps every digit.
     flwr_run_id: str | None = None

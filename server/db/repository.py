@@ -39,12 +39,15 @@ class Progress:
     """Where an experiment stands, for list views.
 
     ``current_round`` and ``last_metrics`` come from the latest run's newest round;
-    ``best_accuracy`` is the highest centralized ``accuracy`` over all its rounds.
+    ``best_accuracy`` is the highest centralized ``accuracy`` over all its rounds;
+    ``accepted_updates`` counts the client updates aggregated over all its runs (the progress
+    measure of an asynchronous run, whose "rounds" are aggregations).
     """
 
     current_round: int = 0
     best_accuracy: float | None = None
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    accepted_updates: int = 0
 
 
 def create_experiment(
@@ -178,11 +181,21 @@ def experiment_progress(session: Session, *, experiment_ids: Sequence[int]) -> d
         if accuracy is not None and accuracy > best.get(experiment_id, -math.inf):
             best[experiment_id] = accuracy
 
+    accepted = dict(
+        session.execute(
+            select(ClientUpdate.experiment_id, func.count())
+            .where(ClientUpdate.experiment_id.in_(ids), ClientUpdate.status == "accepted")
+            .group_by(ClientUpdate.experiment_id)
+        )
+        .tuples()
+        .all()
+    )
     for experiment_id, server_round, metrics in latest:
         progress[experiment_id] = Progress(
             current_round=server_round,
             best_accuracy=best.get(experiment_id),
             last_metrics=dict(metrics or {}),
+            accepted_updates=accepted.get(experiment_id, 0),
         )
     return progress
 

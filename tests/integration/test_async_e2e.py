@@ -58,6 +58,8 @@ def test_fedasync_fast_nodes_contribute_more(api: Api) -> None:
     # No update lost: FedAsync aggregates every arrival, so each accepted update is one round.
     accepted = [u for u in updates if u["status"] == "accepted"]
     assert len(accepted) == len(rounds) == sum(r["num_updates"] for r in rounds)
+    # ...and the experiment's progress counts them.
+    assert done["asynchronous"] is True and done["accepted_updates"] == len(accepted)
     # Each node's updates, by its speed: the nodes are told apart by their task durations.
     per_node = Counter(u["node_id"] for u in accepted)
     by_duration = sorted(

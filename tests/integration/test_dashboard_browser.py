@@ -124,7 +124,9 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
     # update; what must hold is that the page moved through a partial run, live, to the end.
     rounds = [live_round(entry) for entry in seen]
     assert rounds == sorted(rounds), seen
-    assert any(0 < k < 3 and entry.endswith("|running") for k, entry in zip(rounds, seen)), seen
+    assert any(
+        0 < k < 3 and entry.endswith("|running") for k, entry in zip(rounds, seen, strict=True)
+    ), seen
     assert seen[-1] == "Round 3 / 3|3|completed", seen
     shot(page, "dashboard-experiment")
     page.locator('#x-axis-toggle button[data-x="time"]').click()

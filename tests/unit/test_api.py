@@ -64,6 +64,19 @@ def test_create_then_read_back(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
+    ("strategy", "asynchronous"), [("fedavg", False), ("fedasync", True), ("fedbuff", True)]
+)
+def test_asynchronous_strategies_are_marked(
+    client: TestClient, strategy: str, asynchronous: bool
+) -> None:
+    body = BODY | {"strategy": {"name": strategy, "config": {}}}
+    created = client.post("/api/v1/experiments", json=body).json()
+    listed = client.get("/api/v1/experiments").json()["data"][0]
+    assert created["asynchronous"] is listed["asynchronous"] is asynchronous
+    assert created["accepted_updates"] == listed["accepted_updates"] == 0
+
+
+@pytest.mark.parametrize(
     ("body", "loc"),
     [
         (with_("strategy.name", "fedavgg"), ["body", "strategy", "name"]),

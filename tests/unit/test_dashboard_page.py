@@ -535,6 +535,26 @@ def test_assets_reference_nothing_outside_the_app() -> None:
 
 @pytest.mark.browser
 @browser_test
+def test_asynchronous_runs_count_updates(session: PageSession) -> None:
+    # Prepare: experiment 2 as a FedBuff run: 3 aggregations so far, of 9 accepted updates.
+    api = session.server.api
+    api.experiments[2] = {**api.experiments[2], "asynchronous": True, "accepted_updates": 9}
+
+    # Execute
+    session.goto("/")
+
+    # Assert: updates in the list, aggregations and updates on the page; sync runs unchanged.
+    asynchronous = session.page.locator('#experiments-table tr[data-experiment-id="2"]')
+    expect(asynchronous.get_by_test_id("progress")).to_have_text("9 updates")
+    synchronous = session.page.locator('#experiments-table tr[data-experiment-id="1"]')
+    expect(synchronous.get_by_test_id("progress")).to_have_text("round 2 / 5")
+    session.goto("/experiments/2")
+    expect(session.page.locator("#round-counter")).to_have_text("Aggregation 3 / 3 · 9 updates")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
 def test_table_lists_experiments(session: PageSession) -> None:
     # Execute
     session.goto("/")

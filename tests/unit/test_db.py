@@ -71,13 +71,15 @@ def _round(session: Session, run: Run, server_round: int, metrics: dict[str, flo
     return row
 
 
-def _update(session: Session, run: Run, server_round: int, node_id: int) -> ClientUpdate:
+def _update(
+    session: Session, run: Run, server_round: int, node_id: int, status: str = "accepted"
+) -> ClientUpdate:
     row = ClientUpdate(
         run_id=run.id,
         experiment_id=run.experiment_id,
         server_round=server_round,
         node_id=node_id,
-        status="accepted",
+        status=status,
         metrics={"loss": 0.5},
         bytes_up=10,
         bytes_down=20,
@@ -372,6 +374,10 @@ def test_experiment_progress(session_factory: sessionmaker[Session]) -> None:
         _round(session, first, 3, {"accuracy": 0.8})
         second = _run(session, restarted)
         _round(session, second, 1, {"accuracy": 0.7, "loss": 0.4})
+        # Accepted updates count over every run; rejected ones do not.
+        for run, node_id in ((first, 1), (first, 2), (second, 1)):
+            _update(session, run, 1, node_id=node_id)
+        _update(session, second, 1, node_id=2, status="rejected")
         _round(session, _run(session, no_accuracy), 4, {"loss": 0.2})
         ids = [restarted.id, no_accuracy.id, fresh.id]
 
@@ -382,7 +388,7 @@ def test_experiment_progress(session_factory: sessionmaker[Session]) -> None:
 
     # Assert
     assert progress == {
-        restarted.id: repository.Progress(1, 0.9, {"accuracy": 0.7, "loss": 0.4}),
+        restarted.id: repository.Progress(1, 0.9, {"accuracy": 0.7, "loss": 0.4}, 3),
         no_accuracy.id: repository.Progress(4, None, {"loss": 0.2}),
         fresh.id: repository.Progress(0, None, {}),
     }

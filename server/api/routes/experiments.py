@@ -30,9 +30,18 @@ from florist.server.spec import (
     runtime_of,
     server_setup,
 )
+from florist.strategies import default_registry
 from florist.strategies.events import DropoutPolicyError
+from florist.strategies.registry import StrategyRegistryError
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
+
+
+def _is_asynchronous(strategy: str) -> bool:
+    try:
+        return "async" in default_registry().get(strategy).tags
+    except StrategyRegistryError:  # uninstalled since the experiment ran: it still lists
+        return False
 
 
 def to_public(exp: Experiment, progress: Progress | None = None) -> ExperimentPublic:
@@ -49,6 +58,8 @@ def to_public(exp: Experiment, progress: Progress | None = None) -> ExperimentPu
         clients=spec.clients,
         num_rounds=exp.num_rounds,
         current_round=progress.current_round,
+        asynchronous=_is_asynchronous(spec.strategy.name),
+        accepted_updates=progress.accepted_updates,
         best_accuracy=progress.best_accuracy,
         flwr_run_id=None if exp.flwr_run_id is None else str(exp.flwr_run_id),
         error=exp.error,

@@ -120,7 +120,21 @@ export function progress(experiment) {
   const fraction = total > 0 ? Math.min(1, done / total) : 0;
   const bar = h("span", { class: "progress-bar", "aria-hidden": "true" }, h("span"));
   bar.firstChild.style.width = `${(fraction * 100).toFixed(1)}%`;
-  return [h("span", { class: "progress-text" }, `round ${done} / ${total}`), bar];
+  // An asynchronous run counts updates; its "rounds" are aggregations, capped at num_rounds.
+  const text = experiment.asynchronous ? plural(experiment.accepted_updates ?? 0, "update") : `round ${done} / ${total}`;
+  const title = experiment.asynchronous ? `aggregation ${done} / ${total}` : null;
+  return [h("span", { class: "progress-text", title }, text), bar];
+}
+
+/** The header counter of an experiment: rounds, or aggregations and updates when asynchronous. */
+export function roundCounter(experiment) {
+  const { current_round: done, num_rounds: total } = experiment;
+  if (!experiment.asynchronous) return `Round ${done} / ${total}`;
+  return `Aggregation ${done} / ${total} · ${plural(experiment.accepted_updates ?? 0, "update")}`;
+}
+
+function plural(count, noun) {
+  return `${count} ${noun}${count === 1 ? "" : "s"}`;
 }
 
 /** Seconds the experiment has run (until now while it runs), or null before it started. */
