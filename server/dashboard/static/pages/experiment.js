@@ -171,6 +171,13 @@ export function mountExperimentPage(id) {
     }
     document.title = `Florist · #${e.id} ${e.name}`;
     const rounds = [...state.rounds.values()].sort((a, b) => a.server_round - b.server_round);
+    // A round's event reaches the page just before the status that counts it: the counter never
+    // lags what the chart already draws.
+    const counted = {
+      ...e,
+      current_round: Math.max(e.current_round, rounds.at(-1)?.server_round ?? 0),
+      accepted_updates: Math.max(e.accepted_updates ?? 0, state.updates.filter((u) => u.status === "accepted").length),
+    };
     const compareLink = h("a", { href: `/compare?ids=${e.id}`, class: "button-link", id: "compare-link" }, "Compare…");
     const parts = [
       back,
@@ -179,7 +186,7 @@ export function mountExperimentPage(id) {
         { class: "detail-header" },
         h("h2", { id: "detail-title" }, `#${e.id} · ${e.name}`),
         statusBadge(e.status, { id: "detail-status" }),
-        h("span", { id: "round-counter", class: "round-counter" }, roundCounter(e)),
+        h("span", { id: "round-counter", class: "round-counter" }, roundCounter(counted)),
         h("span", { id: "stream-state", class: `stream-state stream-${state.streamState}` }, streamText),
         h("span", { class: "spacer" }),
         compareLink,
