@@ -49,6 +49,7 @@ import os
 import random
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -79,7 +80,11 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
     make_confirm_message_received_fn_protobuf,
     make_pull_object_fn_protobuf,
 )
-from flwr.supercore.inflatable.inflatable_utils import pull_and_inflate_object_from_tree
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.run import Run
@@ -274,6 +279,9 @@ class ExecutorConfig:
     pull_backoff: float = 0.005
     pull_backoff_cap: float = 0.5
     message_wait_s: float = 60.0
+    # A message whose objects stop arriving for this long belongs to a stopped run (its SuperNode
+    # can no longer fetch them): give the task up rather than block this node for minutes.
+    object_stall_s: float = 30.0
 
 
 def _task_retry_invoker() -> RetryInvoker:
@@ -304,6 +312,37 @@ def _client(config: ExecutorConfig, component: str, token: str | None) -> Runtim
         interceptors=interceptors,
         retry_invoker=_task_retry_invoker() if token is not None else None,
     )
+
+
+def stall_guard(
+    pull: Callable[[str], bytes], stall_s: float, clock: Callable[[], float] = time.monotonic
+) -> Callable[[str], bytes]:
+    """Wrap an object pull so that it fails once no object has arrived for ``stall_s`` seconds.
+
+    Flower retries an unavailable object up to 500 times (minutes with our short back-off); when
+    the run was stopped meanwhile the object never comes, and a warm executor, which runs one task
+    at a time, would be stuck that long. Progress on any object resets the clock, so a big message
+    arriving slowly is never cut short.
+    """
+    last_progress = clock()
+    lock = threading.Lock()
+
+    def guarded(object_id: str) -> bytes:
+        nonlocal last_progress
+        try:
+            content = pull(object_id)
+        except ObjectUnavailableError:
+            with lock:
+                stalled = clock() - last_progress
+            if stalled > stall_s:
+                reason = f"no object arrived for {stalled:.0f} s; the run was probably stopped"
+                raise ObjectPullError(object_id, reason) from None
+            raise
+        with lock:
+            last_progress = clock()
+        return content
+
+    return guarded
 
 
 def pull_input(
@@ -337,7 +376,10 @@ def pull_input(
     # Its objects arrive from the SuperLink while we pull: retry soon, not after 1 s.
     message = pull_and_inflate_object_from_tree(
         tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        stall_guard(
+            make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+            config.object_stall_s,
+        ),
         make_confirm_message_received_fn_protobuf(
             client.ConfirmMessageReceived, node, context.run_id
         ),

@@ -95,8 +95,12 @@ class Firefox:
         """Poll ``expression`` until it is truthy; its last value in the failure message."""
         deadline = time.monotonic() + timeout
         while True:
-            value = self.evaluate(expression)
-            if value:
+            # A page still loading throws (its element is not there yet): that is "not yet".
+            try:
+                value = self.evaluate(expression)
+            except BiDiError as exc:
+                value = exc
+            if value and not isinstance(value, BiDiError):
                 return value
             if time.monotonic() > deadline:
                 raise AssertionError(f"{expression!r} still {value!r} after {timeout} s")

@@ -13,9 +13,16 @@ from typing import Any
 
 import pytest
 import torch
+from flwr.app import Message
 from flwr.clientapp.client_app import ClientApp, LoadClientAppError
 from flwr.common.constant import ErrorCode
+from flwr.proto.message_pb2 import ObjectTree
 from flwr.supercore.fab import Fab
+from flwr.supercore.inflatable.inflatable_utils import (
+    ObjectPullError,
+    ObjectUnavailableError,
+    pull_and_inflate_object_from_tree,
+)
 from flwr.supercore.run import Run
 
 from florist.client import executor as ex
@@ -69,6 +76,55 @@ def _module_in(folder: Path, name: str) -> ModuleType:
     spec.loader.exec_module(module)
     sys.modules[name] = module
     return module
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_stall_guard_gives_up_only_after_a_stall() -> None:
+    # Prepare: "a" arrives, then "b" is unavailable for ever (its run was stopped).
+    clock = FakeClock()
+
+    def pull(object_id: str) -> bytes:
+        if object_id == "b":
+            raise ObjectUnavailableError(object_id)
+        return object_id.encode()
+
+    guarded = ex.stall_guard(pull, stall_s=30, clock=clock)
+
+    # Execute / Assert: retries are asked for until 30 s pass without progress.
+    clock.now = 20
+    assert guarded("a") == b"a"
+    clock.now = 49
+    with pytest.raises(ObjectUnavailableError):
+        guarded("b")
+    clock.now = 51
+    with pytest.raises(ObjectPullError, match="no object arrived for 31 s"):
+        guarded("b")
+
+
+def test_a_stopped_runs_message_fails_fast_in_flowers_pull_loop() -> None:
+    # Prepare: Flower's real pull loop, over a transport whose only object never arrives.
+    def pull(object_id: str) -> bytes:
+        raise ObjectUnavailableError(object_id)
+
+    tree = ObjectTree(object_id="f" * 64)
+
+    # Execute / Assert: Flower would retry 500 times; the guard stops it within the stall window.
+    with pytest.raises(ObjectPullError, match="run was probably stopped"):
+        pull_and_inflate_object_from_tree(
+            tree,
+            ex.stall_guard(pull, stall_s=0.05),
+            lambda object_id: None,
+            return_type=Message,
+            initial_backoff=0.005,
+            backoff_cap=0.01,
+        )
 
 
 def test_modules_under_finds_only_the_folders_modules(tmp_path: Path) -> None:
