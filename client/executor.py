@@ -23,6 +23,9 @@ What it takes care of, per task:
 - the SuperNode creates the task before it has stored the message and pulled its objects from
   the SuperLink, so a fast executor waits for the message and retries "object unavailable"
   with a short back-off (``pull_backoff``) instead of Flower's 1 s;
+- a message of a run stopped while it was on its way never gets all its objects: after
+  ``object_stall_s`` (30 s) without any object arriving the task is given up, where Flower's
+  500 retries would hold this one-task-at-a-time executor, and so its node, for minutes;
 - a task heartbeat that reports the task invalid raises SIGINT in this process (Flower's
   heartbeat does that): the task is abandoned, the executor goes on with the next one;
 - the heartbeat is stopped before the reply and task output are pushed;
