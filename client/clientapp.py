@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist.client.models import build_model
@@ -16,6 +16,7 @@ from florist.client.task import TaskSpec, task_from_config
 from florist.client.training import TrainTask, evaluate, pick_device
 from florist.datasets import XY, dataset_info, load_partition, load_test
 from florist.strategies import default_registry
+from florist.strategies.validation import NODE_CONFIG_KEY
 
 app = ClientApp(mods=[profile_mod])
 
@@ -74,7 +75,11 @@ def train(msg: Message, context: Context) -> Message:
         "train-time": time.perf_counter() - started,
     }
     content = RecordDict(
-        {"arrays": ArrayRecord(model.state_dict()), "metrics": MetricRecord(metrics)}
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord(metrics),
+            NODE_CONFIG_KEY: ConfigRecord(dict(context.node_config)),
+        }
     )
     return Message(content=content, reply_to=msg)
 

@@ -1,14 +1,23 @@
 """Device profiles: how fast, how available and how reliable a SuperNode pretends to be.
 
 A SuperNode gets its profile through its ``--node-config`` (``profile="slow"``, or explicit keys
-``seconds-per-step``, ``availability``, ``period-s``, ``dropout``, ``bandwidth-mbps`` that override
-the named profile's values). :func:`profile_mod`, a Flower ClientApp mod, applies it to every train
-message, under the experiment's clock (``florist.clock`` in the message's ConfigRecord):
+``seconds-per-step``, ``availability``, ``period-s``, ``availability-trace``, ``dropout``,
+``bandwidth-mbps`` that override the named profile's values). :func:`profile_mod`, a Flower
+ClientApp mod, applies it to every train message, under the experiment's clock (``florist.clock``
+in the message's ConfigRecord):
 
 - **wall**: the task really takes the profile's time. The node first waits out an offline spell
   (if the task arrived while its availability trace says offline), trains, then sleeps until
   ``local-steps × seconds_per_step + bytes·8 / bandwidth`` has passed.
 - **virtual**: no sleeping; the simulated duration is reported and the server orders by it.
+
+When a node is online is an :class:`AvailabilityTrace`: on-intervals within a period that repeats,
+FedScale's ``client_behave_trace`` shape, given on the node-config as a compact string
+``availability-trace="0-120,300-500/600"`` (online 0–120 s and 300–500 s of every 600 s).
+Without one, ``availability`` and ``period-s`` make the degenerate trace
+``0-availability·period_s/period_s``, with a phase drawn per node. A trace is read at the task's
+arrival time: on the virtual clock the server's ``virtual-time``, on the wall clock Unix time (so
+every node of a fleet reads its trace on one shared timeline).
 
 Either way a successful train reply carries ``virtual-duration`` (seconds, in its MetricRecord
 ``"metrics"``): the offline wait plus the simulated work. A node that drops out answers with an
@@ -27,12 +36,21 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    model_validator,
+)
 
 Clock = Literal["wall", "virtual"]
 
@@ -48,6 +66,153 @@ STEPS_METRIC = "local-steps"
 DROPOUT_ERROR_CODE = 100
 
 
+class TraceError(ValueError):
+    """An availability trace that cannot be used."""
+
+
+def _seconds(value: float) -> str:
+    # Integral seconds print without ".0"; anything else round-trips exactly.
+    return str(int(value)) if value.is_integer() and abs(value) < 1e15 else repr(value)
+
+
+_NUMBER = r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_INTERVAL = re.compile(rf"\s*({_NUMBER})\s*-\s*({_NUMBER})\s*")
+_PERIOD = re.compile(rf"\s*({_NUMBER})\s*")
+TRACE_FORMAT = "'start-end,start-end,…/period' in seconds, e.g. '0-120,300-500/600'"
+
+
+@dataclass(frozen=True)
+class AvailabilityTrace:
+    """When a node is online: on-intervals ``[start, end)`` of a period that repeats forever.
+
+    FedScale's ``client_behave_trace`` in one value: its ``active`` times are the starts, its
+    ``inactive`` times the ends, its ``finish_time`` the period. ``str()`` gives the compact
+    node-config form (``"0-120,300-500/600"``) that :meth:`parse` reads back.
+    """
+
+    on: tuple[tuple[float, float], ...]
+    period_s: float
+
+    def __post_init__(self) -> None:
+        # Floats throughout, whatever the caller passed (ints print and compare the same way).
+        object.__setattr__(self, "on", tuple((float(s), float(e)) for s, e in self.on))
+        object.__setattr__(self, "period_s", float(self.period_s))
+        period = self.period_s
+        if not (math.isfinite(period) and period > 0):
+            raise TraceError(f"the period {_seconds(period)} is not a positive number of seconds")
+        if not self.on:
+            # A node that is never online would hold every task it gets forever.
+            raise TraceError("needs at least one on-interval")
+        previous_end = 0.0
+        for start, end in self.on:
+            spell = f"{_seconds(start)}-{_seconds(end)}"
+            if not (math.isfinite(start) and math.isfinite(end)):
+                raise TraceError(f"on-interval {spell} is not finite")
+            if start < previous_end:
+                where = "0" if previous_end == 0 else f"the previous end {_seconds(previous_end)}"
+                raise TraceError(
+                    f"on-interval {spell} starts before {where}: intervals go in ascending "
+                    "order and do not overlap"
+                )
+            if end <= start:
+                raise TraceError(f"on-interval {spell} does not end after it starts")
+            if end > period:
+                raise TraceError(f"on-interval {spell} ends after the period {_seconds(period)}")
+            previous_end = end
+
+    def __str__(self) -> str:
+        spells = ",".join(f"{_seconds(s)}-{_seconds(e)}" for s, e in self.on)
+        return f"{spells}/{_seconds(self.period_s)}"
+
+    @classmethod
+    def parse(cls, text: str) -> AvailabilityTrace:
+        """The trace a compact string describes (see :data:`TRACE_FORMAT`)."""
+        body, slash, period = text.rpartition("/")
+        period_match = _PERIOD.fullmatch(period)
+        if not slash or period_match is None:
+            raise TraceError(f"expected {TRACE_FORMAT}")
+        on = []
+        for part in body.split(",") if body.strip() else []:
+            match = _INTERVAL.fullmatch(part)
+            if match is None:
+                raise TraceError(f"{part.strip()!r} is not an on-interval 'start-end'")
+            on.append((float(match.group(1)), float(match.group(2))))
+        return cls(tuple(on), float(period_match.group(1)))
+
+    @classmethod
+    def from_fedscale(
+        cls, active: Sequence[float], inactive: Sequence[float], finish_time: float
+    ) -> AvailabilityTrace:
+        """FedScale's per-client trace: online from ``active[i]`` until ``inactive[i]``."""
+        if len(active) != len(inactive):
+            raise TraceError(
+                f"active has {len(active)} times and inactive {len(inactive)}: "
+                "each online spell needs both its start and its end"
+            )
+        return cls(tuple(zip(active, inactive, strict=True)), finish_time)
+
+    @classmethod
+    def periodic(cls, availability: float, period_s: float) -> AvailabilityTrace:
+        """Online for the first ``availability·period_s`` of every ``period_s``."""
+        return cls(((0.0, availability * period_s),), period_s)
+
+    @property
+    def online_share(self) -> float:
+        """The share of the period spent online."""
+        return sum(end - start for start, end in self.on) / self.period_s
+
+    def offline_wait(self, t: float) -> float:
+        """Seconds from time ``t`` until the node is online (0 if it is online at ``t``)."""
+        position = t % self.period_s
+        for start, end in self.on:
+            if position < start:
+                return start - position
+            if position < end:
+                return 0.0
+        # Past the last spell: wait for the first one of the next period.
+        return self.period_s - position + self.on[0][0]
+
+    def shifted(self, offset_s: float) -> AvailabilityTrace:
+        """The same trace, ``offset_s`` seconds later (an interval crossing the period is split)."""
+        offset = offset_s % self.period_s
+        period = self.period_s
+        spells: list[tuple[float, float]] = []
+        for start, end in self.on:
+            start, end = start + offset, end + offset
+            if start >= period:
+                spells.append((start - period, end - period))
+            elif end > period:
+                spells += [(start, period), (0.0, end - period)]
+            else:
+                spells.append((start, end))
+        merged: list[tuple[float, float]] = []
+        # Rounded to the nanosecond: float sums like 25 + 37.746 - 60 then print as 2.746, and
+        # the pieces of a spell split at the period meet their neighbours exactly.
+        for start, end in sorted((round(s, 9), round(e, 9)) for s, e in spells):
+            # The two halves of a split spell may touch their neighbours again; keep one spell.
+            if merged and start <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+            else:
+                merged.append((start, end))
+        return AvailabilityTrace(tuple(merged), period)
+
+
+def _to_trace(value: object) -> AvailabilityTrace | None:
+    if value is None or isinstance(value, AvailabilityTrace):
+        return value
+    if isinstance(value, str):
+        return AvailabilityTrace.parse(value)
+    raise TraceError(f"expected {TRACE_FORMAT}")
+
+
+# In the model an AvailabilityTrace; in and out (node-config, model_dump) its compact string.
+TraceField = Annotated[
+    AvailabilityTrace | None,
+    PlainValidator(_to_trace, json_schema_input_type=str | None),
+    PlainSerializer(lambda t: None if t is None else str(t), return_type=str | None),
+]
+
+
 class DeviceProfile(BaseModel):
     """How a simulated device behaves. The defaults are the neutral profile: no slowdown."""
 
@@ -57,7 +222,7 @@ class DeviceProfile(BaseModel):
         default=0.0, ge=0, allow_inf_nan=False, description="0 = as fast as the machine."
     )
     availability: float = Field(
-        default=1.0, gt=0, le=1, description="Share of time online (FedScale-style on/off trace)."
+        default=1.0, gt=0, le=1, description="Share of each period_s online (a periodic cycle)."
     )
     period_s: float = Field(
         default=60.0,
@@ -65,10 +230,28 @@ class DeviceProfile(BaseModel):
         allow_inf_nan=False,
         description="Length of one on/off cycle: online availability·period_s, then offline.",
     )
+    availability_trace: TraceField = Field(
+        default=None,
+        description="When online, replacing availability and period_s (FedScale-style trace).",
+    )
     dropout: float = Field(default=0.0, ge=0, lt=1, description="Probability a task is dropped.")
     bandwidth_mbps: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="None = infinite bandwidth."
     )
+
+    @model_validator(mode="after")
+    def _one_availability(self) -> DeviceProfile:
+        if self.availability_trace is not None and self.availability < 1.0:
+            raise ValueError("give either availability-trace or availability and period-s")
+        return self
+
+    def availability_cycle(self) -> AvailabilityTrace | None:
+        """The trace this profile follows, before any phase; None: always online."""
+        if self.availability_trace is not None:
+            return self.availability_trace
+        if self.availability >= 1.0:
+            return None
+        return AvailabilityTrace.periodic(self.availability, self.period_s)
 
 
 # Speeds span 12× between fast and slow, in the range of FedCompass's normal/exponential fleets,
@@ -86,10 +269,13 @@ PROFILE_KEYS: dict[str, str] = {
     "seconds-per-step": "seconds_per_step",
     "availability": "availability",
     "period-s": "period_s",
+    "availability-trace": "availability_trace",
     "dropout": "dropout",
     "bandwidth-mbps": "bandwidth_mbps",
 }
 NO_BANDWIDTH_LIMIT = ("none", "inf", "infinite", "")
+PERIODIC_KEYS = ("availability", "period-s")
+TRACE_KEY = "availability-trace"
 
 
 class ProfileError(ValueError):
@@ -100,18 +286,31 @@ def profile_from_node_config(node_config: Mapping[str, Any]) -> DeviceProfile:
     """The profile a SuperNode's ``--node-config`` describes; no profile keys → neutral.
 
     ``profile`` names a base profile (:data:`PROFILES`); explicit keys override its values.
-    ``bandwidth-mbps`` may be ``"none"`` or ``"inf"`` for no limit.
+    ``bandwidth-mbps`` may be ``"none"`` or ``"inf"`` for no limit. ``availability-trace`` (a
+    compact :class:`AvailabilityTrace` string) and ``availability``/``period-s`` exclude each
+    other; either replaces the named profile's availability.
     """
     name = node_config.get("profile", "neutral")
     if not isinstance(name, str) or name not in PROFILES:
         raise ProfileError(f"profile: unknown profile {name!r}; known: {', '.join(PROFILES)}")
     values = PROFILES[name].model_dump()
+    periodic = [key for key in PERIODIC_KEYS if key in node_config]
+    if TRACE_KEY in node_config:
+        if periodic:
+            raise ProfileError(f"{TRACE_KEY}: give either {TRACE_KEY} or {periodic[0]}, not both")
+        values["availability"], values["period_s"] = 1.0, DeviceProfile().period_s
+    elif periodic:
+        values["availability_trace"] = None
     for key, field in PROFILE_KEYS.items():
         if key not in node_config:
             continue
         raw = node_config[key]
         if key == "bandwidth-mbps" and isinstance(raw, str) and raw.lower() in NO_BANDWIDTH_LIMIT:
             values[field] = None
+        elif key == TRACE_KEY:
+            if not isinstance(raw, str):
+                raise ProfileError(f"{key}: expected {TRACE_FORMAT}, got {raw!r}")
+            values[field] = raw
         elif isinstance(raw, bool) or not isinstance(raw, int | float):
             raise ProfileError(f"{key}: expected a number, got {raw!r}")
         else:
@@ -122,7 +321,9 @@ def profile_from_node_config(node_config: Mapping[str, Any]) -> DeviceProfile:
         err = exc.errors()[0]
         field = str(err["loc"][0])
         key = next(k for k, f in PROFILE_KEYS.items() if f == field)
-        raise ProfileError(f"{key}: {err['msg']} (got {err['input']!r})") from None
+        # pydantic prefixes a validator's own ValueError; the key already says where it came from.
+        message = err["msg"].removeprefix("Value error, ")
+        raise ProfileError(f"{key}: {message} (got {err['input']!r})") from None
 
 
 def describe(profile: DeviceProfile) -> str:
@@ -141,15 +342,17 @@ def _rng(seed: int, node: int, server_round: int, purpose: str) -> random.Random
 def offline_wait(profile: DeviceProfile, now: float, seed: int, node: int) -> float:
     """Seconds until the node is online again at time ``now`` (0 if it is online).
 
-    Each node cycles through ``period_s``: online for ``availability·period_s``, then offline,
-    with a phase drawn once per (seed, node), as in FedScale's availability traces.
+    An ``availability_trace`` is read as given: its time 0 is time 0 of the clock. The periodic
+    cycle (online for ``availability·period_s``, then offline) gets a phase drawn once per
+    (seed, node), so that nodes sharing the same numbers are not offline in lockstep.
     """
-    if profile.availability >= 1.0:
+    if profile.availability_trace is not None:
+        return profile.availability_trace.offline_wait(now)
+    cycle = profile.availability_cycle()
+    if cycle is None:
         return 0.0
-    phase = _rng(seed, node, 0, "phase").uniform(0.0, profile.period_s)
-    position = (now + phase) % profile.period_s
-    online = profile.availability * profile.period_s
-    return 0.0 if position < online else profile.period_s - position
+    phase = _rng(seed, node, 0, "phase").uniform(0.0, cycle.period_s)
+    return cycle.offline_wait(now + phase)
 
 
 def work_seconds(profile: DeviceProfile, steps: int, bytes_down: int, bytes_up: int) -> float:
@@ -201,7 +404,9 @@ def profile_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     elif isinstance(config.get(VIRTUAL_TIME_KEY), int | float):
         arrived = float(config[VIRTUAL_TIME_KEY])  # type: ignore[arg-type]
     else:
-        arrived = _rng(seed, node, server_round, "arrival").uniform(0.0, profile.period_s)
+        cycle = profile.availability_cycle()
+        period = profile.period_s if cycle is None else cycle.period_s
+        arrived = _rng(seed, node, server_round, "arrival").uniform(0.0, period)
     waited = offline_wait(profile, arrived, seed, node)
     if clock == "wall" and waited > 0:
         sleep(waited)

@@ -262,7 +262,8 @@ def up(
         for i, profile in enumerate(profiles):
             node_config = {"partition-id": i, "num-partitions": clients, **profile}
             # Each SuperNode needs its own ClientApp-side API port.
-            _add_supernode(sup, f"supernode-{i}", settings, node_config, 9100 + i, logs, warm)
+            port = settings.supernode_port + i
+            _add_supernode(sup, f"supernode-{i}", settings, node_config, port, logs, warm)
     except Exception:
         sup.stop_all()
         raise

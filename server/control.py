@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -12,7 +14,13 @@ from typing import Any
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
 from flwr.common.serde import fab_to_proto, user_config_to_proto
-from flwr.proto.control_pb2 import ListRunsRequest, StartRunRequest, StopRunRequest
+from flwr.proto.control_pb2 import (
+    ListNodesRequest,
+    ListRunsRequest,
+    StartRunRequest,
+    StopRunRequest,
+)
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -42,6 +50,52 @@ class RunState:
     @property
     def finished(self) -> bool:
         return self.status == "finished"
+
+
+@dataclass(frozen=True)
+class SuperLinkNode:
+    """A SuperNode as the SuperLink lists it (Control API ``ListNodes``, ``flwr supernode ls``).
+
+    ``status`` is Flower's: ``online`` (heartbeating), ``offline`` (its heartbeat lapsed),
+    ``registered`` (registered, never connected) or ``unregistered`` (it left, or was removed).
+    """
+
+    node_id: int
+    status: str
+    registered_at: datetime | None
+    last_activated_at: datetime | None
+    last_deactivated_at: datetime | None
+    unregistered_at: datetime | None
+    online_until: datetime | None
+    heartbeat_interval_s: float
+
+    @property
+    def online(self) -> bool:
+        return self.status == "online"
+
+    @classmethod
+    def from_proto(cls, info: NodeInfo) -> SuperLinkNode:
+        return cls(
+            node_id=int(info.node_id),
+            status=info.status,
+            # An optional timestamp is an empty string until its event happens.
+            registered_at=_parse_time(info.registered_at),
+            last_activated_at=_parse_time(info.last_activated_at),
+            last_deactivated_at=_parse_time(info.last_deactivated_at),
+            unregistered_at=_parse_time(info.unregistered_at),
+            online_until=datetime.fromtimestamp(info.online_until, UTC)
+            if info.HasField("online_until")
+            else None,
+            heartbeat_interval_s=float(info.heartbeat_interval),
+        )
+
+
+def _parse_time(text: str) -> datetime | None:
+    """One of Flower's ISO 8601 timestamps as timezone-aware UTC; None for an empty one."""
+    if not text:
+        return None
+    value = datetime.fromisoformat(text)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 class SuperLinkUnavailable(ConnectionError):
@@ -100,6 +154,15 @@ class ControlClient:
 
     def stop_run(self, run_id: int) -> bool:
         return bool(self._call("StopRun", StopRunRequest(run_id=run_id)).success)
+
+    def list_nodes(self) -> Sequence[SuperLinkNode]:
+        """Every SuperNode the SuperLink knows for this account, departed ones included.
+
+        Without account authentication (Florist's default) that is every node: the SuperLink
+        files all of them under its one no-auth account.
+        """
+        response = self._call("ListNodes", ListNodesRequest())
+        return [SuperLinkNode.from_proto(info) for info in response.nodes_info]
 
     def close(self) -> None:
         self._client.close()

@@ -9,6 +9,9 @@ FLOWER-NOTES, "Where the time goes"):
   ``PULL_INITIAL_BACKOFF = 1`` s, bound as the keyword default of ``pull_objects`` and
   ``pull_and_inflate_object_from_tree`` (SuperNode, ClientApp and ServerApp all pull that way).
 
+One behaviour is mended as well: a reply that Flower's SuperNode loop would leave waiting after a
+run was stopped mid-pull is sent at the next idle poll (:func:`flush_waiting_replies`).
+
 Nothing here edits Flower's files. :func:`tune_supernode` replaces the ``time`` module that
 ``start_client_internal`` sees with a proxy whose ``sleep`` is capped, and
 :func:`tune_object_pulls` changes the two functions' keyword defaults. Both refuse to touch
@@ -138,6 +141,51 @@ def tune_object_pulls(tuning: Tuning | None = None, *, version: str | None = Non
     return True
 
 
+def waiting_reply_run(state: object) -> int | None:
+    """The run of a reply waiting in a SuperNode's state that nobody has taken to send, or None.
+
+    Reads ``InMemoryNodeState``'s message store without marking anything retrieved (flwr 1.39's
+    only NodeState; ``get_messages`` would mark what it returns as taken). None if the state
+    does not look like that one.
+    """
+    store, lock = getattr(state, "msg_store", None), getattr(state, "lock_msg_store", None)
+    if not isinstance(store, dict) or lock is None:
+        return None
+    with lock:
+        for entry in store.values():
+            message = getattr(entry, "message", None)
+            if message is None or getattr(entry, "is_retrieved", True):
+                continue
+            if message.metadata.reply_to_message_id:
+                return int(message.metadata.run_id)
+    return None
+
+
+def flush_waiting_replies(pull: Callable[..., int | None]) -> Callable[..., int | None]:
+    """Wrap the SuperNode loop's message pull so that an idle poll also sends waiting replies.
+
+    flwr 1.39's loop pulls one message, then sends every reply present. When a run stops while a
+    message's objects are being pulled, the pull gives up with ``RunNotRunningException`` but
+    leaves the message and its task in place (that exception is a ``BaseException``, which the
+    pull's own clean-up does not catch); the ClientApp still answers it, and that reply waits
+    unsent until the next message arrives, whose push stage then sends the stale reply in place
+    of the new one and leaves the new reply queued until yet another message comes: a node
+    seemingly silent for a whole round timeout. Reporting a waiting reply's run from an idle
+    pull makes the loop's push stage send it at once.
+    """
+    if getattr(pull, "_florist_flushes", False):
+        return pull
+
+    def pull_or_flush(**kwargs: Any) -> int | None:
+        run_id = pull(**kwargs)
+        if run_id is None:
+            return waiting_reply_run(kwargs.get("state"))
+        return run_id
+
+    pull_or_flush._florist_flushes = True  # type: ignore[attr-defined]
+    return pull_or_flush
+
+
 def tune_supernode(tuning: Tuning | None = None, *, version: str | None = None) -> bool:
     """Shorten the SuperNode's idle poll and reply waits, and its object pulls; False if skipped.
 
@@ -153,6 +201,8 @@ def tune_supernode(tuning: Tuning | None = None, *, version: str | None = None) 
         log.warning("flwr.supernode.start_client_internal.time is %r; not tuned", current)
         return False
     sci.time = CappedSleep(idle=tuning.idle_poll, other=tuning.reply_poll)  # type: ignore[assignment]
+    # The loop calls it by keyword (state=..., receive=..., ...); see flush_waiting_replies.
+    sci._pull_and_store_message = flush_waiting_replies(sci._pull_and_store_message)
     tune_object_pulls(tuning, version=version)
     log.info(
         "Flower waits tuned: idle poll %.2f s, reply wait %.2f s, first pull back-off %.2f s",

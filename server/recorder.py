@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, cast, get_args
@@ -72,6 +73,8 @@ class UpdateRecord:
     arrived_at: datetime | None = None
     wall_duration_s: float | None = None
     virtual_duration_s: float | None = None
+    # The node's --node-config as its reply echoed it (profile, partition); None when unknown.
+    node_config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         for name in ("dispatched_at", "arrived_at"):
@@ -123,7 +126,16 @@ class RoundRecord:
     @property
     def seen_node_ids(self) -> set[int]:
         """Nodes that replied; a failure may be a node that never answered, so it is not seen."""
-        return {update.node_id for update in self.updates if update.status != "failed"}
+        return _seen_node_ids(self.updates)
+
+
+def _seen_node_ids(updates: Sequence[UpdateRecord]) -> set[int]:
+    return {update.node_id for update in updates if update.status != "failed"}
+
+
+def _node_configs(updates: Sequence[UpdateRecord]) -> dict[int, dict[str, Any]]:
+    """Each node's config as its latest reply in ``updates`` echoed it."""
+    return {u.node_id: u.node_config for u in updates if u.node_config is not None}
 
 
 class RunRecorder(ABC):
@@ -158,8 +170,24 @@ class RunRecorder(ABC):
         """Append an event, tied to the run's experiment when a run is given."""
 
     @abstractmethod
+    def record_updates(
+        self, run_id: int, server_round: int, updates: Sequence[UpdateRecord]
+    ) -> None:
+        """Store client updates that belong to no recorded round, all or nothing.
+
+        For what is left when a run ends: updates handled since the last aggregation and tasks
+        still in flight, under the round they would have contributed to. Raises
+        DuplicateRoundError if that round is already recorded: its updates came with it.
+        """
+
+    @abstractmethod
     def rounds(self, run_id: int) -> list[RoundRecord]:
         """Return the run's recorded rounds, in server-round order."""
+
+    @abstractmethod
+    def updates(self, run_id: int) -> list[tuple[int, UpdateRecord]]:
+        """Return every update of the run, a round's or not, as (server round, update), in the
+        order they were recorded."""
 
 
 def _experiment_outcome(current: str, status: RunOutcome) -> str:
@@ -189,6 +217,7 @@ class InMemoryRun:
     error: str | None = None
     final_metrics: dict[str, float] | None = None
     rounds: dict[int, RoundRecord] = field(default_factory=dict)
+    updates: list[tuple[int, UpdateRecord]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -215,6 +244,7 @@ class InMemoryRunRecorder(RunRecorder):
         self.runs: dict[int, InMemoryRun] = {}
         self.events: list[InMemoryEvent] = []
         self.nodes_last_seen: dict[int, datetime] = {}
+        self.node_configs: dict[int, dict[str, Any]] = {}
         # The async runtime may record from several threads.
         self._lock = threading.Lock()
 
@@ -240,9 +270,10 @@ class InMemoryRunRecorder(RunRecorder):
             raise RunFinishedError(f"run {run_id} has already finished")
         return run
 
-    def _touch_nodes(self, node_ids: set[int], seen_at: datetime) -> None:
-        for node_id in node_ids:
+    def _touch_nodes(self, updates: Sequence[UpdateRecord], seen_at: datetime) -> None:
+        for node_id in _seen_node_ids(updates):
             self.nodes_last_seen[node_id] = seen_at
+        self.node_configs.update(_node_configs(updates))
 
     def record_round(self, run_id: int, record: RoundRecord) -> None:
         with self._lock:
@@ -252,8 +283,19 @@ class InMemoryRunRecorder(RunRecorder):
                     f"round {record.server_round} of run {run_id} is already recorded"
                 )
             # Nodes first: if that fails, the round is not stored either.
-            self._touch_nodes(record.seen_node_ids, record.finished_at)
+            self._touch_nodes(record.updates, record.finished_at)
             run.rounds[record.server_round] = record
+            run.updates.extend((record.server_round, update) for update in record.updates)
+
+    def record_updates(
+        self, run_id: int, server_round: int, updates: Sequence[UpdateRecord]
+    ) -> None:
+        with self._lock:
+            run = self._open_run(run_id)
+            if server_round in run.rounds:
+                raise DuplicateRoundError(f"round {server_round} of run {run_id} is recorded")
+            self._touch_nodes(updates, utcnow())
+            run.updates.extend((server_round, update) for update in updates)
 
     def finish_run(
         self,
@@ -294,6 +336,13 @@ class InMemoryRunRecorder(RunRecorder):
             if run is None:
                 raise UnknownRunError(f"run {run_id} does not exist")
             return [run.rounds[key] for key in sorted(run.rounds)]
+
+    def updates(self, run_id: int) -> list[tuple[int, UpdateRecord]]:
+        with self._lock:
+            run = self.runs.get(run_id)
+            if run is None:
+                raise UnknownRunError(f"run {run_id} does not exist")
+            return list(run.updates)
 
 
 class SqlRunRecorder(RunRecorder):
@@ -393,40 +442,39 @@ class SqlRunRecorder(RunRecorder):
                 # The round goes first, so a concurrent duplicate fails here on the unique
                 # constraint before any update row is written.
                 session.flush()
-                now = utcnow()
                 session.add_all(
-                    ClientUpdate(
-                        run_id=run_id,
-                        experiment_id=run.experiment_id,
-                        server_round=record.server_round,
-                        node_id=update.node_id,
-                        status=update.status,
-                        reason=update.reason,
-                        num_examples=update.num_examples,
-                        train_time_s=update.train_time_s,
-                        metrics=dict(update.metrics),
-                        bytes_up=update.bytes_up,
-                        bytes_down=update.bytes_down,
-                        staleness=update.staleness,
-                        created_at=now,
-                        model_version=update.model_version,
-                        arrival_version=update.arrival_version,
-                        local_steps=update.local_steps,
-                        dispatched_at=update.dispatched_at,
-                        arrived_at=update.arrived_at,
-                        wall_duration_s=update.wall_duration_s,
-                        virtual_duration_s=update.virtual_duration_s,
-                    )
-                    for update in record.updates
+                    _update_rows(run, record.server_round, record.updates, created_at=utcnow())
                 )
                 session.flush()
-                touch_nodes(session, node_ids=record.seen_node_ids, seen_at=record.finished_at)
+                touch_nodes(
+                    session,
+                    node_ids=record.seen_node_ids,
+                    seen_at=record.finished_at,
+                    node_configs=_node_configs(record.updates),
+                )
         except IntegrityError as error:
             # Another writer may have stored the same round between our check and insert.
             with self._session_factory() as session:
                 if self._round_exists(session, run_id, record.server_round):
                     raise duplicate from error
             raise
+
+    def record_updates(
+        self, run_id: int, server_round: int, updates: Sequence[UpdateRecord]
+    ) -> None:
+        now = utcnow()
+        with self._session_factory() as session, session.begin():
+            run = self._open_run(session, run_id)
+            if self._round_exists(session, run_id, server_round):
+                raise DuplicateRoundError(f"round {server_round} of run {run_id} is recorded")
+            session.add_all(_update_rows(run, server_round, updates, created_at=now))
+            session.flush()
+            touch_nodes(
+                session,
+                node_ids=_seen_node_ids(updates),
+                seen_at=now,
+                node_configs=_node_configs(updates),
+            )
 
     def finish_run(
         self,
@@ -488,24 +536,8 @@ class SqlRunRecorder(RunRecorder):
                 select(Round).where(Round.run_id == run_id).order_by(Round.server_round)
             ).all()
             updates: dict[int, list[UpdateRecord]] = {row.server_round: [] for row in rows}
-            for update_row in session.scalars(
-                select(ClientUpdate)
-                .where(ClientUpdate.run_id == run_id)
-                .order_by(ClientUpdate.server_round, ClientUpdate.id)
-            ):
-                updates.setdefault(update_row.server_round, []).append(
-                    UpdateRecord(
-                        node_id=update_row.node_id,
-                        status=cast(UpdateStatus, update_row.status),
-                        num_examples=update_row.num_examples,
-                        train_time_s=update_row.train_time_s,
-                        metrics=dict(update_row.metrics),
-                        bytes_up=update_row.bytes_up,
-                        bytes_down=update_row.bytes_down,
-                        staleness=update_row.staleness,
-                        reason=update_row.reason,
-                    )
-                )
+            for server_round, update in self._updates(session, run_id):
+                updates.setdefault(server_round, []).append(update)
             return [
                 RoundRecord(
                     server_round=row.server_round,
@@ -515,6 +547,73 @@ class SqlRunRecorder(RunRecorder):
                     train_metrics=dict(row.train_metrics),
                     evaluate_metrics=dict(row.evaluate_metrics),
                     updates=tuple(updates[row.server_round]),
+                    virtual_time_s=row.virtual_time_s,
                 )
                 for row in rows
             ]
+
+    def updates(self, run_id: int) -> list[tuple[int, UpdateRecord]]:
+        with self._session_factory() as session:
+            if session.get(Run, run_id) is None:
+                raise UnknownRunError(f"run {run_id} does not exist")
+            return self._updates(session, run_id)
+
+    @staticmethod
+    def _updates(session: Session, run_id: int) -> list[tuple[int, UpdateRecord]]:
+        rows = session.scalars(
+            select(ClientUpdate).where(ClientUpdate.run_id == run_id).order_by(ClientUpdate.id)
+        )
+        return [
+            (
+                row.server_round,
+                UpdateRecord(
+                    node_id=row.node_id,
+                    status=cast(UpdateStatus, row.status),
+                    num_examples=row.num_examples,
+                    train_time_s=row.train_time_s,
+                    metrics=dict(row.metrics),
+                    bytes_up=row.bytes_up,
+                    bytes_down=row.bytes_down,
+                    staleness=row.staleness,
+                    reason=row.reason,
+                    model_version=row.model_version,
+                    arrival_version=row.arrival_version,
+                    local_steps=row.local_steps,
+                    dispatched_at=row.dispatched_at,
+                    arrived_at=row.arrived_at,
+                    wall_duration_s=row.wall_duration_s,
+                    virtual_duration_s=row.virtual_duration_s,
+                ),
+            )
+            for row in rows
+        ]
+
+
+def _update_rows(
+    run: Run, server_round: int, updates: Sequence[UpdateRecord], *, created_at: datetime
+) -> list[ClientUpdate]:
+    return [
+        ClientUpdate(
+            run_id=run.id,
+            experiment_id=run.experiment_id,
+            server_round=server_round,
+            node_id=update.node_id,
+            status=update.status,
+            reason=update.reason,
+            num_examples=update.num_examples,
+            train_time_s=update.train_time_s,
+            metrics=dict(update.metrics),
+            bytes_up=update.bytes_up,
+            bytes_down=update.bytes_down,
+            staleness=update.staleness,
+            created_at=created_at,
+            model_version=update.model_version,
+            arrival_version=update.arrival_version,
+            local_steps=update.local_steps,
+            dispatched_at=update.dispatched_at,
+            arrived_at=update.arrived_at,
+            wall_duration_s=update.wall_duration_s,
+            virtual_duration_s=update.virtual_duration_s,
+        )
+        for update in updates
+    ]

@@ -17,6 +17,13 @@ On the virtual clock it is one more event in time order: once every reply is in 
 earlier than the first held reply fires first (virtual time jumps to it) and the replies after
 it arrive later; a reply at exactly the timer's time goes first. ``refused`` updates are recorded
 as rejected, ``notes`` as events.
+
+Once the run is done no new task is sent. When it ends (its rounds or budget reached, or an
+error), every task dispatched that has no row yet gets one, in one transaction under the round
+it would have joined: an update handled since the last aggregation or a reply pulled but not
+handled is ``rejected`` ("run ended before it was aggregated") unless it failed on its own; a
+task still in flight is ``failed`` ("run ended before the reply"). A ``tasks`` event then counts
+the tasks dispatched per node, so that each can be matched to exactly one client-update row.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ from florist.strategies.validation import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
 log = logging.getLogger(__name__)
 
 LOCAL_STEPS_KEY = "florist.training.local-steps"  # TrainingConfig.local_steps, flattened
+NOT_AGGREGATED = "run ended before it was aggregated"
+NO_REPLY = "run ended before the reply"
 
 
 def to_record(weights: Weights) -> ArrayRecord:
@@ -110,6 +119,8 @@ class EventLoop:
         self.weights: Weights = {}
         self.inflight: dict[str, Task] = {}
         self.held: list[Event] = []  # virtual clock: replies waiting for their turn
+        self.queue: list[Event | Tick] = []  # pulled, not handled yet
+        self.dispatched: Counter[int] = Counter()  # tasks pushed, by node
         self.pending: list[UpdateRecord] = []  # handled since the last aggregation
         self.wake_at: float | None = None  # the strategy's timer, on the experiment's clock
         self.started = time.monotonic()
@@ -123,6 +134,20 @@ class EventLoop:
     # --- the loop -------------------------------------------------------------------------
 
     def run(self, initial: ArrayRecord) -> ArrayRecord:
+        try:
+            self._run(initial)
+        except BaseException:
+            # Best effort: what the run did so far is worth keeping, but not worth hiding the
+            # error that ended it.
+            try:
+                self._record_unfinished()
+            except Exception:
+                log.exception("could not record the tasks left when the run failed")
+            raise
+        self._record_unfinished()
+        return to_record(self.weights)
+
+    def _run(self, initial: ArrayRecord) -> None:
         self.weights = {k: v.numpy() for k, v in initial.items()}
         nodes = self._wait_for_nodes()
         self.initial_metrics = self.evaluate(0, initial)
@@ -138,14 +163,15 @@ class EventLoop:
         while not self._done():
             if not self.inflight and not self.held and self.wake_at is None:
                 raise RuntimeError("the strategy left no task in flight: the run cannot go on")
-            for event in self._next_events():
+            self.queue = self._next_events()
+            while self.queue:
+                event = self.queue.pop(0)
                 if isinstance(event, Tick):
                     self._tick(event)
                 else:
                     self._handle(event)
                 if self._done():
                     break
-        return to_record(self.weights)
 
     def _clock(self) -> float:
         """Now on the experiment's clock: virtual seconds, or wall seconds since the start."""
@@ -204,6 +230,7 @@ class EventLoop:
             ttl=self.spec.round_timeout_s,
         )
         (msg_id,) = list(self.grid.push_messages([message]))
+        self.dispatched[node_id] += 1
         self.inflight[msg_id] = Task(
             node_id=node_id,
             version=self.version,
@@ -273,15 +300,21 @@ class EventLoop:
         self.wake_at = None
         self._apply(self.strategy.on_tick(tick.at, self.weights))
 
-    def _handle(self, event: Event) -> None:
-        task, reply = event.task, event.reply
-        common: dict[str, Any] = {
+    def _fields(self, task: Task) -> dict[str, Any]:
+        """What every record of a task holds, whatever became of it."""
+        return {
             "node_id": task.node_id,
             "bytes_down": task.bytes_down,
             "staleness": self.version - task.version,
             "model_version": task.version,
-            "arrival_version": self.version,
             "dispatched_at": task.dispatched_at,
+        }
+
+    def _update_of(self, event: Event) -> UpdateRecord:
+        """The record of a task's end: failed, or the reply checked against the model sent."""
+        task, reply = event.task, event.reply
+        common = self._fields(task) | {
+            "arrival_version": self.version,
             "arrived_at": event.arrived_at,
             "wall_duration_s": event.wall_duration_s,
         }
@@ -291,21 +324,28 @@ class EventLoop:
                 if reply is not None
                 else "no reply before the deadline"
             )
-            self.pending.append(UpdateRecord(status="failed", reason=reason, **common))
-            self._apply(self.strategy.on_failure(task.node_id, reason, self.weights))
-            return
+            return UpdateRecord(status="failed", reason=reason, **common)
         update = train_update(reply.content, task.sent, **common)
         metrics = update.metrics
-        steps = int(metrics.get("local-steps", 0))
-        update = replace(
-            update, local_steps=steps, virtual_duration_s=metrics.get("virtual-duration")
+        return replace(
+            update,
+            local_steps=int(metrics.get("local-steps", 0)),
+            virtual_duration_s=metrics.get("virtual-duration"),
         )
+
+    def _handle(self, event: Event) -> None:
+        task, reply = event.task, event.reply
+        update = self._update_of(event)
         self.pending.append(update)
+        if reply is None or update.status == "failed":
+            self._apply(self.strategy.on_failure(task.node_id, update.reason or "", self.weights))
+            return
         arrays = reply.content.array_records.get(ARRAYS_KEY)
         if update.status == "rejected" or arrays is None:
             log.warning("rejected update from node %d: %s", task.node_id, update.reason)
             self._apply(self.strategy.on_failure(task.node_id, update.reason or "", self.weights))
             return
+        metrics = update.metrics
         arrival = Arrival(
             node_id=task.node_id,
             weights={k: v.numpy() for k, v in arrays.items()},
@@ -313,7 +353,7 @@ class EventLoop:
             sent_version=task.version,
             version=self.version,
             num_examples=int(metrics[WEIGHT_KEY]),
-            local_steps=steps,
+            local_steps=update.local_steps or 0,
             metrics=metrics,
             duration_s=(event.virtual_end - task.virtual_start)
             if self.virtual
@@ -333,6 +373,8 @@ class EventLoop:
             )
         if decision.weights is not None:
             self._aggregated(decision.weights)
+        if self._done():
+            return  # a task sent now could only be abandoned when the run ends
         for node_id in decision.dispatch:
             self._dispatch(node_id, decision.local_steps.get(node_id))
         if decision.wake_in is not None:
@@ -348,11 +390,12 @@ class EventLoop:
         log.warning("refused update from node %d not found among pending ones", node_id)
 
     def _aggregated(self, weights: Weights) -> None:
-        self.version += 1
-        self.weights = weights
-        metrics = self.evaluate(self.version, to_record(weights))
+        # The version moves on only once the round is stored: if evaluating or recording it
+        # fails, its updates are recorded at the end under the round they were meant for.
+        version = self.version + 1
+        metrics = self.evaluate(version, to_record(weights))
         record = RoundRecord(
-            server_round=self.version,
+            server_round=version,
             started_at=self.round_started,
             finished_at=max(utcnow(), self.round_started),
             metrics=metrics,
@@ -368,9 +411,50 @@ class EventLoop:
             virtual_time_s=self.vtime if self.virtual else None,
         )
         self.recorder.record_round(self.run_id, record)
+        self.version, self.weights = version, weights
         self.history.append(record)
         self.pending = []
         self.round_started = record.finished_at
+
+    # --- the end -------------------------------------------------------------------------------
+
+    def _record_unfinished(self) -> None:
+        """One row for every dispatched task not yet recorded, then the per-node task count."""
+        updates = [
+            replace(u, status="rejected", reason=NOT_AGGREGATED) if u.status == "accepted" else u
+            for u in self.pending
+        ]
+        for event in self.queue:
+            if isinstance(event, Event):
+                update = self._update_of(event)
+                if update.status == "accepted":
+                    update = replace(update, status="rejected", reason=NOT_AGGREGATED)
+                updates.append(update)
+        # On the virtual clock a held reply ends after the run did: it never came, in its time.
+        mono = time.monotonic()
+        unfinished = [(e.task, e.wall_duration_s) for e in self.held]
+        unfinished += [(t, mono - t.dispatched_mono) for t in self.inflight.values()]
+        updates += [
+            UpdateRecord(status="failed", reason=NO_REPLY, wall_duration_s=wall, **self._fields(t))
+            for t, wall in unfinished
+        ]
+        self.pending, self.queue, self.held, self.inflight = [], [], [], {}
+        if updates:
+            self.recorder.record_updates(self.run_id, self.version + 1, updates)
+        if self.dispatched:
+            total = sum(self.dispatched.values())
+            self.recorder.record_event(
+                run_id=self.run_id,
+                kind="tasks",
+                message=f"{total} tasks dispatched to {len(self.dispatched)} nodes, "
+                f"{len(unfinished)} unfinished when the run ended",
+                data={
+                    "dispatched": total,
+                    "by_node": {str(n): c for n, c in sorted(self.dispatched.items())},
+                    "unfinished": len(unfinished),
+                    "model_version": self.version,
+                },
+            )
 
 
 def _weighted_metrics(accepted: list[tuple[int, dict[str, float]]]) -> dict[str, float]:

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     superlink_fleet: str = Field(
         default="127.0.0.1:9092", description="The SuperLink's Fleet API (gRPC), host:port."
     )
+    supernode_port: int = Field(
+        default=9100,
+        ge=1,
+        le=65535,
+        description="ClientApp-side API port of `florist up`'s first SuperNode; the next get +1.",
+    )
     insecure: bool = Field(default=True, description="Plain-text links, for loopback only.")
     status_poll_s: float = Field(default=1.0, gt=0, description="How often runs are followed.")
 

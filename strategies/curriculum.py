@@ -5,6 +5,15 @@ random) and draws each minibatch from a growing prefix of that order, the pacing
 saying how much. The server can order clients the same way, by their mean example difficulty.
 
 Paper: https://arxiv.org/abs/2212.12712 (When Do Curricula Work in Federated Learning?).
+
+Variant followed: the paper's. Its scorer is a fixed "expert" model's per-example loss; no
+pretrained expert ships offline, so each client's expert is a model of the task's architecture
+trained from a fixed seed on that client's own training data only (never test data) and then
+frozen, computed once per run. Pacing g(t) runs over global local-step time, with the paper's
+six families and parameters a (share of training until all data is used) and b (starting
+share). Client selection ranks nodes by the mean difficulty they report (easy first, hard first
+or a fixed random order) and draws each round from a pool that the selection pacing grows from
+⌈b·N⌉ nodes to all N; round 1 trains every node so that each has a score.
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ to send what next. Pure maths on numpy weights; Florist's runtime (server/runtim
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -154,12 +155,56 @@ class EventStrategy(ABC):
         """React to a sound update; ``weights`` is the current global model."""
 
     def on_failure(self, node_id: int, reason: str, weights: Weights) -> Decision:
-        """A task was lost (error reply, deadline, dropout). Default: send that node work again."""
-        return Decision(dispatch=(node_id,))
+        """A task was lost (error reply, deadline, dropout) or its update refused as malformed.
+
+        Default: send that node work again, and say so in a ``policy`` note.
+        """
+        return Decision(dispatch=(node_id,), notes=(_resent(node_id, reason, None),))
 
     def on_tick(self, now: float, weights: Weights) -> Decision:
         """The timer a decision asked for came due; ``now`` is on the experiment's clock."""
         return Decision()
+
+
+class Retries:
+    """What an asynchronous strategy does about a node's lost task: send it work again, and give
+    the node up after ``limit`` losses in a row (0: never), since a node that is gone fails each
+    new task at once. Every decision comes with a ``policy`` note naming the node.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_a_row: Counter[int] = Counter()
+        self.given_up: set[int] = set()
+
+    def reported(self, node_id: int) -> None:
+        """A sound update from the node: its losses are no longer in a row."""
+        self.in_a_row.pop(node_id, None)
+
+    def lost(self, node_id: int, reason: str) -> Decision:
+        self.in_a_row[node_id] += 1
+        count = self.in_a_row[node_id]
+        if self.limit and count >= self.limit:
+            self.given_up.add(node_id)
+            data = _failure_data(node_id, reason, count) | {"action": "given-up"}
+            message = (
+                f"node {node_id} given up after {count} lost tasks in a row ({reason}): "
+                "it gets no more work"
+            )
+            return Decision(notes=(Note(message, data),))
+        return Decision(dispatch=(node_id,), notes=(_resent(node_id, reason, count),))
+
+
+def _failure_data(node_id: int, reason: str, in_a_row: int | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"node_id": node_id, "reason": reason}
+    if in_a_row is not None:
+        data["failures_in_a_row"] = in_a_row
+    return data
+
+
+def _resent(node_id: int, reason: str, in_a_row: int | None) -> Note:
+    data = _failure_data(node_id, reason, in_a_row) | {"action": "re-sent"}
+    return Note(f"node {node_id} lost its task ({reason}): work sent again", data)
 
 
 def weighted_mean(models: Sequence[Weights], weights: Sequence[float]) -> Weights:

@@ -1,5 +1,22 @@
-"""Federated adversarial learning, FAL (Li, Song, Yang, ICML 2023): PGD adversarial training on the
-clients, FedAvg on the server, PGD-robust accuracy of the global model every round."""
+"""Federated adversarial learning, FAL (Li, Song, Yang, ICML 2023): PGD training on the clients.
+
+Paper: https://arxiv.org/abs/2208.03635 ("Federated Adversarial Learning: A Framework with
+Convergence Analysis").
+
+Client i runs the K local SGD steps of plain FedAvg (same batches, optimizer and learning rate),
+each taken on the loss at x̃ = PGD(x) instead of x: an inner loop of ``pgd_steps`` sign-gradient
+ascent steps of size α (default ε/4), each projected onto the L∞ ball B(x, ε) intersected with
+the input domain [clip_min, clip_max]. The server is FedAvg of the returned models, and evaluates
+the global model every round on clean and on PGD-perturbed held-out data.
+
+Variant followed: the paper's framework (its analysis is of a two-layer network; we apply the
+same loop to every model). Where it is silent: the attack runs with the model in eval mode and
+no gradient reaches the parameters; the random start is off by default (Madry's PGD has it, the
+paper's algorithm starts at x); the server's robust evaluation uses its own deterministic attack
+(no random start) on the first ``eval_max_examples`` test examples to stay cheap each round.
+Clients report ``train-accuracy`` (clean) and ``train-robust-accuracy`` (on their attacked
+batches). ε = 0 or ``pgd_steps`` = 0 is FedAvg exactly.
+"""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import ServerSetup, StrategyConfig, StrategyPlugin
-from .events import Arrival, Decision, EventStrategy, Weights, mix
+from .events import Arrival, Decision, EventStrategy, Retries, Weights, mix
 
 
 class FedAsyncConfig(StrategyConfig):
@@ -25,6 +25,12 @@ class FedAsyncConfig(StrategyConfig):
     )
     a: float = Field(default=0.5, ge=0, description="Exponent (polynomial) or slope (hinge).")
     b: int = Field(default=4, ge=0, description="Hinge: staleness tolerated at full weight.")
+    max_failures: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Lost tasks in a row after which a node gets no more work (0: never).",
+    )
 
 
 def staleness_factor(config: FedAsyncConfig, staleness: int) -> float:
@@ -41,14 +47,19 @@ def staleness_factor(config: FedAsyncConfig, staleness: int) -> float:
 class FedAsync(EventStrategy):
     def __init__(self, config: FedAsyncConfig) -> None:
         self.config = config
+        self.retries = Retries(config.max_failures)
 
     def begin(self, nodes: Sequence[int], weights: Weights) -> Decision:
         return Decision(dispatch=tuple(nodes))
 
     def on_arrival(self, arrival: Arrival, weights: Weights) -> Decision:
+        self.retries.reported(arrival.node_id)
         alpha = self.config.alpha * staleness_factor(self.config, arrival.staleness)
         # The arriving node gets the new model at once: no one waits for anyone.
         return Decision(weights=mix(weights, arrival.weights, alpha), dispatch=(arrival.node_id,))
+
+    def on_failure(self, node_id: int, reason: str, weights: Weights) -> Decision:
+        return self.retries.lost(node_id, reason)
 
 
 def build_event_server(config: FedAsyncConfig, setup: ServerSetup) -> FedAsync:

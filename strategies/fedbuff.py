@@ -13,7 +13,15 @@ from collections.abc import Sequence
 from pydantic import Field
 
 from .base import ServerSetup, StrategyConfig, StrategyPlugin
-from .events import Arrival, Decision, EventStrategy, Weights, apply_delta, weighted_mean
+from .events import (
+    Arrival,
+    Decision,
+    EventStrategy,
+    Retries,
+    Weights,
+    apply_delta,
+    weighted_mean,
+)
 
 
 class FedBuffConfig(StrategyConfig):
@@ -22,17 +30,25 @@ class FedBuffConfig(StrategyConfig):
     staleness_scaling: bool = Field(
         default=True, description="Scale each update by 1/√(1 + staleness)."
     )
+    max_failures: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Lost tasks in a row after which a node gets no more work (0: never).",
+    )
 
 
 class FedBuff(EventStrategy):
     def __init__(self, config: FedBuffConfig) -> None:
         self.config = config
         self.buffer: list[Weights] = []
+        self.retries = Retries(config.max_failures)
 
     def begin(self, nodes: Sequence[int], weights: Weights) -> Decision:
         return Decision(dispatch=tuple(nodes))
 
     def on_arrival(self, arrival: Arrival, weights: Weights) -> Decision:
+        self.retries.reported(arrival.node_id)
         scale = (1.0 + arrival.staleness) ** -0.5 if self.config.staleness_scaling else 1.0
         self.buffer.append({k: v * scale for k, v in arrival.delta().items()})
         if len(self.buffer) < self.config.buffer_size:
@@ -41,6 +57,9 @@ class FedBuff(EventStrategy):
         self.buffer = []
         new = apply_delta(weights, mean_delta, self.config.server_lr)
         return Decision(weights=new, dispatch=(arrival.node_id,))
+
+    def on_failure(self, node_id: int, reason: str, weights: Weights) -> Decision:
+        return self.retries.lost(node_id, reason)
 
 
 def build_event_server(config: FedBuffConfig, setup: ServerSetup) -> FedBuff:

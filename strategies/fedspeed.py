@@ -30,6 +30,13 @@ Choices where paper and reference are silent or differ from this platform:
 - ĝ_i lives in the node's run state (Flower's Context.state) under ``fedspeed.g_hat``; it starts at
   zero and is reset for every new experiment. It only changes when 1/λ > 0.
 - ‖g1‖ = 0 skips the ascent (x̆ = x_k) instead of dividing by zero.
+- The server's mean is Flower's FedAvg, weighted by each client's example count. The paper writes
+  the plain mean (1/|S|)·Σ x̂_i over clients that hold equally many examples in its experiments,
+  where the two coincide; weighting by examples keeps ρ = 0, 1/λ = 0 exactly FedAvg on skewed
+  shards too.
+- Each update reports ``fedspeed-ghat-norm-start`` (‖ĝ_i‖ when the round's local steps begin: 0 on
+  a node's first round of a run, and again in every new run) and ``fedspeed-ghat-norm`` (after the
+  correction), so that the state's life across rounds is visible in the database.
 """
 
 from __future__ import annotations
@@ -102,6 +109,11 @@ def _load_g_hat(state: RecordDict, params: list[tuple[str, nn.Parameter]]) -> li
     return [stored[name].to(device=p.device, dtype=p.dtype) for name, p in params]
 
 
+def _norm(tensors: list[torch.Tensor]) -> float:
+    """The L2 norm of a list of tensors taken as one vector."""
+    return float(torch.linalg.vector_norm(torch.stack([t.norm() for t in tensors])))
+
+
 def _mixed_gradient(
     model: nn.Module,
     params: list[nn.Parameter],
@@ -156,6 +168,7 @@ def train(task: TrainTask) -> TrainResult:
     optimizer = sgd_optimizer(params, task.training)
     start = [p.detach().clone() for p in params]
     g_hat = _load_g_hat(task.state, named)
+    g_hat_start = _norm(g_hat)
     inv_lambda = config.inv_lambda
     ascent = config.rho > 0 and config.alpha > 0
     loss_fn = nn.CrossEntropyLoss()
@@ -186,8 +199,9 @@ def train(task: TrainTask) -> TrainResult:
         task.state[G_HAT_KEY] = ArrayRecord(
             {name: g.detach().cpu() for (name, _), g in zip(named, g_hat, strict=True)}
         )
-    g_hat_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in g_hat])))
-    return running.result(n, **{"fedspeed-ghat-norm": g_hat_norm})
+    return running.result(
+        n, **{"fedspeed-ghat-norm-start": g_hat_start, "fedspeed-ghat-norm": _norm(g_hat)}
+    )
 
 
 plugin = StrategyPlugin(

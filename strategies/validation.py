@@ -11,6 +11,9 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 WEIGHT_KEY = "num-examples"
+# The SuperNode's --node-config, echoed in each training reply: the SuperLink does not keep it,
+# and the server records it with the node (device profile, partition) for the dashboard.
+NODE_CONFIG_KEY = "node-config"
 
 
 def check_train_reply(

@@ -140,20 +140,50 @@ class Health(BaseModel):
 
 
 class NodePublic(BaseModel):
-    """A SuperNode the server has heard from, with its health."""
+    """A SuperNode: what the SuperLink says of it now, and what Florist recorded of it."""
 
     node_id: str = Field(description="Flower's uint64 node id, as a string.")
     node_config: dict[str, Any]
-    first_seen: datetime
-    last_seen: datetime
-    seconds_since_seen: float
-    stale: bool = Field(description="Not seen for longer than the request's ``stale_after_s``.")
+    first_seen: datetime | None = Field(
+        default=None, description="When it first took part in a round; None if it never did."
+    )
+    last_seen: datetime | None = Field(
+        default=None, description="When it last took part in a round; None if it never did."
+    )
+    seconds_since_seen: float | None = None
+    stale: bool = Field(
+        description="It took part in a round, but not for longer than the request's "
+        "``stale_after_s``."
+    )
+    status: str | None = Field(
+        default=None,
+        description="The SuperLink's word now: online (heartbeating), offline (heartbeat "
+        "lapsed), registered (never connected), unregistered (it left). None when the SuperLink "
+        "does not know the node or could not be asked (see ``NodesPublic.superlink``).",
+    )
+    registered_at: datetime | None = Field(
+        default=None, description="When it joined the SuperLink (SuperLink)."
+    )
+    connected_at: datetime | None = Field(
+        default=None, description="When it last came online (SuperLink)."
+    )
+    disconnected_at: datetime | None = Field(
+        default=None, description="When it last went offline or left (SuperLink)."
+    )
+    online_until: datetime | None = Field(
+        default=None, description="Its heartbeat deadline: offline if none comes by then."
+    )
 
 
 class NodesPublic(BaseModel):
     data: list[NodePublic]
     count: int
     stale_after_s: float
+    superlink: str = Field(
+        default="not configured",
+        description="Whether ``status`` is live: ok, not configured, unreachable: <why>, or "
+        "error: <why>. Only when ok are nodes listed that never took part in a round.",
+    )
 
 
 class StreamEnd(BaseModel):

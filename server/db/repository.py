@@ -244,18 +244,35 @@ def upsert_node(session: Session, *, node_id: int, node_config: Mapping[str, Any
     return node
 
 
-def touch_nodes(session: Session, *, node_ids: Iterable[int], seen_at: datetime) -> None:
-    """Set last_seen for these nodes, registering unknown ones with an empty config."""
+def touch_nodes(
+    session: Session,
+    *,
+    node_ids: Iterable[int],
+    seen_at: datetime,
+    node_configs: Mapping[int, Mapping[str, Any]] | None = None,
+) -> None:
+    """Set last_seen for these nodes, registering unknown ones; a node in ``node_configs``
+    also gets that config (otherwise a known node keeps its own, a new one gets ``{}``)."""
+    configs = node_configs or {}
     # Sorted, so that concurrent writers lock rows in the same order and cannot deadlock;
     # de-duplicated, because PostgreSQL refuses to update one row twice in a statement.
-    unique_ids = sorted(set(node_ids))
+    unique_ids = sorted(set(node_ids) | set(configs))
     if not unique_ids:
         return
-    rows = [
-        {"node_id": node_id, "node_config": {}, "first_seen": seen_at, "last_seen": seen_at}
-        for node_id in unique_ids
-    ]
-    _upsert_nodes(session, rows, update=("last_seen",))
+    for with_config in (False, True):
+        rows = [
+            {
+                "node_id": node_id,
+                "node_config": dict(configs.get(node_id, {})),
+                "first_seen": seen_at,
+                "last_seen": seen_at,
+            }
+            for node_id in unique_ids
+            if (node_id in configs) == with_config
+        ]
+        if rows:
+            update = ("node_config", "last_seen") if with_config else ("last_seen",)
+            _upsert_nodes(session, rows, update=update)
 
 
 def list_nodes(session: Session) -> list[Node]:

@@ -11,6 +11,10 @@ from typing import Any
 
 import pytest
 
+from florist.server.db import repository
+from florist.server.db.engine import make_engine, make_session_factory
+from florist.server.runtime import NO_REPLY, NOT_AGGREGATED
+
 from .conftest import Api, FlowerStack, start_stack
 
 pytestmark = [
@@ -48,16 +52,45 @@ def updates_of(api: Api, experiment_id: int) -> list[dict[str, Any]]:
     return list(api.client.get(f"/api/v1/experiments/{experiment_id}/updates").json()["data"])
 
 
-def test_fedasync_fast_nodes_contribute_more(api: Api) -> None:
+def events_of(database_url: str, experiment_id: int, kind: str) -> list[dict[str, Any]]:
+    """The experiment's events of one kind, as the ServerApp wrote them (the API lists none)."""
+    engine = make_engine(database_url)
+    try:
+        with make_session_factory(engine)() as session:
+            events = repository.list_events(session, experiment_id=experiment_id)
+            return [{"message": e.message, **(e.data or {})} for e in events if e.kind == kind]
+    finally:
+        engine.dispose()
+
+
+def assert_no_update_lost(database_url: str, experiment_id: int, updates: list[Any]) -> None:
+    """Every task the loop dispatched is exactly one client-update row, node by node."""
+    (tasks,) = events_of(database_url, experiment_id, "tasks")
+    rows = Counter(u["node_id"] for u in updates)
+    assert tasks["by_node"] == dict(rows), (tasks, rows)
+    assert tasks["dispatched"] == len(updates)
+
+
+def test_fedasync_fast_nodes_contribute_more(api: Api, database_url: str) -> None:
     exp = api.submit(fedasync("e2e-fedasync-wall", budget=50))
     done = api.wait_finished(exp["id"], timeout=240)
     assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
     updates = updates_of(api, exp["id"])
     rounds = api.client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
 
-    # No update lost: FedAsync aggregates every arrival, so each accepted update is one round.
+    # No update lost: every task dispatched is one row; FedAsync aggregates every arrival, so
+    # each accepted update is one round.
+    assert_no_update_lost(database_url, exp["id"], updates)
     accepted = [u for u in updates if u["status"] == "accepted"]
     assert len(accepted) == len(rounds) == sum(r["num_updates"] for r in rounds)
+    # The tasks out when the budget ran out are rows of the round they would have joined.
+    left = [u for u in updates if u["server_round"] > len(rounds)]
+    assert {u["server_round"] for u in left} <= {len(rounds) + 1}
+    assert {(u["status"], u["reason"]) for u in left} <= {
+        ("failed", NO_REPLY),
+        ("rejected", NOT_AGGREGATED),
+    }
+    assert 1 <= len(left) < len(SPEEDS)  # the last update's node got no new task
     # ...and the experiment's progress counts them.
     assert done["asynchronous"] is True and done["accepted_updates"] == len(accepted)
     # Each node's updates, by its speed: the nodes are told apart by their task durations.
@@ -95,7 +128,7 @@ def test_virtual_clock_runs_are_reproducible(api: Api) -> None:
 
 
 # Last in this module: it kills one of the module's SuperNodes.
-def test_a_node_killed_mid_task_does_not_stop_the_run(api: Api) -> None:
+def test_a_node_killed_mid_task_does_not_stop_the_run(api: Api, database_url: str) -> None:
     # Short tasks (5 steps: 1 s to 6 s of profile time) and a deadline that a healthy task meets
     # on this 2-core machine, so the lost task is noticed well within the run.
     body = fedasync("e2e-fedasync-kill", budget=80, round_timeout_s=45)
@@ -109,16 +142,32 @@ def test_a_node_killed_mid_task_does_not_stop_the_run(api: Api) -> None:
     assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
 
     updates = updates_of(api, exp["id"])
-    failed = [u for u in updates if u["status"] == "failed"]
-    summary = [(u["node_id"][-4:], u["status"], u["arrived_at"]) for u in updates]
-    assert failed, f"the killed node's task was never recorded as lost: {summary}, {done}\n" + (
+    assert_no_update_lost(database_url, exp["id"], updates)
+    # Lost on their own, not merely out when the run ended.
+    lost = [u for u in updates if u["status"] == "failed" and u["reason"] != NO_REPLY]
+    summary = [(u["node_id"][-4:], u["status"], u["reason"], u["arrived_at"]) for u in updates]
+    assert lost, f"the killed node's task was never recorded as lost: {summary}, {done}\n" + (
         api.stack.logs(60)
     )
-    assert all(u["reason"] for u in failed)
-    late = [
-        u for u in updates if u["status"] == "accepted" and _ts(u["arrived_at"]) > killed_at + 1
-    ]
-    assert late, "no update arrived after the kill: the run stalled"
+    assert all(u["reason"] for u in lost)
+    # The lost tasks are the killed node's: the one node with no update after the kill.
+    after_kill = {
+        u["node_id"]
+        for u in updates
+        if u["status"] == "accepted" and _ts(u["arrived_at"]) > killed_at + 1
+    }
+    assert after_kill, "no update arrived after the kill: the run stalled"
+    (killed,) = {u["node_id"] for u in lost}
+    assert killed not in after_kill and len(after_kill) == len(SPEEDS) - 1, summary
+
+    # The policy's outcome is in the database: one decision per lost task, naming the node.
+    notes = [n for n in events_of(database_url, exp["id"], "policy") if n.get("node_id")]
+    decisions = [n["action"] for n in notes if str(n["node_id"]) == killed]
+    assert len(decisions) == len(lost), (notes, summary)
+    assert set(decisions) <= {"re-sent", "given-up"}
+    assert all(str(n["node_id"]) == killed for n in notes), notes
+    if "given-up" in decisions:
+        assert decisions[-1] == "given-up" and decisions.count("given-up") == 1
 
 
 def _ts(iso: str) -> float:

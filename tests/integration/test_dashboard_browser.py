@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -118,6 +119,9 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
     expect(page.get_by_test_id("round-row")).to_have_count(3)
     expect(page.locator("#client-timeline [data-testid=task-bar]")).to_have_count(9)
     expect(page.get_by_test_id("client-row")).to_have_count(3)
+    # The run is over and the SuperLink has every node online: each is idle now.
+    for status in page.get_by_test_id("client-status").all():
+        expect(status).to_have_text("idle")
     seen = page.evaluate("window.__seen")
     assert page.evaluate("window.__sameDocument") is True
     # The stream batches what the database holds at each poll, so two rounds may land in one
@@ -153,7 +157,26 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
     expect(page.locator("#compare-chart circle")).to_have_count(5)
     shot(page, "dashboard-compare")
 
-    # Execute / Assert: the three SuperNodes, fresh.
+    # Synchronous rounds record when each task left and came back, not only the round's end.
+    rounds = {
+        r["server_round"]: r
+        for r in api.client.get(f"/api/v1/experiments/{experiment_id}/rounds").json()["data"]
+    }
+    updates = api.client.get(f"/api/v1/experiments/{experiment_id}/updates").json()["data"]
+    assert len(updates) == 9
+    for u in updates:
+        finished = datetime.fromisoformat(rounds[u["server_round"]]["finished_at"])
+        dispatched, arrived = (
+            datetime.fromisoformat(u[k]) for k in ("dispatched_at", "arrived_at")
+        )
+        assert dispatched <= arrived <= finished, u
+        assert u["model_version"] == u["server_round"] - 1 and u["wall_duration_s"] > 0, u
+
+    # Execute / Assert: the three SuperNodes, as the SuperLink lists them.
+    nodes = api.client.get("/api/v1/nodes").json()
+    assert nodes["superlink"] == "ok", nodes
+    assert {n["node_id"] for n in nodes["data"]} == {u["node_id"] for u in updates}
+    assert all(n["status"] == "online" and n["connected_at"] for n in nodes["data"]), nodes
     page.goto(api.base + "/nodes")
     expect(page.get_by_test_id("node-row")).to_have_count(3)
     expect(page.get_by_test_id("node-health").first).to_have_text("online")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,13 @@ def test_fedavg_digits_five_rounds(api: Api) -> None:
     assert all(u["num_examples"] > 0 and u["bytes_up"] > 0 for u in updates["data"])
     assert done["current_round"] == 5 and done["best_accuracy"] >= 0.80
     assert done["flwr_run_id"] is not None and done["finished_at"] is not None
+
+    # Each SuperNode's --node-config came back with its replies and is kept with the node.
+    nodes = api.client.get("/api/v1/nodes").json()["data"]
+    trained = {u["node_id"] for u in updates["data"]}
+    configs = [n["node_config"] for n in nodes if n["node_id"] in trained]
+    assert sorted(c["partition-id"] for c in configs) == [0, 1, 2], nodes
+    assert all(c["num-partitions"] == 3 for c in configs), nodes
 
 
 # The acceptance run goes on both backends; the other paths do not depend on the database.
@@ -104,6 +112,8 @@ def test_cli_submit_follows_the_run_to_the_end(api: Api, tmp_path: Path) -> None
     )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "completed" in out.stdout
+    # Off a terminal Rich draws the bar once, when it stops: every round done.
+    assert re.search(r"rounds .*2/2", out.stdout), out.stdout
     listing = api.client.get("/api/v1/experiments").json()["data"]
     (exp,) = [e for e in listing if e["name"] == "e2e-cli"]
     assert exp["status"] == "completed" and exp["current_round"] == 2

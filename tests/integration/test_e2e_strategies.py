@@ -51,3 +51,26 @@ def test_strategy_runs_over_grpc(
         assert all(train_key in r["train_metrics"] for r in rounds)
     updates = api.client.get(f"/api/v1/experiments/{exp['id']}/updates").json()
     assert updates["count"] == 6
+
+
+def test_fedspeed_correction_lives_across_rounds_and_resets_per_experiment(api: Api) -> None:
+    """ĝ_i stays on each SuperNode between rounds (Flower's per-run Context.state, carried by the
+    warm executor) and starts again from zero in the next experiment."""
+    strategy = {"name": "fedspeed", "config": {"rho": 0.1, "inv_lambda": 0.1}}
+    for attempt in range(2):
+        # Execute
+        exp = api.submit(BASE | {"name": f"e2e-fedspeed-state-{attempt}", "strategy": strategy})
+        done = api.wait_finished(exp["id"])
+        assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+
+        # Assert: every node starts round 1 at ĝ = 0 and round 2 at the ĝ it ended round 1 with.
+        updates = api.client.get(f"/api/v1/experiments/{exp['id']}/updates").json()["data"]
+        by_round: dict[int, dict[str, dict[str, float]]] = {}
+        for u in updates:
+            by_round.setdefault(u["server_round"], {})[u["node_id"]] = u["metrics"]
+        assert sorted(by_round) == [1, 2] and len(by_round[1]) == 3, updates
+        assert all(m["fedspeed-ghat-norm-start"] == 0.0 for m in by_round[1].values())
+        for node, metrics in by_round[2].items():
+            end_of_round_1 = by_round[1][node]["fedspeed-ghat-norm"]
+            assert end_of_round_1 > 0
+            assert metrics["fedspeed-ghat-norm-start"] == pytest.approx(end_of_round_1, rel=1e-5)

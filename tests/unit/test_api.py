@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from fastapi.testclient import TestClient
+from flwr.proto.node_pb2 import NodeInfo
 
 from florist.server.api.app import create_app
+from florist.server.api.routes.nodes import merge_nodes
+from florist.server.control import ControlClient, SuperLinkNode, SuperLinkUnavailable
+from florist.server.db import repository
+from florist.server.db.models import Node, utcnow
 from florist.server.settings import Settings
 
 BODY: dict[str, Any] = {
@@ -159,3 +165,140 @@ def test_health_and_openapi(client: TestClient) -> None:
         "/api/v1/strategies",
     ):
         assert path in paths
+
+
+# ---------------------------------------------------------------- GET /nodes and the SuperLink
+
+T0 = datetime(2025, 1, 10, 10, 0, tzinfo=UTC)
+
+
+def superlink_node(node_id: int, status: str, **times: datetime | None) -> SuperLinkNode:
+    fields: dict[str, Any] = {
+        "registered_at": T0,
+        "last_activated_at": T0 + timedelta(seconds=1),
+        "last_deactivated_at": None,
+        "unregistered_at": None,
+        "online_until": T0 + timedelta(seconds=31),
+    }
+    fields.update(times)
+    return SuperLinkNode(node_id=node_id, status=status, heartbeat_interval_s=30.0, **fields)
+
+
+def recorded_node(node_id: int, last_seen: datetime, config: dict[str, Any] | None = None) -> Node:
+    return Node(node_id=node_id, node_config=config or {}, first_seen=T0, last_seen=last_seen)
+
+
+def test_merge_puts_the_superlink_status_on_florists_records() -> None:
+    # Prepare: three nodes Florist recorded (one online, one that left, one the SuperLink
+    # forgot), two only the SuperLink knows, and one that joined and left without a round.
+    now = T0 + timedelta(minutes=10)
+    recorded = [
+        recorded_node(1, now - timedelta(seconds=5), {"profile": "phone"}),
+        recorded_node(2, now - timedelta(minutes=9)),
+        recorded_node(3, now - timedelta(minutes=8)),
+    ]
+    left_at = T0 + timedelta(minutes=1)
+    listed = [
+        superlink_node(2, "unregistered", last_deactivated_at=left_at, unregistered_at=left_at),
+        superlink_node(1, "online"),
+        superlink_node(2**64 - 1, "online", registered_at=T0 + timedelta(minutes=2)),
+        superlink_node(5, "offline", last_deactivated_at=T0 + timedelta(minutes=3)),
+        superlink_node(6, "unregistered", unregistered_at=left_at),
+    ]
+
+    # Execute
+    rows = merge_nodes(recorded, listed, now=now, stale_after_s=120)
+
+    # Assert: connected first, the forgotten one before the one that left; 6 is left out.
+    by_id = {row.node_id: row for row in rows}
+    assert [row.node_id for row in rows] == ["1", "18446744073709551615", "5", "3", "2"]
+    assert [row.status for row in rows] == ["online", "online", "offline", None, "unregistered"]
+    assert by_id["1"].node_config == {"profile": "phone"} and not by_id["1"].stale
+    assert by_id["1"].connected_at == T0 + timedelta(seconds=1)
+    assert by_id["2"].stale and by_id["2"].disconnected_at == left_at
+    assert by_id["3"].stale and by_id["3"].registered_at is None
+    # Known only to the SuperLink: never in a round, so not stale, and nothing recorded.
+    only_live = by_id["18446744073709551615"]
+    assert only_live.first_seen is None and only_live.last_seen is None
+    assert only_live.seconds_since_seen is None and not only_live.stale
+    assert only_live.node_config == {}
+    assert by_id["5"].disconnected_at == T0 + timedelta(minutes=3)
+
+
+def test_merge_without_the_superlink_keeps_florists_records() -> None:
+    now = T0 + timedelta(minutes=10)
+    rows = merge_nodes(
+        [recorded_node(7, now), recorded_node(8, T0)], None, now=now, stale_after_s=60
+    )
+    assert [(r.node_id, r.status, r.stale) for r in rows] == [("7", None, False), ("8", None, True)]
+
+
+def test_superlink_node_from_flowers_node_info() -> None:
+    info = NodeInfo(
+        node_id=2**64 - 5,
+        status="offline",
+        registered_at="2025-01-10T10:00:00+00:00",
+        last_activated_at="2025-01-10T10:00:01.5+00:00",
+        last_deactivated_at="2025-01-10T10:05:00+00:00",
+        online_until=T0.timestamp() + 60,
+        heartbeat_interval=30,
+    )
+    node = SuperLinkNode.from_proto(info)
+    assert node.node_id == 2**64 - 5 and node.status == "offline" and not node.online
+    assert node.registered_at == T0
+    assert node.last_activated_at == T0 + timedelta(seconds=1.5)
+    assert node.last_deactivated_at == T0 + timedelta(minutes=5)
+    assert node.unregistered_at is None
+    assert node.online_until == T0 + timedelta(seconds=60)
+    assert SuperLinkNode.from_proto(NodeInfo(node_id=1, status="registered")).online_until is None
+
+
+class NodesControl:
+    """Plays the SuperLink's Control API for GET /nodes: its node list, or unreachable."""
+
+    def __init__(self, nodes: list[SuperLinkNode]) -> None:
+        self.nodes = nodes
+        self.up = True
+
+    def list_nodes(self) -> list[SuperLinkNode]:
+        if not self.up:
+            raise SuperLinkUnavailable("SuperLink at 127.0.0.1:1: connection refused")
+        return list(self.nodes)
+
+    def run_state(self, run_id: int) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+def test_nodes_lists_connected_supernodes_from_the_superlink(
+    database_url: str, tmp_path: Path
+) -> None:
+    # Prepare: Florist saw node 11 in a round; the SuperLink has 11 and 12 online.
+    control = NodesControl([superlink_node(11, "online"), superlink_node(12, "online")])
+    settings = Settings(home=tmp_path, database_url=database_url)
+    app = create_app(settings, control_factory=lambda: cast(ControlClient, control))
+    with TestClient(app) as client:
+        with app.state.sessions() as session, session.begin():
+            repository.touch_nodes(session, node_ids=[11], seen_at=utcnow())
+
+        # Execute
+        live = client.get("/api/v1/nodes").json()
+        control.up = False
+        down = client.get("/api/v1/nodes").json()
+
+    # Assert
+    assert live["superlink"] == "ok" and live["count"] == 2
+    assert [(n["node_id"], n["status"]) for n in live["data"]] == [
+        ("11", "online"),
+        ("12", "online"),
+    ]
+    assert live["data"][0]["last_seen"] is not None and live["data"][1]["last_seen"] is None
+    assert down["superlink"].startswith("unreachable: ") and down["count"] == 1
+    assert down["data"][0]["node_id"] == "11" and down["data"][0]["status"] is None
+
+
+def test_nodes_without_a_superlink_say_so(client: TestClient) -> None:
+    nodes = client.get("/api/v1/nodes").json()
+    assert nodes == {"data": [], "count": 0, "stale_after_s": 120.0, "superlink": "not configured"}

@@ -232,6 +232,7 @@ STRATEGIES: dict[str, Any] = {
 }
 
 NODES: dict[str, Any] = {
+    # The SuperLink lists the first node online and the last offline; 202 is not connected.
     "data": [
         {
             "node_id": NODE_IDS[0],
@@ -240,6 +241,11 @@ NODES: dict[str, Any] = {
             "last_seen": "2025-01-10T10:20:00Z",
             "seconds_since_seen": 4.0,
             "stale": False,
+            "status": "online",
+            "registered_at": "2025-01-10T08:59:00Z",
+            "connected_at": "2025-01-10T08:59:01Z",
+            "disconnected_at": None,
+            "online_until": "2025-01-10T10:21:00Z",
         },
         {
             "node_id": NODE_IDS[2],
@@ -248,10 +254,16 @@ NODES: dict[str, Any] = {
             "last_seen": "2025-01-10T09:05:00Z",
             "seconds_since_seen": 900.0,
             "stale": True,
+            "status": "offline",
+            "registered_at": "2025-01-10T08:59:00Z",
+            "connected_at": "2025-01-10T08:59:02Z",
+            "disconnected_at": "2025-01-10T10:07:00Z",
+            "online_until": "2025-01-10T10:07:00Z",
         },
     ],
     "count": 2,
     "stale_after_s": 120.0,
+    "superlink": "ok",
 }
 
 
@@ -263,12 +275,14 @@ class FakeApi:
     rounds: dict[int, list[dict[str, Any]]] = field(default_factory=_initial_rounds)
     updates: dict[int, list[dict[str, Any]]] = field(default_factory=_initial_updates)
     submitted: list[dict[str, Any]] = field(default_factory=list)
+    nodes: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(NODES))
 
     def reset(self) -> None:
         self.experiments = _initial_experiments()
         self.rounds = _initial_rounds()
         self.updates = _initial_updates()
         self.submitted = []
+        self.nodes = copy.deepcopy(NODES)
 
     def add_round(self, experiment_id: int, new_round: dict[str, Any]) -> None:
         experiment = copy.deepcopy(self.experiments[experiment_id])
@@ -353,7 +367,7 @@ def build_app(api: FakeApi) -> FastAPI:
 
     @app.get("/api/v1/nodes")
     def nodes() -> dict[str, Any]:
-        return NODES
+        return api.nodes
 
     @app.post("/api/v1/experiments", response_model=None)
     def create(body: dict[str, Any]) -> dict[str, Any] | JSONResponse:
@@ -743,6 +757,14 @@ def test_experiment_page_shows_timeline_clients_and_strategy_panels(session: Pag
     expect(first).to_contain_text("phone")
     failing = page.locator(f'#clients-table tr[data-node="{NODE_IDS[2]}"]')
     expect(failing.get_by_test_id("last-update-status")).to_have_text("accepted")
+    # Now: the experiment has finished, so a connected node is idle; the others are not
+    # connected and say when they were last seen.
+    expect(first.get_by_test_id("client-status")).to_have_text("idle")
+    expect(failing.get_by_test_id("client-status")).to_have_text(
+        re.compile(r"^offline \(last seen .+\)$")
+    )
+    unlisted = page.locator(f'#clients-table tr[data-node="{NODE_IDS[1]}"]')
+    expect(unlisted.get_by_test_id("client-status")).to_have_attribute("data-state", "offline")
     # Strategy panels: the extra server metric and the extra client metric.
     expect(page.locator("#metric-chart-robust-accuracy circle")).to_have_count(4)
     expect(page.locator("#metric-chart-pacing-fraction circle")).to_have_count(4)
@@ -897,7 +919,71 @@ def test_nodes_page_shows_health_and_config(session: PageSession) -> None:
     expect(rows).to_have_count(2)
     expect(rows.nth(0).get_by_test_id("node-health")).to_have_text("online")
     expect(rows.nth(0)).to_contain_text("profile=phone")
-    expect(rows.nth(1).get_by_test_id("node-health")).to_have_text("stale")
+    expect(rows.nth(1).get_by_test_id("node-health")).to_have_text("offline")
     expect(rows.nth(1)).to_contain_text(NODE_IDS[2])
+    expect(session.page.locator("#nodes-note")).to_contain_text("SuperLink's live view")
     session.screenshot("nodes")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_nodes_page_lists_connected_nodes_that_never_took_part(session: PageSession) -> None:
+    # Prepare: a SuperNode that has just connected: the SuperLink knows it, no round has it.
+    api = session.server.api
+    fresh = {
+        **NODES["data"][0],
+        "node_id": "303",
+        "node_config": {},
+        "first_seen": None,
+        "last_seen": None,
+        "seconds_since_seen": None,
+    }
+    api.nodes = {**api.nodes, "data": [*api.nodes["data"], fresh], "count": 3}
+
+    # Execute
+    session.goto("/nodes")
+
+    # Assert
+    row = session.page.locator('#nodes-body tr[data-node="303"]')
+    expect(row.get_by_test_id("node-health")).to_have_text("online")
+    expect(row.get_by_test_id("node-last-seen")).to_have_text("never")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_without_the_superlink_pages_fall_back_to_the_rounds(session: PageSession) -> None:
+    # Prepare: the API could not ask the SuperLink; only Florist's records are there.
+    api = session.server.api
+    recorded = [
+        {k: v for k, v in n.items() if k not in ("status", "disconnected_at")}
+        for n in NODES["data"]
+    ]
+    api.nodes = {**api.nodes, "data": recorded, "superlink": "unreachable: connection refused"}
+
+    # Execute
+    session.goto("/nodes")
+
+    # Assert: health from the rounds alone, and the page says why.
+    rows = session.page.get_by_test_id("node-row")
+    expect(rows.nth(0).get_by_test_id("node-health")).to_have_text("seen recently")
+    expect(rows.nth(1).get_by_test_id("node-health")).to_have_text("stale")
+    expect(session.page.locator("#nodes-note")).to_contain_text("unreachable: connection refused")
+
+    # Execute: a running experiment's clients.
+    session.goto("/experiments/1")
+
+    # Assert: no live connection to show, only when each was last seen.
+    first = session.page.locator(f'#clients-table tr[data-node="{NODE_IDS[0]}"]')
+    expect(first.get_by_test_id("client-status")).to_have_text(re.compile(r"^last seen .+"))
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_a_running_experiments_connected_clients_are_online(session: PageSession) -> None:
+    session.goto("/experiments/1")
+    first = session.page.locator(f'#clients-table tr[data-node="{NODE_IDS[0]}"]')
+    expect(first.get_by_test_id("client-status")).to_have_text("online")
     assert session.errors == []

@@ -79,6 +79,15 @@ def policy_events(recorder: InMemoryRunRecorder) -> list[str]:
     return [e.message for e in recorder.events if e.kind == "policy"]
 
 
+def assert_every_task_recorded_once(recorder: InMemoryRunRecorder, grid: LocalGrid) -> None:
+    """Each task pushed is one update row, and the run's ``tasks`` event counts them alike."""
+    rows = Counter(u.node_id for _, u in recorder.updates(1))
+    (tasks,) = [e for e in recorder.events if e.kind == "tasks"]
+    assert tasks.data is not None
+    assert tasks.data["dispatched"] == grid.pushed == sum(rows.values())
+    assert tasks.data["by_node"] == {str(n): c for n, c in sorted(rows.items())}
+
+
 def of(r: RoundRecord, node: int) -> list[UpdateRecord]:
     return [u for u in r.updates if u.node_id == node]
 
@@ -190,11 +199,20 @@ def test_a_round_skipped_more_than_max_skips_times_fails_the_run() -> None:
     tamper = durations(lambda node, n: 200.0 if node in (1003, 1004) else 10.0)
 
     recorder = InMemoryRunRecorder()
+    grid = LocalGrid(5, tamper)
     with pytest.raises(DropoutPolicyError, match="skipped 3 times in a row"):
-        run_experiment(LocalGrid(5, tamper), s, recorder, experiment_id=1, flwr_run_id=1)
+        run_experiment(grid, s, recorder, experiment_id=1, flwr_run_id=1)
 
     assert recorder.runs[1].status == "failed"
     assert recorder.rounds(1) == []
+    # Every attempt's updates are kept all the same: the first two refused by their skip, the
+    # third's when the run failed over it; the two slow tasks were still out.
+    updates = [u for _, u in recorder.updates(1)]
+    assert [u.reason for u in updates if u.status == "rejected"] == [
+        "round 1 skipped below quorum"
+    ] * 6 + ["run ended before it was aggregated"] * 3
+    assert {u.node_id for u in updates if u.status == "failed"} == {1003, 1004}
+    assert_every_task_recorded_once(recorder, grid)
 
 
 # --- over-commitment ---------------------------------------------------------------------------
@@ -209,7 +227,8 @@ def test_over_commit_dispatches_more_and_aggregates_the_first_k(late: str) -> No
         clients={"min": 4, "fraction_train": 0.5},
     )
 
-    _, recorder = run(s, 6, durations(lambda node, n: 10.0 * (node - 999)))
+    grid = LocalGrid(6, durations(lambda node, n: 10.0 * (node - 999)))
+    _, recorder = run(s, 6, None, grid)
 
     first, second = recorder.rounds(1)
     assert first.virtual_time_s == 40 and second.virtual_time_s == 80
@@ -228,6 +247,11 @@ def test_over_commit_dispatches_more_and_aggregates_the_first_k(late: str) -> No
     messages = policy_events(recorder)
     assert messages[0] == "over-committed: dispatched 6 for 4 in round 1"
     assert "round 1 aggregated the first 4 updates" in messages
+    # Round 2's two extra tasks were still out when the run ended; round 3 was never sent.
+    out = [u for r, u in recorder.updates(1) if r == 3]
+    assert all(u.status == "failed" and u.reason == "run ended before the reply" for u in out)
+    assert sorted((u.model_version, u.node_id) for u in out) == [(1, 1004), (1, 1005)]
+    assert_every_task_recorded_once(recorder, grid)
 
 
 # --- the wall clock ----------------------------------------------------------------------------
@@ -267,6 +291,15 @@ def test_deadline_on_the_wall_clock() -> None:
     messages = policy_events(recorder)
     assert "round 1 aggregated at the deadline with 4/5 (quorum 0.8)" in messages
     assert "round 2 aggregated at the deadline with 4/5 (quorum 0.8)" in messages
+    # The straggler's task was still out when the run ended: one row says so.
+    (slow,) = [u for _, u in recorder.updates(1) if u.node_id == SLOW]
+    assert (slow.status, slow.reason, slow.model_version) == (
+        "failed",
+        "run ended before the reply",
+        0,
+    )
+    assert slow.wall_duration_s is not None and slow.wall_duration_s >= 0.8
+    assert_every_task_recorded_once(recorder, grid)
 
 
 # --- config and the pure maths -------------------------------------------------------------------

@@ -105,6 +105,7 @@ def test_two_rounds_match_the_algorithm_by_hand(normalized: bool) -> None:
     g_hat = (torch.zeros(2, 2), torch.zeros(2))
 
     for server_round, steps in ((1, 1), (2, 3)):
+        start_norm = float(torch.sqrt((g_hat[0] ** 2).sum() + (g_hat[1] ** 2).sum()))
         training = TrainingConfig(local_steps=steps, batch_size=4, lr=0.1, momentum=0)
         task = TrainTask(model, data, training, cfg, server_round=server_round, seed=0, state=state)
         if server_round == 2:  # ĝ carried over from round 1
@@ -124,6 +125,8 @@ def test_two_rounds_match_the_algorithm_by_hand(normalized: bool) -> None:
         np.testing.assert_allclose(stored["bias"].numpy(), g_hat[1].numpy(), rtol=1e-5, atol=1e-7)
         expected_norm = float(torch.sqrt((g_hat[0] ** 2).sum() + (g_hat[1] ** 2).sum()))
         assert result.metrics["fedspeed-ghat-norm"] == pytest.approx(expected_norm, rel=1e-5)
+        assert result.metrics["fedspeed-ghat-norm-start"] == pytest.approx(start_norm, rel=1e-5)
+        assert (start_norm > 0) == (server_round == 2)
 
 
 def test_inv_lambda_zero_keeps_no_correction() -> None:

@@ -60,6 +60,44 @@ def make_round(server_round: int, *, accuracy: float = 0.5) -> RoundRecord:
     )
 
 
+def task_update(node_id: int, status: recorder_module.UpdateStatus, **fields: Any) -> UpdateRecord:
+    """An asynchronous task's update, every column set."""
+    values: dict[str, Any] = {
+        "num_examples": 60,
+        "train_time_s": 1.25,
+        "metrics": {"train-loss": 0.4, "virtual-duration": 30.0},
+        "bytes_up": 512,
+        "bytes_down": 1024,
+        "staleness": 2,
+        "model_version": 3,
+        "arrival_version": 5,
+        "local_steps": 20,
+        "dispatched_at": T0,
+        "arrived_at": T0 + timedelta(seconds=4),
+        "wall_duration_s": 4.0,
+        "virtual_duration_s": 30.0,
+    }
+    return UpdateRecord(node_id=node_id, status=status, **(values | fields))
+
+
+LEFT_AT_THE_END = (
+    task_update(5, "rejected", reason="run ended before it was aggregated"),
+    task_update(
+        6,
+        "failed",
+        reason="run ended before the reply",
+        num_examples=None,
+        train_time_s=None,
+        metrics={},
+        bytes_up=0,
+        arrival_version=None,
+        local_steps=None,
+        arrived_at=None,
+        virtual_duration_s=None,
+    ),
+)
+
+
 @dataclass(frozen=True)
 class ExperimentView:
     """The experiment columns the recorder is responsible for."""
@@ -331,6 +369,59 @@ class RunRecorderContract:
         # Assert
         assert harness.event_kinds(experiment_id) == ["started", "warning"]
 
+    def test_task_columns_read_back(self, harness: Harness) -> None:
+        # Prepare
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        record = RoundRecord(
+            server_round=1,
+            started_at=T0,
+            finished_at=T0 + timedelta(seconds=5),
+            metrics={"accuracy": 0.5},
+            train_metrics={},
+            evaluate_metrics={},
+            updates=(task_update(2**64 - 1, "accepted"), task_update(7, "rejected", reason="x")),
+            virtual_time_s=90.0,
+        )
+
+        # Execute
+        harness.recorder.record_round(run_id, record)
+
+        # Assert
+        assert harness.recorder.rounds(run_id) == [record]
+        assert harness.recorder.updates(run_id) == [(1, u) for u in record.updates]
+
+    def test_updates_outside_rounds_are_kept_in_order(self, harness: Harness) -> None:
+        # Prepare
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        first = make_round(1)
+        harness.recorder.record_round(run_id, first)
+
+        # Execute
+        harness.recorder.record_updates(run_id, 2, LEFT_AT_THE_END)
+
+        # Assert: they belong to no round.
+        assert harness.recorder.rounds(run_id) == [first]
+        assert harness.recorder.updates(run_id) == [(1, u) for u in first.updates] + [
+            (2, u) for u in LEFT_AT_THE_END
+        ]
+
+    def test_record_updates_is_refused_where_record_round_is(self, harness: Harness) -> None:
+        # Prepare
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        harness.recorder.record_round(run_id, make_round(1))
+
+        # Execute / Assert: a recorded round already holds its updates.
+        with pytest.raises(DuplicateRoundError):
+            harness.recorder.record_updates(run_id, 1, LEFT_AT_THE_END)
+        with pytest.raises(UnknownRunError):
+            harness.recorder.record_updates(999, 2, LEFT_AT_THE_END)
+        with pytest.raises(UnknownRunError):
+            harness.recorder.updates(999)
+        harness.recorder.finish_run(run_id, status="completed")
+        with pytest.raises(RunFinishedError):
+            harness.recorder.record_updates(run_id, 2, LEFT_AT_THE_END)
+        assert len(harness.recorder.updates(run_id)) == len(make_round(1).updates)
+
 
 class TestInMemoryRunRecorder(RunRecorderContract):
     @pytest.fixture
@@ -349,6 +440,20 @@ class TestInMemoryRunRecorder(RunRecorderContract):
 
         # Assert: the failed node did not answer, so it was not seen.
         assert recorder.nodes_last_seen == {2**64 - 1: record.finished_at, 11: record.finished_at}
+
+    def test_node_configs_are_kept(self) -> None:
+        recorder = InMemoryRunRecorder()
+        run_id = recorder.start_run(experiment_id=1, flwr_run_id=1)
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        update = UpdateRecord(node_id=4, status="accepted", num_examples=1, node_config={"x": 1})
+        recorder.record_round(run_id, RoundRecord(1, now, now, {}, {}, {}, (update,)))
+        assert recorder.node_configs == {4: {"x": 1}}
+
+    def test_updates_outside_rounds_touch_the_nodes_that_replied(self) -> None:
+        recorder = InMemoryRunRecorder()
+        run_id = recorder.start_run(experiment_id=1, flwr_run_id=1)
+        recorder.record_updates(run_id, 1, LEFT_AT_THE_END)
+        assert set(recorder.nodes_last_seen) == {5}
 
 
 class TestSqlRunRecorder(RunRecorderContract):
@@ -377,6 +482,42 @@ class TestSqlRunRecorder(RunRecorderContract):
         assert set(nodes) == {2**64 - 1, 11}
         assert nodes[11].last_seen == record.finished_at
 
+    def test_node_config_echoed_by_a_reply_is_stored_with_the_node(
+        self, session_factory: sessionmaker[Session]
+    ) -> None:
+        # Prepare: node 11 has a config from an earlier round; 12 is new; 13 echoes nothing.
+        harness = SqlHarness(session_factory)
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        now = datetime(2026, 1, 1, tzinfo=UTC)
+        with session_factory.begin() as session:
+            repository.upsert_node(session, node_id=13, node_config={"profile": "fast"})
+        slow = {"partition-id": 0, "num-partitions": 3, "profile": "slow"}
+        updates = (
+            UpdateRecord(node_id=11, status="accepted", num_examples=5, node_config={"a": 1}),
+            UpdateRecord(node_id=12, status="accepted", num_examples=5, node_config=slow),
+            UpdateRecord(node_id=13, status="accepted", num_examples=5),
+        )
+        harness.recorder.record_round(
+            run_id,
+            RoundRecord(1, now, now, {}, {}, {}, updates[:1]),
+        )
+
+        # Execute
+        harness.recorder.record_round(
+            run_id,
+            RoundRecord(2, now, now + timedelta(seconds=1), {}, {}, {}, updates[1:]),
+        )
+        harness.recorder.record_updates(
+            run_id,
+            3,
+            [UpdateRecord(node_id=11, status="rejected", node_config={"a": 2})],
+        )
+
+        # Assert: the latest echo wins; a reply without one leaves the stored config alone.
+        with session_factory() as session:
+            nodes = {n.node_id: n.node_config for n in repository.list_nodes(session)}
+        assert nodes == {11: {"a": 2}, 12: slow, 13: {"profile": "fast"}}
+
     def test_unstorable_update_rolls_back_the_whole_round(
         self, session_factory: sessionmaker[Session]
     ) -> None:
@@ -402,6 +543,47 @@ class TestSqlRunRecorder(RunRecorderContract):
         # Assert
         with session_factory() as session:
             assert session.scalar(select(func.count()).select_from(Round)) == 0
+            assert session.scalar(select(func.count()).select_from(ClientUpdate)) == 0
+            assert repository.list_nodes(session) == []
+
+    def test_updates_outside_rounds_are_rows_and_touch_the_nodes_that_replied(
+        self, session_factory: sessionmaker[Session]
+    ) -> None:
+        # Prepare
+        harness = SqlHarness(session_factory)
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+
+        # Execute
+        harness.recorder.record_updates(run_id, 1, LEFT_AT_THE_END)
+
+        # Assert
+        with session_factory() as session:
+            rows = repository.list_updates(session, experiment_id=experiment_id)
+            nodes = [n.node_id for n in repository.list_nodes(session)]
+            progress = repository.experiment_progress(session, experiment_ids=[experiment_id])
+            assert repository.list_rounds(session, experiment_id=experiment_id) == []
+        assert [(r.server_round, r.node_id, r.status) for r in rows] == [
+            (1, 5, "rejected"),
+            (1, 6, "failed"),
+        ]
+        assert nodes == [5]  # the failed task's node never answered
+        assert progress[experiment_id].accepted_updates == 0
+
+    def test_unstorable_update_outside_a_round_writes_nothing(
+        self, session_factory: sessionmaker[Session]
+    ) -> None:
+        # Prepare
+        harness = SqlHarness(session_factory)
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        bad = UpdateRecord(node_id=1, status="rejected", metrics=cast(Any, {"x": object()}))
+
+        # Execute
+        with pytest.raises((StatementError, TypeError), match="not JSON serializable"):
+            harness.recorder.record_updates(run_id, 1, (LEFT_AT_THE_END[0], bad))
+
+        # Assert
+        with session_factory() as session:
             assert session.scalar(select(func.count()).select_from(ClientUpdate)) == 0
             assert repository.list_nodes(session) == []
 

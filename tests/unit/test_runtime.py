@@ -12,9 +12,19 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from florist.server.localgrid import LocalGrid, run_local
 from florist.server.recorder import InMemoryRunRecorder
+from florist.server.runtime import NO_REPLY, NOT_AGGREGATED
 from florist.server.serverapp import RunResult, run_experiment
 from florist.server.spec import ExperimentSpec
-from florist.strategies.events import Arrival, apply_delta, mix, weighted_mean
+from florist.strategies.events import (
+    Arrival,
+    Decision,
+    EventStrategy,
+    Retries,
+    Weights,
+    apply_delta,
+    mix,
+    weighted_mean,
+)
 from florist.strategies.fedasync import FedAsyncConfig, staleness_factor
 from florist.strategies.fedbuff import FedBuff, FedBuffConfig
 
@@ -53,12 +63,36 @@ def report_virtual_duration(node: int, request: Message, reply: Message) -> Mess
     return reply
 
 
-def run(s: ExperimentSpec, nodes: int, tamper: Any = None) -> tuple[RunResult, InMemoryRunRecorder]:
-    recorder = InMemoryRunRecorder()
+def run(
+    s: ExperimentSpec,
+    nodes: int,
+    tamper: Any = None,
+    grid: LocalGrid | None = None,
+    recorder: InMemoryRunRecorder | None = None,
+) -> tuple[RunResult, InMemoryRunRecorder]:
+    recorder = recorder or InMemoryRunRecorder()
     result = run_experiment(
-        LocalGrid(nodes, tamper), s, recorder, experiment_id=1, flwr_run_id=1, poll_interval=0
+        grid or LocalGrid(nodes, tamper),
+        s,
+        recorder,
+        experiment_id=1,
+        flwr_run_id=1,
+        poll_interval=0,
     )
     return result, recorder
+
+
+def assert_every_task_recorded_once(recorder: InMemoryRunRecorder, grid: LocalGrid) -> None:
+    """Each task pushed is one update row, and the run's ``tasks`` event counts them alike."""
+    rows = Counter(u.node_id for _, u in recorder.updates(1))
+    (tasks,) = [e for e in recorder.events if e.kind == "tasks"]
+    assert tasks.data is not None
+    assert tasks.data["dispatched"] == grid.pushed == sum(rows.values())
+    assert tasks.data["by_node"] == {str(n): c for n, c in sorted(rows.items())}
+
+
+def policy_notes(recorder: InMemoryRunRecorder) -> list[dict[str, Any]]:
+    return [e.data or {} for e in recorder.events if e.kind == "policy"]
 
 
 def test_fedavg_on_the_event_loop_equals_flowers_fedavg() -> None:
@@ -101,7 +135,8 @@ def async_spec(seed: int = 0, **overrides: Any) -> ExperimentSpec:
 
 
 def test_virtual_clock_orders_by_simulated_time_and_fast_nodes_contribute_more() -> None:
-    _, recorder = run(async_spec(), 4, report_virtual_duration)
+    grid = LocalGrid(4, report_virtual_duration)
+    _, recorder = run(async_spec(), 4, grid=grid)
     updates = [u for r in recorder.rounds(1) for u in r.updates]
     per_node = Counter(u.node_id for u in updates)
     # 600 virtual seconds at 10 s / 10 s / 30 s / 60 s per task.
@@ -110,6 +145,16 @@ def test_virtual_clock_orders_by_simulated_time_and_fast_nodes_contribute_more()
     times = [r.virtual_time_s for r in recorder.rounds(1)]
     assert times == sorted(times) and times[-1] >= 600  # type: ignore[type-var]
     assert all(u.virtual_duration_s == 10 * SPEEDS[u.node_id] for u in updates)
+    # The tasks that would end after the budget never came, in virtual time: one row each.
+    # The last update's node got none: the run was over.
+    rounds = recorder.rounds(1)
+    unfinished = [u for r, u in recorder.updates(1) if r == len(rounds) + 1]
+    assert sorted(u.node_id for u in unfinished) == sorted(
+        set(SPEEDS) - {rounds[-1].updates[-1].node_id}
+    )
+    assert all(u.status == "failed" and u.reason == NO_REPLY for u in unfinished)
+    assert all(u.arrival_version is None and u.dispatched_at for u in unfinished)
+    assert_every_task_recorded_once(recorder, grid)
 
 
 def test_virtual_clock_is_deterministic_given_the_seed() -> None:
@@ -133,6 +178,89 @@ def test_fedbuff_aggregates_every_k_arrivals() -> None:
     assert [r.num_updates for r in rounds] == [2, 2, 2, 2]
 
 
+def test_updates_handled_since_the_last_aggregation_are_recorded_at_the_end() -> None:
+    # Prepare: K = 3 on the virtual clock, tasks of 10, 10, 30 and 60 s, a 25 s budget. The
+    # third update (node 1000 at 20 s) aggregates; 1001 at 20 s and 1000 at 30 s wait in the
+    # buffer when the budget runs out; 1002 and 1003 would report after it.
+    grid = LocalGrid(4, report_virtual_duration)
+    s = async_spec(strategy={"name": "fedbuff", "config": {"buffer_size": 3}}, time_budget_s=25.0)
+
+    # Execute
+    _, recorder = run(s, 4, grid=grid)
+
+    # Assert
+    (only,) = recorder.rounds(1)
+    assert only.num_updates == 3
+    left = [(u.node_id, u.status, u.reason) for r, u in recorder.updates(1) if r == 2]
+    assert left[:2] == [(1001, "rejected", NOT_AGGREGATED), (1000, "rejected", NOT_AGGREGATED)]
+    # 1001 got a task again at 20 s; 1000 none at 30 s, when the budget was spent.
+    assert sorted(left[2:]) == [(n, "failed", NO_REPLY) for n in (1001, 1002, 1003)]
+    assert_every_task_recorded_once(recorder, grid)
+
+
+def test_replies_pulled_and_tasks_in_flight_when_the_run_ends_are_recorded() -> None:
+    # Prepare: four nodes answering at once and K = 3: the first three replies of the first
+    # pull aggregate the only round, the fourth is pulled but not handled; 1000 and 1001 got
+    # new tasks before the aggregation, 1002 none after it: the run was over.
+    grid = LocalGrid(4)
+    s = spec(strategy={"name": "fedbuff", "config": {"buffer_size": 3}}, rounds=1)
+
+    # Execute
+    _, recorder = run(s, 4, grid=grid)
+
+    # Assert
+    left = [u for r, u in recorder.updates(1) if r == 2]
+    assert [(u.node_id, u.status, u.reason) for u in left] == [
+        (1003, "rejected", NOT_AGGREGATED),
+        (1000, "failed", NO_REPLY),
+        (1001, "failed", NO_REPLY),
+    ]
+    pulled, *in_flight = left
+    assert pulled.arrived_at and pulled.bytes_up > 0 and pulled.local_steps
+    assert all(u.arrived_at is None and u.arrival_version is None for u in in_flight)
+    assert [(u.model_version, u.staleness) for u in in_flight] == [(0, 1), (0, 1)]
+    assert all(u.bytes_down > 0 and u.dispatched_at for u in left)
+    assert_every_task_recorded_once(recorder, grid)
+
+
+def test_a_failing_run_still_records_its_tasks() -> None:
+    # Prepare: the sixth push blows up, as a lost SuperLink would.
+    def tamper(node: int, request: Message, reply: Message) -> Message:
+        if grid.pushed == 5:
+            raise ConnectionError("SuperLink gone")
+        return reply
+
+    grid = LocalGrid(3, tamper)
+    recorder = InMemoryRunRecorder()
+    s = spec(strategy={"name": "fedasync", "config": {}}, rounds=20)
+
+    # Execute
+    with pytest.raises(ConnectionError, match="SuperLink gone"):
+        run(s, 3, grid=grid, recorder=recorder)
+
+    # Assert: one row per task pushed before the error.
+    assert grid.pushed == 5
+    assert recorder.runs[1].status == "failed"
+    assert_every_task_recorded_once(recorder, grid)
+
+
+def test_a_recorder_failing_at_the_end_does_not_hide_the_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def tamper(node: int, request: Message, reply: Message) -> Message:
+        if grid.pushed == 4:
+            raise ConnectionError("SuperLink gone")
+        return reply
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("database gone")
+
+    grid = LocalGrid(3, tamper)
+    monkeypatch.setattr(InMemoryRunRecorder, "record_updates", broken)
+    with pytest.raises(ConnectionError, match="SuperLink gone"):
+        run(spec(strategy={"name": "fedasync", "config": {}}, rounds=20), 3, grid=grid)
+
+
 def test_lost_and_malformed_tasks_are_recorded_and_the_run_goes_on() -> None:
     seen: Counter[int] = Counter()
 
@@ -152,6 +280,66 @@ def test_lost_and_malformed_tasks_are_recorded_and_the_run_goes_on() -> None:
     assert (1001, "failed") in statuses and (1002, "rejected") in statuses
     assert (1001, "accepted") in statuses and (1002, "accepted") in statuses
     assert sum(r.num_updates for r in recorder.rounds(1)) == 6
+    # What the strategy did about each loss is a policy event naming the node.
+    notes = {n["node_id"]: n for n in policy_notes(recorder)}
+    assert set(notes) == {1001, 1002}
+    assert notes[1001]["action"] == "re-sent" and notes[1001]["reason"] == "dropped out"
+    assert notes[1002]["action"] == "re-sent" and notes[1002]["failures_in_a_row"] == 1
+
+
+@pytest.mark.parametrize("strategy", ["fedasync", "fedbuff"])
+def test_a_node_that_keeps_failing_is_given_up(strategy: str) -> None:
+    # Prepare: node 1002 is gone: every task it gets fails at once.
+    def tamper(node: int, request: Message, reply: Message) -> Message:
+        if node == 1002:
+            return Message(Error(code=0, reason="node unavailable"), reply_to=request)
+        return reply
+
+    grid = LocalGrid(3, tamper)
+    config = {"max_failures": 3} | ({"buffer_size": 2} if strategy == "fedbuff" else {})
+    s = spec(strategy={"name": strategy, "config": config}, rounds=8)
+
+    # Execute
+    _, recorder = run(s, 3, grid=grid)
+
+    # Assert
+    updates = [u for _, u in recorder.updates(1)]
+    assert [u.status for u in updates if u.node_id == 1002] == ["failed"] * 3
+    in_rounds = [u for r in recorder.rounds(1) for u in r.updates if u.node_id != 1002]
+    assert in_rounds and all(u.status == "accepted" for u in in_rounds)
+    notes = [n for n in policy_notes(recorder) if n["node_id"] == 1002]
+    assert [n["action"] for n in notes] == ["re-sent", "re-sent", "given-up"]
+    assert [n["failures_in_a_row"] for n in notes] == [1, 2, 3]
+    assert all(n["reason"] == "node unavailable" for n in notes)
+    assert len(recorder.rounds(1)) == 8
+    assert_every_task_recorded_once(recorder, grid)
+
+
+def test_retries_count_losses_in_a_row_only() -> None:
+    retries = Retries(limit=2)
+    assert retries.lost(7, "timeout").dispatch == (7,)
+    retries.reported(7)
+    assert retries.lost(7, "timeout").dispatch == (7,)
+    given_up = retries.lost(7, "timeout")
+    assert given_up.dispatch == () and given_up.notes[0].data["action"] == "given-up"
+    assert retries.given_up == {7}
+    never = Retries(limit=0)
+    assert all(never.lost(1, "x").dispatch == (1,) for _ in range(50))
+
+
+def test_the_default_failure_handling_resends_and_says_so() -> None:
+    class Minimal(EventStrategy):
+        def on_arrival(self, arrival: Arrival, weights: Weights) -> Decision:
+            return Decision()
+
+    decision = Minimal().on_failure(5, "dropped out", {})
+    assert decision.dispatch == (5,)
+    (note,) = decision.notes
+    assert note.kind == "policy" and dict(note.data) == {
+        "node_id": 5,
+        "reason": "dropped out",
+        "action": "re-sent",
+    }
 
 
 # --- the pure server maths -------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -11,6 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from florist.server.localgrid import LocalGrid
 from florist.server.recorder import InMemoryRunRecorder
+from florist.server.rounds import NO_REPLY_REASON, PollingGrid
 from florist.server.serverapp import run_experiment
 from florist.server.spec import ExperimentSpec
 
@@ -39,10 +43,17 @@ def final_weights(strategy: Any) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in strategy.final_arrays.items()}
 
 
-def run(spec: ExperimentSpec, grid: LocalGrid | None = None) -> tuple[Any, InMemoryRunRecorder]:
+def run(
+    spec: ExperimentSpec, grid: LocalGrid | None = None, poll_interval: float = 0
+) -> tuple[Any, InMemoryRunRecorder]:
     recorder = InMemoryRunRecorder()
     strategy = run_experiment(
-        grid or LocalGrid(3), spec, recorder, experiment_id=1, flwr_run_id=7, poll_interval=0
+        grid or LocalGrid(3),
+        spec,
+        recorder,
+        experiment_id=1,
+        flwr_run_id=7,
+        poll_interval=poll_interval,
     )
     return strategy, recorder
 
@@ -60,6 +71,68 @@ def test_every_round_is_recorded_with_its_updates() -> None:
         assert r.started_at <= r.finished_at
     # Training helps: the last round beats the untrained model's accuracy.
     assert rounds[-1].metrics["accuracy"] > strategy.initial_metrics["accuracy"] + 0.3
+    assert recorder.experiments[1].status == "completed"
+
+
+class HeldGrid(LocalGrid):
+    """A LocalGrid whose replies from some nodes become pullable only ``hold[node]`` seconds
+    after the push (None: never), as a slow or vanished SuperNode's would."""
+
+    def __init__(self, num_nodes: int, hold: dict[int, float | None]) -> None:
+        super().__init__(num_nodes)
+        self.hold = hold
+        self._ready_at: dict[str, float] = {}
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        ids = list(super().push_messages(messages))
+        now = time.monotonic()
+        for msg_id, msg in zip(ids, messages, strict=True):
+            delay = self.hold.get(msg.metadata.dst_node_id, 0.0)
+            self._ready_at[msg_id] = float("inf") if delay is None else now + delay
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        now = time.monotonic()
+        return super().pull_messages([i for i in message_ids if self._ready_at[i] <= now])
+
+
+def test_sync_updates_record_when_each_task_left_and_came_back() -> None:
+    spec = make_spec(rounds=2)
+    _, recorder = run(spec, HeldGrid(3, {1001: 0.3}), poll_interval=0.01)
+    for r in recorder.rounds(1):
+        by_node = {u.node_id: u for u in r.updates}
+        assert set(by_node) == {1000, 1001, 1002} and r.num_updates == 3
+        for u in r.updates:
+            assert u.dispatched_at is not None and u.arrived_at is not None
+            assert r.started_at <= u.dispatched_at <= u.arrived_at <= r.finished_at
+            assert u.wall_duration_s is not None
+            assert u.wall_duration_s == pytest.approx(
+                (u.arrived_at - u.dispatched_at).total_seconds(), abs=0.01
+            )
+            assert u.model_version == u.arrival_version == r.server_round - 1
+            assert u.staleness == 0 and u.local_steps and u.local_steps > 0
+        # The slow node's bar ends when its reply came, not when the round was committed.
+        slow, fast = by_node[1001], by_node[1000]
+        assert slow.arrived_at and fast.arrived_at and fast.wall_duration_s is not None
+        assert slow.arrived_at - fast.arrived_at >= timedelta(seconds=0.25)
+        assert fast.wall_duration_s < 0.2
+
+
+def test_a_node_without_reply_by_the_timeout_is_recorded_as_a_dropout() -> None:
+    spec = make_spec(rounds=2, round_timeout_s=0.3)
+    _, recorder = run(spec, HeldGrid(3, {1002: None}), poll_interval=0.01)
+    rounds = recorder.rounds(1)
+    assert [r.server_round for r in rounds] == [1, 2]
+    for r in rounds:
+        assert r.num_updates == 2 and r.num_failures == 1
+        (lost,) = [u for u in r.updates if u.status == "failed"]
+        assert lost.node_id == 1002 and lost.reason == NO_REPLY_REASON
+        assert lost.dispatched_at is not None and lost.arrived_at is not None
+        # Its bar runs from dispatch until the server stopped waiting.
+        assert lost.wall_duration_s is not None and lost.wall_duration_s >= 0.3
+        assert lost.model_version == r.server_round - 1 and lost.bytes_down > 0
+        assert 1002 not in r.seen_node_ids
     assert recorder.experiments[1].status == "completed"
 
 
@@ -153,6 +226,19 @@ def test_client_error_is_recorded_as_failed() -> None:
     _, recorder = run(make_spec(rounds=1), LocalGrid(3, tamper=tamper))
     (failed,) = [u for u in recorder.rounds(1)[0].updates if u.status == "failed"]
     assert failed.node_id == 1000 and "out of memory" in (failed.reason or "")
+    assert failed.dispatched_at is not None and failed.arrived_at is not None
+
+
+def test_a_refused_push_is_an_empty_round_not_a_crash() -> None:
+    # Flower's HttpGrid returns no ids at all when the push is too large for the SuperLink.
+    class RefusingGrid(LocalGrid):
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            return []
+
+    grid = PollingGrid(RefusingGrid(2), interval=0)
+    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1000, 1001)]
+    assert list(grid.send_and_receive(messages, timeout=1)) == []
+    assert grid.deliveries == {}
 
 
 def test_a_failing_run_is_finished_as_failed() -> None:

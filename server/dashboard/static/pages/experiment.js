@@ -25,8 +25,11 @@ import {
   setRefreshStatus,
   statusBadge,
 } from "../dom.js";
+import { connection, formatSeen, latest } from "../nodestate.js";
 import { renderTimeline, taskSpan } from "../timeline.js";
 
+// While the experiment runs, how often the clients' connections are asked for (GET /nodes).
+const NODES_POLL_MS = 10000;
 const COLORS = { accuracy: "#2563eb", loss: "#dc2626", trainLoss: "#d97706" };
 // Round metrics every run has; anything else a strategy recorded gets its own chart.
 const CORE_METRICS = new Set(["accuracy", "loss"]);
@@ -44,6 +47,7 @@ export function mountExperimentPage(id) {
     rounds: new Map(), // server_round -> RoundPublic
     updates: [],
     nodes: new Map(), // node_id -> NodePublic
+    superlink: null, // GET /nodes' word on the SuperLink: "ok" when the nodes' status is live
     xAxis: "round",
     cancelInFlight: false,
     actionMessage: null,
@@ -75,7 +79,7 @@ export function mountExperimentPage(id) {
       render();
       return;
     }
-    loadNodes();
+    pollNodes();
     connect();
     render();
   }
@@ -84,9 +88,19 @@ export function mountExperimentPage(id) {
     listNodes()
       .then((nodes) => {
         state.nodes = new Map(nodes.data.map((n) => [n.node_id, n]));
+        state.superlink = nodes.superlink ?? null;
         scheduleRender();
       })
       .catch(() => {}); // the clients table reads "—" for the profile; the banner is for the stream
+  }
+
+  /** Nodes now, and again every NODES_POLL_MS while the experiment runs (their connections change). */
+  function pollNodes() {
+    loadNodes();
+    const e = state.experiment;
+    if (e !== null && ACTIVE_STATUSES.has(e.status) && state.streamState !== "ended") {
+      window.setTimeout(pollNodes, NODES_POLL_MS);
+    }
   }
 
   function connect() {
@@ -391,20 +405,22 @@ export function mountExperimentPage(id) {
       h(
         "tr",
         {},
-        ...["Node", "Updates", "Accepted", "Mean train time", "Last seen", "Last update", "Device profile"].map((label, i) =>
+        ...["Node", "Updates", "Accepted", "Mean train time", "Now", "Last seen", "Last update", "Device profile"].map((label, i) =>
           h("th", { scope: "col", class: i >= 1 && i <= 3 ? "num" : null }, label),
         ),
       ),
     );
     const body = h("tbody");
     if (byNode.size === 0) {
-      body.append(h("tr", {}, h("td", { colspan: 7, class: "empty" }, "No client has replied yet.")));
+      body.append(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No client has replied yet.")));
     }
     for (const [nodeId, list] of [...byNode.entries()].sort((a, b) => (BigInt(a[0]) < BigInt(b[0]) ? -1 : 1))) {
       const accepted = list.filter((u) => u.status === "accepted");
       const times = list.map((u) => u.train_time_s).filter((t) => typeof t === "number");
       const mean = times.length ? times.reduce((a, b) => a + b, 0) / times.length : null;
       const last = list.reduce((a, b) => (taskSpan(b).end >= taskSpan(a).end ? b : a));
+      const lastEnd = new Date(taskSpan(last).end).toISOString();
+      const now = currentStatus(nodeId, lastEnd);
       const config = state.nodes.get(nodeId)?.node_config ?? {};
       const profile = config.profile ?? config["device-profile"] ?? null;
       const profileText = profile ?? (Object.keys(config).length ? formatParams(config, []) : dash);
@@ -416,13 +432,38 @@ export function mountExperimentPage(id) {
           h("td", { class: "num" }, String(list.length)),
           h("td", { class: "num" }, String(accepted.length)),
           h("td", { class: "num" }, mean === null ? dash : `${mean.toFixed(2)} s`),
-          h("td", { class: "time" }, formatClock(new Date(taskSpan(last).end).toISOString())),
+          h(
+            "td",
+            {},
+            h("span", { class: `badge status-${now.state}`, "data-testid": "client-status", "data-state": now.state, title: now.title }, now.text),
+          ),
+          h("td", { class: "time" }, formatClock(lastEnd)),
           h("td", {}, statusBadge(last.status, { "data-testid": "last-update-status", title: last.reason ?? "" })),
           h("td", { class: "params" }, String(profileText)),
         ),
       );
     }
     return h("div", { class: "table-scroll" }, h("table", { id: "clients-table", "data-testid": "clients-table" }, head, body));
+  }
+
+  /**
+   * What a client is doing now, as far as the records tell. A task is recorded only when its
+   * reply arrives (or the server gives up on it), so a task in flight cannot be shown: while the
+   * experiment runs a connected node is "online", once it has finished "idle".
+   */
+  function currentStatus(nodeId, lastUpdateEnd) {
+    const node = state.nodes.get(nodeId);
+    const c = connection(node, state.superlink);
+    const seen = formatSeen(latest(node?.last_seen, c.state === "online" ? null : node?.disconnected_at, lastUpdateEnd));
+    if (c.state === "online") {
+      return ACTIVE_STATUSES.has(state.experiment.status)
+        ? { state: "online", text: "online", title: `${c.title}; a task shows once its reply arrives` }
+        : { state: "idle", text: "idle", title: `${c.title}; this experiment has no task left to run` };
+    }
+    if (c.state === "offline") return { state: "offline", text: `offline (last seen ${seen})`, title: c.title };
+    if (c.state === "left") return { state: "left", text: `left (last seen ${seen})`, title: c.title };
+    // The SuperLink could not be asked: only when the node was last heard from is known.
+    return { state: "unknown", text: `last seen ${seen}`, title: c.title };
   }
 
   function roundsTable(rounds) {
