@@ -314,17 +314,49 @@ def client(
     warm: Annotated[
         bool, typer.Option(help="Warm ClientApp executor (else Flower's process per message)")
     ] = True,
+    node_config_text: Annotated[
+        str | None,
+        typer.Option(
+            "--node-config",
+            help="More node-config in Flower's syntax, e.g. 'seconds-per-step=0.5 "
+            'availability-trace="0-120,300-500/600"\' (device-profile keys are checked here)',
+        ),
+    ] = None,
 ) -> None:
     """Start one SuperNode (a client), as a client container does, and supervise it."""
+    from flwr.common.config import parse_config_args
+
+    from florist.client.profiles import ProfileError, profile_from_node_config
+
     settings = get_settings()
     if superlink:
         settings.superlink_fleet = superlink
-    node_config: dict[str, int | float | str] = {
-        "partition-id": partition_id,
-        "num-partitions": num_partitions,
-    }
+    node_config: dict[str, int | float | str] = {}
+    if node_config_text:
+        try:
+            parsed = parse_config_args([node_config_text])
+        except Exception as exc:  # flwr raises plain ValueErrors and TOML errors alike
+            raise typer.BadParameter(str(exc), param_hint="--node-config") from None
+        if not parsed:
+            raise typer.BadParameter(
+                f"no key=value pairs in {node_config_text!r}", param_hint="--node-config"
+            )
+        for key, value in parsed.items():
+            # Node-config values are scalars (Flower's ConfigRecord carries nothing else).
+            if not isinstance(value, bool | int | float | str):
+                raise typer.BadParameter(
+                    f"{key}: expected a scalar (number, string, bool), got {value!r}",
+                    param_hint="--node-config",
+                )
+            node_config[key] = value
+    node_config |= {"partition-id": partition_id, "num-partitions": num_partitions}
     if profile:
         node_config["profile"] = profile
+    try:
+        # A bad profile key would otherwise fail every task this node gets.
+        profile_from_node_config(node_config)
+    except ProfileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--node-config / --profile") from None
     if not warm:
         cmd = supernode_command(
             superlink=settings.superlink_fleet,
