@@ -201,7 +201,21 @@ class RecordingStrategy(Strategy):
         self._evaluate_metrics = {}
         self._sent = {k: v.numpy() for k, v in arrays.items()}
         self._bytes_down = arrays.count_bytes()
-        return self.inner.configure_train(server_round, arrays, config, grid)
+        messages = list(self.inner.configure_train(server_round, arrays, config, grid))
+        # Written before the push: a task is otherwise unseen until its reply arrives, and the
+        # dashboard reads this row to tell that the nodes are training.
+        node_ids = [str(msg.metadata.dst_node_id) for msg in messages]
+        self.recorder.record_event(
+            run_id=self.run_id,
+            kind="dispatch",
+            message=f"round {server_round}: training sent to {len(node_ids)} nodes",
+            data={
+                "server_round": server_round,
+                "node_ids": node_ids,
+                "model_version": server_round - 1,
+            },
+        )
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]

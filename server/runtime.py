@@ -240,6 +240,18 @@ class EventLoop:
             dispatched_mono=time.monotonic(),
             virtual_start=self.vtime,
         )
+        # Its reply is recorded only when the round it joins is, so the dashboard learns from
+        # this row that the node is training.
+        self.recorder.record_event(
+            run_id=self.run_id,
+            kind="dispatch",
+            message=f"model version {self.version} sent to node {node_id}",
+            data={
+                "node_ids": [str(node_id)],
+                "model_version": self.version,
+                "server_round": self.version + 1,
+            },
+        )
 
     # --- arrivals ---------------------------------------------------------------------------
 

@@ -117,6 +117,29 @@ class UpdatesPublic(BaseModel):
     count: int
 
 
+class EventPublic(BaseModel):
+    """One entry of an experiment's log: a decision or a state change of its run."""
+
+    id: int = Field(description="The event's row id; pass it as ``after`` to read on from here.")
+    run_id: int | None = None
+    kind: str = Field(
+        description="What happened: submitted, initial-evaluation, dispatch, policy, tasks, "
+        "cancel, …"
+    )
+    message: str
+    data: dict[str, Any] | None = Field(
+        default=None,
+        description="The kind's details; node ids (``node_id``, ``node_ids``, ``queued``, "
+        "``lost``, ``waiting_for``) are Flower's uint64 ids, as strings.",
+    )
+    created_at: datetime
+
+
+class EventsPublic(BaseModel):
+    data: list[EventPublic]
+    count: int
+
+
 class StrategyPublic(BaseModel):
     name: str
     summary: str

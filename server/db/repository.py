@@ -313,6 +313,21 @@ def list_events(session: Session, *, experiment_id: int) -> list[Event]:
     return list(events)
 
 
+def events_after(
+    session: Session,
+    *,
+    experiment_id: int,
+    after_id: int = 0,
+    kinds: Sequence[str] | None = None,
+) -> list[Event]:
+    """Return the experiment's events whose row id is above ``after_id``, in row order,
+    only those of ``kinds`` when given (an empty list matches nothing)."""
+    query = select(Event).where(Event.experiment_id == experiment_id, Event.id > after_id)
+    if kinds is not None:
+        query = query.where(Event.kind.in_(list(kinds)))
+    return list(session.scalars(query.order_by(Event.id)).all())
+
+
 def rounds_after(session: Session, *, experiment_id: int, after_id: int = 0) -> list[Round]:
     """Return the experiment's rounds whose row id is above ``after_id``, oldest row first."""
     rows = session.scalars(

@@ -11,8 +11,6 @@ from typing import Any
 
 import pytest
 
-from florist.server.db import repository
-from florist.server.db.engine import make_engine, make_session_factory
 from florist.server.runtime import NO_REPLY, NOT_AGGREGATED
 
 from .conftest import Api, FlowerStack, start_stack
@@ -52,20 +50,16 @@ def updates_of(api: Api, experiment_id: int) -> list[dict[str, Any]]:
     return list(api.client.get(f"/api/v1/experiments/{experiment_id}/updates").json()["data"])
 
 
-def events_of(database_url: str, experiment_id: int, kind: str) -> list[dict[str, Any]]:
-    """The experiment's events of one kind, as the ServerApp wrote them (the API lists none)."""
-    engine = make_engine(database_url)
-    try:
-        with make_session_factory(engine)() as session:
-            events = repository.list_events(session, experiment_id=experiment_id)
-            return [{"message": e.message, **(e.data or {})} for e in events if e.kind == kind]
-    finally:
-        engine.dispose()
+def events_of(api: Api, experiment_id: int, kind: str) -> list[dict[str, Any]]:
+    """The experiment's events of one kind, as the ServerApp wrote them, through the API's log."""
+    response = api.client.get(f"/api/v1/experiments/{experiment_id}/log", params={"kind": kind})
+    assert response.status_code == 200, response.text
+    return [{"message": e["message"], **(e["data"] or {})} for e in response.json()["data"]]
 
 
-def assert_no_update_lost(database_url: str, experiment_id: int, updates: list[Any]) -> None:
+def assert_no_update_lost(api: Api, experiment_id: int, updates: list[Any]) -> None:
     """Every task the loop dispatched is exactly one client-update row, node by node."""
-    (tasks,) = events_of(database_url, experiment_id, "tasks")
+    (tasks,) = events_of(api, experiment_id, "tasks")
     rows = Counter(u["node_id"] for u in updates)
     assert tasks["by_node"] == dict(rows), (tasks, rows)
     assert tasks["dispatched"] == len(updates)
@@ -80,7 +74,7 @@ def test_fedasync_fast_nodes_contribute_more(api: Api, database_url: str) -> Non
 
     # No update lost: every task dispatched is one row; FedAsync aggregates every arrival, so
     # each accepted update is one round.
-    assert_no_update_lost(database_url, exp["id"], updates)
+    assert_no_update_lost(api, exp["id"], updates)
     accepted = [u for u in updates if u["status"] == "accepted"]
     assert len(accepted) == len(rounds) == sum(r["num_updates"] for r in rounds)
     # The tasks out when the budget ran out are rows of the round they would have joined.
@@ -142,7 +136,7 @@ def test_a_node_killed_mid_task_does_not_stop_the_run(api: Api, database_url: st
     assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
 
     updates = updates_of(api, exp["id"])
-    assert_no_update_lost(database_url, exp["id"], updates)
+    assert_no_update_lost(api, exp["id"], updates)
     # Lost on their own, not merely out when the run ended.
     lost = [u for u in updates if u["status"] == "failed" and u["reason"] != NO_REPLY]
     summary = [(u["node_id"][-4:], u["status"], u["reason"], u["arrived_at"]) for u in updates]
@@ -161,7 +155,7 @@ def test_a_node_killed_mid_task_does_not_stop_the_run(api: Api, database_url: st
     assert killed not in after_kill and len(after_kill) == len(SPEEDS) - 1, summary
 
     # The policy's outcome is in the database: one decision per lost task, naming the node.
-    notes = [n for n in events_of(database_url, exp["id"], "policy") if n.get("node_id")]
+    notes = [n for n in events_of(api, exp["id"], "policy") if n.get("node_id")]
     decisions = [n["action"] for n in notes if str(n["node_id"]) == killed]
     assert len(decisions) == len(lost), (notes, summary)
     assert set(decisions) <= {"re-sent", "given-up"}

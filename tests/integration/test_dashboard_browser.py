@@ -119,6 +119,8 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
     expect(page.get_by_test_id("round-row")).to_have_count(3)
     expect(page.locator("#client-timeline [data-testid=task-bar]")).to_have_count(9)
     expect(page.get_by_test_id("client-row")).to_have_count(3)
+    # FedAvg's synchronous rounds decide no policy, but the panel is there to say so.
+    expect(page.locator("#decisions")).to_contain_text("No policy decision recorded.")
     # The run is over and the SuperLink has every node online: each is idle now.
     for status in page.get_by_test_id("client-status").all():
         expect(status).to_have_text("idle")
@@ -171,6 +173,13 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
         )
         assert dispatched <= arrived <= finished, u
         assert u["model_version"] == u["server_round"] - 1 and u["wall_duration_s"] > 0, u
+    # Each round announced its work as it left, in the log the dashboard reads.
+    log = api.client.get(
+        f"/api/v1/experiments/{experiment_id}/log", params={"kind": "dispatch"}
+    ).json()
+    assert log["count"] >= 3, log
+    sent = {(e["data"]["server_round"], n) for e in log["data"] for n in e["data"]["node_ids"]}
+    assert sent == {(u["server_round"], u["node_id"]) for u in updates}, log
 
     # Execute / Assert: the three SuperNodes, as the SuperLink lists them.
     nodes = api.client.get("/api/v1/nodes").json()

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from flwr.proto.node_pb2 import NodeInfo
 
@@ -165,6 +166,59 @@ def test_health_and_openapi(client: TestClient) -> None:
         "/api/v1/strategies",
     ):
         assert path in paths
+
+
+def test_log_lists_events_by_id_filtered_by_kind_and_after(client: TestClient) -> None:
+    # Prepare: two experiments' events, one a policy decision on a node id above 2**63.
+    first = client.post("/api/v1/experiments", json=BODY).json()["id"]
+    other = client.post("/api/v1/experiments", json=BODY).json()["id"]
+    big = 2**64 - 59
+    sessions = cast(FastAPI, client.app).state.sessions
+    with sessions() as session, session.begin():
+        for kind, data in (
+            ("dispatch", {"server_round": 1, "node_ids": ["11", str(big)], "model_version": 0}),
+            ("policy", {"node_id": big, "action": "re-sent", "reason": "TTL", "lost": [big]}),
+            ("dispatch", {"server_round": 2, "node_ids": ["11"], "model_version": 1}),
+        ):
+            repository.add_event(session, experiment_id=first, kind=kind, message=kind, data=data)
+        repository.add_event(session, experiment_id=other, kind="dispatch", message="elsewhere")
+    path = f"/api/v1/experiments/{first}/log"
+
+    # Execute
+    everything = client.get(path).json()
+    dispatches = client.get(path, params={"kind": "dispatch"}).json()
+    both = client.get(path, params=[("kind", "dispatch"), ("kind", "policy")]).json()
+    ids = [e["id"] for e in everything["data"]]
+    later = client.get(path, params={"after": ids[0]}).json()
+
+    # Assert: in id order, this experiment's only; node ids as strings, all digits kept.
+    kinds = [e["kind"] for e in everything["data"]]
+    assert kinds == ["dispatch", "policy", "dispatch"] and everything["count"] == 3
+    assert ids == sorted(ids)
+    policy = everything["data"][1]
+    assert policy["data"] == {
+        "node_id": str(big),
+        "action": "re-sent",
+        "reason": "TTL",
+        "lost": [str(big)],
+    }
+    assert policy["created_at"] is not None and policy["message"] == "policy"
+    assert dispatches["count"] == 2
+    assert [e["data"]["server_round"] for e in dispatches["data"]] == [1, 2]
+    assert both["count"] == 3
+    assert [e["id"] for e in later["data"]] == ids[1:]
+    assert client.get(path, params={"kind": "nope"}).json() == {"data": [], "count": 0}
+
+
+def test_log_of_unknown_experiment_is_404_and_documented(client: TestClient) -> None:
+    response = client.get("/api/v1/experiments/999/log")
+    assert response.status_code == 404
+    assert response.json()["detail"] == "experiment 999 not found"
+    assert client.get("/api/v1/experiments/999/log", params={"after": -1}).status_code == 422
+    operation = client.get("/openapi.json").json()["paths"][
+        "/api/v1/experiments/{experiment_id}/log"
+    ]
+    assert operation["get"]["summary"] and "dispatch" in operation["get"]["description"]
 
 
 # ---------------------------------------------------------------- GET /nodes and the SuperLink

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
@@ -276,6 +276,7 @@ class FakeApi:
     updates: dict[int, list[dict[str, Any]]] = field(default_factory=_initial_updates)
     submitted: list[dict[str, Any]] = field(default_factory=list)
     nodes: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(NODES))
+    log: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
 
     def reset(self) -> None:
         self.experiments = _initial_experiments()
@@ -283,6 +284,24 @@ class FakeApi:
         self.updates = _initial_updates()
         self.submitted = []
         self.nodes = copy.deepcopy(NODES)
+        self.log = {}
+
+    def add_event(
+        self, experiment_id: int, kind: str, created_at: str, data: dict[str, Any]
+    ) -> None:
+        events = self.log.get(experiment_id, [])
+        event_id = 1 + max(
+            (e["id"] for events_of in self.log.values() for e in events_of), default=0
+        )
+        event = {
+            "id": event_id,
+            "run_id": 1,
+            "kind": kind,
+            "message": f"{kind} {event_id}",
+            "data": data,
+            "created_at": created_at,
+        }
+        self.log[experiment_id] = [*events, event]
 
     def add_round(self, experiment_id: int, new_round: dict[str, Any]) -> None:
         experiment = copy.deepcopy(self.experiments[experiment_id])
@@ -329,6 +348,19 @@ def build_app(api: FakeApi) -> FastAPI:
         if experiment_id not in api.experiments:
             return _not_found(experiment_id)
         data = api.updates[experiment_id]
+        return {"data": data, "count": len(data)}
+
+    @app.get("/api/v1/experiments/{experiment_id}/log", response_model=None)
+    def list_log(
+        experiment_id: int, kind: list[str] | None = Query(None), after: int = 0
+    ) -> dict[str, Any] | JSONResponse:
+        if experiment_id not in api.experiments:
+            return _not_found(experiment_id)
+        data = [
+            e
+            for e in api.log.get(experiment_id, [])
+            if e["id"] > after and (kind is None or e["kind"] in kind)
+        ]
         return {"data": data, "count": len(data)}
 
     @app.get("/api/v1/experiments/{experiment_id}/events", response_model=None)
@@ -986,4 +1018,61 @@ def test_a_running_experiments_connected_clients_are_online(session: PageSession
     session.goto("/experiments/1")
     first = session.page.locator(f'#clients-table tr[data-node="{NODE_IDS[0]}"]')
     expect(first.get_by_test_id("client-status")).to_have_text("online")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_dispatched_nodes_are_training_and_decisions_are_listed(session: PageSession) -> None:
+    # Prepare: round 3 of the running experiment 1 went out after round 2's replies; 303 is a
+    # connected node sent its first task; the offline node was sent work too.
+    api = session.server.api
+    online_303 = {**NODES["data"][0], "node_id": "303", "node_config": {}}
+    api.nodes = {**api.nodes, "data": [*api.nodes["data"], online_303]}
+    sent = {"server_round": 3, "model_version": 2}
+    node_ids = [NODE_IDS[0], NODE_IDS[2], "303"]
+    api.add_event(1, "dispatch", "2025-01-10T10:03:00Z", {**sent, "node_ids": node_ids})
+    api.add_event(1, "submitted", "2025-01-10T09:59:30Z", {})
+    resent = {"node_id": NODE_IDS[2], "action": "re-sent", "reason": "no reply before the TTL"}
+    api.add_event(1, "policy", "2025-01-10T10:02:40Z", resent)
+    api.add_event(1, "policy", "2025-01-10T10:02:50Z", {"round": 2, "arrived": 2})
+
+    # Execute
+    session.goto("/experiments/1")
+    page = session.page
+
+    # Assert: work out and no reply since is "training", unless the node is gone.
+    first = page.locator(f'#clients-table tr[data-node="{NODE_IDS[0]}"]')
+    expect(first.get_by_test_id("client-status")).to_have_text("training")
+    newcomer = page.locator('#clients-table tr[data-node="303"]')
+    expect(newcomer.get_by_test_id("client-status")).to_have_text("training")
+    expect(newcomer.locator("td").nth(1)).to_have_text("0")
+    offline = page.locator(f'#clients-table tr[data-node="{NODE_IDS[2]}"]')
+    expect(offline.get_by_test_id("client-status")).to_have_attribute("data-state", "offline")
+    # Decisions: the policy events only, newest first, a round's decision by its message.
+    rows = page.get_by_test_id("decision-row")
+    expect(rows).to_have_count(2)
+    expect(rows.nth(0)).to_contain_text("policy 4")
+    expect(rows.nth(1).locator("td").nth(1)).to_have_text(NODE_IDS[2])
+    expect(rows.nth(1).locator("td").nth(2)).to_have_text("re-sent")
+    expect(rows.nth(1).locator("td").nth(3)).to_have_text("no reply before the TTL")
+    log_requests = [url for url in session.requests if "/api/v1/experiments/1/log" in url]
+    assert log_requests and "kind=dispatch&kind=policy" in log_requests[0]
+    session.screenshot("experiment-training-decisions")
+
+    # Execute: round 3's replies arrive (at 10:03:05 and later).
+    api.add_round(1, _round(3, 0.85, 0.6, 0.8))
+
+    # Assert: the reply ends the task, live, without a new look at the log.
+    expect(first.get_by_test_id("client-status")).to_have_text("online")
+    expect(newcomer.get_by_test_id("client-status")).to_have_text("training")
+
+    # Execute: a last decision, then the experiment ends.
+    api.add_event(1, "policy", "2025-01-10T10:04:00Z", {**resent, "action": "given-up"})
+    api.set_status(1, "completed")
+
+    # Assert: the log is read once more when the stream ends; nobody is training any more.
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0).locator("td").nth(2)).to_have_text("given-up")
+    expect(newcomer.get_by_test_id("client-status")).to_have_text("idle")
     assert session.errors == []

@@ -89,6 +89,13 @@ def assert_every_task_recorded_once(recorder: InMemoryRunRecorder, grid: LocalGr
     assert tasks.data is not None
     assert tasks.data["dispatched"] == grid.pushed == sum(rows.values())
     assert tasks.data["by_node"] == {str(n): c for n, c in sorted(rows.items())}
+    # And each was announced as it left: one dispatch event per task, with its model version.
+    dispatches = [e.data or {} for e in recorder.events if e.kind == "dispatch"]
+    assert all(len(d["node_ids"]) == 1 for d in dispatches)
+    assert Counter(d["node_ids"][0] for d in dispatches) == tasks.data["by_node"]
+    assert all(d["server_round"] == d["model_version"] + 1 for d in dispatches)
+    versions = Counter(u.model_version for _, u in recorder.updates(1))
+    assert Counter(d["model_version"] for d in dispatches) == versions
 
 
 def policy_notes(recorder: InMemoryRunRecorder) -> list[dict[str, Any]]:

@@ -74,6 +74,25 @@ def test_every_round_is_recorded_with_its_updates() -> None:
     assert recorder.experiments[1].status == "completed"
 
 
+def test_each_round_records_its_dispatch_before_the_replies() -> None:
+    # Execute
+    _, recorder = run(make_spec())
+
+    # Assert: one dispatch event per round, naming its nodes (as strings) and model version,
+    # written before any of the round's tasks left, so it predates every reply.
+    dispatches = [e for e in recorder.events if e.kind == "dispatch"]
+    assert [sorted(e.data or {}) for e in dispatches] == [
+        ["model_version", "node_ids", "server_round"]
+    ] * 3
+    assert [(e.data or {})["server_round"] for e in dispatches] == [1, 2, 3]
+    for event, r in zip(dispatches, recorder.rounds(1), strict=True):
+        data = event.data or {}
+        assert sorted(data["node_ids"]) == ["1000", "1001", "1002"]
+        assert data["model_version"] == r.server_round - 1
+        for u in r.updates:
+            assert u.dispatched_at is not None and event.created_at <= u.dispatched_at
+
+
 class HeldGrid(LocalGrid):
     """A LocalGrid whose replies from some nodes become pullable only ``hold[node]`` seconds
     after the push (None: never), as a slow or vanished SuperNode's would."""

@@ -1,4 +1,4 @@
-"""Experiments: submit, list, read rounds and updates, cancel."""
+"""Experiments: submit, list, read rounds, updates and the event log, cancel."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from florist.client.models import build_model
 from florist.datasets import dataset_info
 from florist.server.api.deps import FollowerDep, SessionDep
 from florist.server.api.schemas import (
+    EventPublic,
+    EventsPublic,
     ExperimentCreate,
     ExperimentPublic,
     ExperimentsPublic,
@@ -21,7 +23,7 @@ from florist.server.api.schemas import (
     UpdatesPublic,
 )
 from florist.server.db import repository as repo
-from florist.server.db.models import ClientUpdate, Experiment, Round
+from florist.server.db.models import ClientUpdate, Event, Experiment, Round
 from florist.server.db.repository import Progress
 from florist.server.spec import (
     ExperimentSpec,
@@ -77,6 +79,37 @@ def update_to_public(row: ClientUpdate) -> UpdatePublic:
     # Every UpdatePublic field is a column of the same name (the timeline ones included).
     fields = {name: getattr(row, name) for name in UpdatePublic.model_fields if name != "node_id"}
     return UpdatePublic.model_validate({**fields, "node_id": str(row.node_id)})
+
+
+# Event data that holds node ids: uint64, so sent as strings that JavaScript keeps whole.
+_NODE_ID_KEY = "node_id"
+_NODE_ID_LIST_KEYS = frozenset({"node_ids", "queued", "lost", "waiting_for"})
+
+
+def _as_id(value: Any) -> Any:
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+def _with_string_ids(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    if _NODE_ID_KEY in out:
+        out[_NODE_ID_KEY] = _as_id(out[_NODE_ID_KEY])
+    for key in _NODE_ID_LIST_KEYS & out.keys():
+        if isinstance(out[key], list):
+            out[key] = [_as_id(v) for v in out[key]]
+    return out
+
+
+def event_to_public(row: Event) -> EventPublic:
+    data = None if row.data is None else _with_string_ids(row.data)
+    return EventPublic(
+        id=row.id,
+        run_id=row.run_id,
+        kind=row.kind,
+        message=row.message,
+        data=data,
+        created_at=row.created_at,
+    )
 
 
 def _body_errors(errors: list[dict[str, Any]]) -> RequestValidationError:
@@ -169,6 +202,28 @@ def list_updates(
     updates = repo.list_updates(session, experiment_id=experiment_id, server_round=server_round)
     data = [update_to_public(u) for u in updates]
     return UpdatesPublic(data=data, count=len(data))
+
+
+@router.get(
+    "/{experiment_id}/log",
+    response_model=EventsPublic,
+    summary="Read an experiment's event log",
+    description="The runtime's decisions and the run's state changes, oldest first (by id): "
+    "`submitted`, `initial-evaluation`, `dispatch` (work sent: `node_ids`, `model_version`, "
+    "`server_round`), `policy` (a dropout or lost-task decision: `node_id`, `action`, "
+    "`reason`, …), `tasks` (the tasks dispatched per node, at the end), `cancel`, and others. "
+    "Filter with `kind` (repeatable) and read on from the last id seen with `after`.",
+)
+def list_log(
+    experiment_id: int,
+    session: SessionDep,
+    kind: list[str] | None = Query(None, description="Only events of these kinds."),
+    after: int = Query(0, ge=0, description="Only events whose id is above this one."),
+) -> EventsPublic:
+    _get(session, experiment_id)
+    events = repo.events_after(session, experiment_id=experiment_id, after_id=after, kinds=kind)
+    data = [event_to_public(e) for e in events]
+    return EventsPublic(data=data, count=len(data))
 
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentPublic)

@@ -48,6 +48,13 @@ export const listExperiments = () => request("/experiments");
 export const getExperiment = (id) => request(experimentPath(id));
 export const listRounds = (id) => request(`${experimentPath(id)}/rounds`);
 export const listUpdates = (id) => request(`${experimentPath(id)}/updates`);
+/** The experiment's event log (GET …/log): events of `kinds` (all when empty) with an id above `after`. */
+export function listLog(id, { kinds = [], after = 0 } = {}) {
+  const query = new URLSearchParams(kinds.map((kind) => ["kind", kind]));
+  if (after) query.set("after", String(after));
+  const text = query.toString();
+  return request(`${experimentPath(id)}/log${text ? `?${text}` : ""}`);
+}
 export const cancelExperiment = (id) => request(`${experimentPath(id)}/cancel`, { method: "POST" });
 export const listStrategies = () => request("/strategies");
 export const listNodes = () => request("/nodes");

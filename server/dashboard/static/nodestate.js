@@ -11,6 +11,28 @@ export function latest(...isoTimes) {
   return times.length ? new Date(Math.max(...times)).toISOString() : null;
 }
 
+/** Each node's latest dispatch, as ISO, from the log's `dispatch` events (`data.node_ids`). */
+export function latestDispatches(events) {
+  const byNode = new Map();
+  for (const event of events) {
+    if (event.kind !== "dispatch") continue;
+    for (const nodeId of event.data?.node_ids ?? []) {
+      byNode.set(nodeId, latest(byNode.get(nodeId), event.created_at));
+    }
+  }
+  return byNode;
+}
+
+/**
+ * Whether a node's task is out: it was sent work after its latest recorded update ended. The
+ * event runtime records an update with the aggregation it joins, so a reply waiting for one
+ * still reads as training.
+ */
+export function isTraining(lastDispatch, lastUpdateEnd) {
+  if (!Number.isFinite(ms(lastDispatch))) return false;
+  return !Number.isFinite(ms(lastUpdateEnd)) || ms(lastDispatch) > ms(lastUpdateEnd);
+}
+
 /** A time for "last seen …": the clock time today, a short date and time before. */
 export function formatSeen(iso) {
   if (!iso) return "never";

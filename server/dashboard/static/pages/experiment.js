@@ -1,6 +1,6 @@
 // One experiment, live: a server-sent event stream feeds the charts, the timeline and the tables.
 
-import { cancelExperiment, eventsUrl, getExperiment, listNodes } from "../api.js";
+import { cancelExperiment, eventsUrl, getExperiment, listLog, listNodes } from "../api.js";
 import { renderLineChart } from "../chart.js";
 import {
   ACTIVE_STATUSES,
@@ -25,11 +25,14 @@ import {
   setRefreshStatus,
   statusBadge,
 } from "../dom.js";
-import { connection, formatSeen, latest } from "../nodestate.js";
+import { connection, formatSeen, isTraining, latest, latestDispatches } from "../nodestate.js";
 import { renderTimeline, taskSpan } from "../timeline.js";
 
-// While the experiment runs, how often the clients' connections are asked for (GET /nodes).
+// While the experiment runs, how often the clients' connections (GET /nodes) and the runtime's
+// decisions (GET …/log) are asked for.
 const NODES_POLL_MS = 10000;
+// The log's kinds this page reads: work sent (for "training") and the policies' decisions.
+const LOG_KINDS = ["dispatch", "policy"];
 const COLORS = { accuracy: "#2563eb", loss: "#dc2626", trainLoss: "#d97706" };
 // Round metrics every run has; anything else a strategy recorded gets its own chart.
 const CORE_METRICS = new Set(["accuracy", "loss"]);
@@ -48,6 +51,7 @@ export function mountExperimentPage(id) {
     updates: [],
     nodes: new Map(), // node_id -> NodePublic
     superlink: null, // GET /nodes' word on the SuperLink: "ok" when the nodes' status is live
+    log: [], // EventPublic of LOG_KINDS, by id
     xAxis: "round",
     cancelInFlight: false,
     actionMessage: null,
@@ -94,9 +98,23 @@ export function mountExperimentPage(id) {
       .catch(() => {}); // the clients table reads "—" for the profile; the banner is for the stream
   }
 
-  /** Nodes now, and again every NODES_POLL_MS while the experiment runs (their connections change). */
+  /** The log's events after the last one held; a late answer adds only what is still new. */
+  function loadLog() {
+    listLog(id, { kinds: LOG_KINDS, after: state.log.at(-1)?.id ?? 0 })
+      .then((events) => {
+        const after = state.log.at(-1)?.id ?? 0;
+        const fresh = events.data.filter((event) => event.id > after);
+        if (fresh.length === 0) return;
+        state.log = [...state.log, ...fresh];
+        scheduleRender();
+      })
+      .catch(() => {}); // without the log the clients table cannot say "training"; nothing else is lost
+  }
+
+  /** Nodes and the log now, and again every NODES_POLL_MS while the experiment runs. */
   function pollNodes() {
     loadNodes();
+    loadLog();
     const e = state.experiment;
     if (e !== null && ACTIVE_STATUSES.has(e.status) && state.streamState !== "ended") {
       window.setTimeout(pollNodes, NODES_POLL_MS);
@@ -128,6 +146,7 @@ export function mountExperimentPage(id) {
       source.close();
       state.streamState = "ended";
       loadNodes();
+      loadLog();
       scheduleRender();
     });
     source.addEventListener("error", () => {
@@ -230,6 +249,7 @@ export function mountExperimentPage(id) {
       h("div", { id: "client-timeline", "data-testid": "client-timeline", class: "timeline-box" }),
       h("h3", {}, "Clients"),
       clientsTable(),
+      decisionsPanel(),
       h("h3", {}, "Rounds"),
       roundsTable(rounds),
     ];
@@ -393,12 +413,15 @@ export function mountExperimentPage(id) {
   }
 
   function clientsTable() {
+    const dispatches = latestDispatches(state.log);
     const byNode = new Map();
     for (const u of state.updates) {
       const list = byNode.get(u.node_id) ?? [];
       list.push(u);
       byNode.set(u.node_id, list);
     }
+    // A node sent its first task has no update yet, but is training.
+    for (const nodeId of dispatches.keys()) if (!byNode.has(nodeId)) byNode.set(nodeId, []);
     const head = h(
       "thead",
       {},
@@ -412,15 +435,15 @@ export function mountExperimentPage(id) {
     );
     const body = h("tbody");
     if (byNode.size === 0) {
-      body.append(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No client has replied yet.")));
+      body.append(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No client has been sent work yet.")));
     }
     for (const [nodeId, list] of [...byNode.entries()].sort((a, b) => (BigInt(a[0]) < BigInt(b[0]) ? -1 : 1))) {
       const accepted = list.filter((u) => u.status === "accepted");
       const times = list.map((u) => u.train_time_s).filter((t) => typeof t === "number");
       const mean = times.length ? times.reduce((a, b) => a + b, 0) / times.length : null;
-      const last = list.reduce((a, b) => (taskSpan(b).end >= taskSpan(a).end ? b : a));
-      const lastEnd = new Date(taskSpan(last).end).toISOString();
-      const now = currentStatus(nodeId, lastEnd);
+      const last = list.length ? list.reduce((a, b) => (taskSpan(b).end >= taskSpan(a).end ? b : a)) : null;
+      const lastEnd = last === null ? null : new Date(taskSpan(last).end).toISOString();
+      const now = currentStatus(nodeId, lastEnd, dispatches.get(nodeId));
       const config = state.nodes.get(nodeId)?.node_config ?? {};
       const profile = config.profile ?? config["device-profile"] ?? null;
       const profileText = profile ?? (Object.keys(config).length ? formatParams(config, []) : dash);
@@ -438,7 +461,7 @@ export function mountExperimentPage(id) {
             h("span", { class: `badge status-${now.state}`, "data-testid": "client-status", "data-state": now.state, title: now.title }, now.text),
           ),
           h("td", { class: "time" }, formatClock(lastEnd)),
-          h("td", {}, statusBadge(last.status, { "data-testid": "last-update-status", title: last.reason ?? "" })),
+          h("td", {}, last === null ? dash : statusBadge(last.status, { "data-testid": "last-update-status", title: last.reason ?? "" })),
           h("td", { class: "params" }, String(profileText)),
         ),
       );
@@ -447,23 +470,61 @@ export function mountExperimentPage(id) {
   }
 
   /**
-   * What a client is doing now, as far as the records tell. A task is recorded only when its
-   * reply arrives (or the server gives up on it), so a task in flight cannot be shown: while the
-   * experiment runs a connected node is "online", once it has finished "idle".
+   * What a client is doing now, as far as the records tell. A task's update is recorded only when
+   * its reply arrives (or the server gives up on it), but the log's `dispatch` events say when
+   * work left: while the experiment runs, a node sent work after its latest update is
+   * "training" (unless the SuperLink says it is gone), another connected one "online"; once the
+   * experiment has finished, a connected node is "idle".
    */
-  function currentStatus(nodeId, lastUpdateEnd) {
+  function currentStatus(nodeId, lastUpdateEnd, lastDispatch) {
     const node = state.nodes.get(nodeId);
     const c = connection(node, state.superlink);
     const seen = formatSeen(latest(node?.last_seen, c.state === "online" ? null : node?.disconnected_at, lastUpdateEnd));
+    const gone = c.state === "offline" || c.state === "left";
+    if (state.experiment.status === "running" && !gone && isTraining(lastDispatch, lastUpdateEnd)) {
+      return { state: "training", text: "training", title: `sent work at ${formatClock(lastDispatch)}, no reply recorded since` };
+    }
     if (c.state === "online") {
       return ACTIVE_STATUSES.has(state.experiment.status)
-        ? { state: "online", text: "online", title: `${c.title}; a task shows once its reply arrives` }
+        ? { state: "online", text: "online", title: `${c.title}; no work sent since its latest update` }
         : { state: "idle", text: "idle", title: `${c.title}; this experiment has no task left to run` };
     }
     if (c.state === "offline") return { state: "offline", text: `offline (last seen ${seen})`, title: c.title };
     if (c.state === "left") return { state: "left", text: `left (last seen ${seen})`, title: c.title };
     // The SuperLink could not be asked: only when the node was last heard from is known.
     return { state: "unknown", text: `last seen ${seen}`, title: c.title };
+  }
+
+  /** The policies' decisions (the log's `policy` events), newest first. */
+  function decisionsPanel() {
+    const decisions = state.log.filter((event) => event.kind === "policy").reverse();
+    const columns = ["Time", "Node", "Action", "Reason"];
+    const head = h("thead", {}, h("tr", {}, ...columns.map((label) => h("th", { scope: "col" }, label))));
+    const body = h("tbody");
+    if (decisions.length === 0) {
+      body.append(h("tr", {}, h("td", { colspan: columns.length, class: "empty" }, "No policy decision recorded.")));
+    }
+    for (const event of decisions) {
+      const data = event.data ?? {};
+      body.append(
+        h(
+          "tr",
+          { "data-testid": "decision-row", "data-event": event.id, title: event.message },
+          h("td", { class: "time" }, formatClock(event.created_at)),
+          h("td", { class: "mono" }, data.node_id ?? dash),
+          h("td", {}, data.action ?? dash),
+          // A round's decision has no reason of its own: its message says what was decided.
+          h("td", {}, data.reason ?? event.message),
+        ),
+      );
+    }
+    const table = h("table", { id: "decisions-table", "data-testid": "decisions-table" }, head, body);
+    return h(
+      "div",
+      { id: "decisions", "data-testid": "decisions" },
+      h("h3", {}, "Decisions"),
+      h("div", { class: "table-scroll rounds-scroll" }, table),
+    );
   }
 
   function roundsTable(rounds) {
