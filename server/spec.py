@@ -131,6 +131,17 @@ def server_setup(spec: ExperimentSpec) -> ServerSetup:
     )
 
 
+def experiment_row(spec: ExperimentSpec) -> dict[str, Any]:
+    """The columns of a new ``experiments`` row for ``spec`` (``repository.create_experiment``)."""
+    return {
+        "name": spec.name,
+        "strategy": spec.strategy.name,
+        "dataset": spec.dataset.name,
+        "num_rounds": spec.rounds,
+        "spec": spec.model_dump(mode="json"),
+    }
+
+
 def runtime_of(spec: ExperimentSpec, plugin: StrategyPlugin) -> Literal["flower", "event"]:
     """The loop that runs ``spec``: as asked, else Flower's where the plugin has a Flower half."""
     runtime = spec.runtime or ("flower" if plugin.build_server is not None else "event")

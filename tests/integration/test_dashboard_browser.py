@@ -12,7 +12,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from florist.server.db import repository as repo
 from florist.server.db.engine import make_engine, make_session_factory
-from florist.server.spec import ExperimentSpec
+from florist.server.spec import ExperimentSpec, experiment_row
 from tests.chromium import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
 
 from .conftest import NUM_NODES, Api, FlowerStack, start_stack
@@ -200,14 +200,7 @@ def test_unknown_and_failed_experiments_read_plainly(
     try:
         with make_session_factory(engine)() as session:
             spec = ExperimentSpec.model_validate(SECOND | {"name": "browser-failed"})
-            exp = repo.create_experiment(
-                session,
-                name=spec.name,
-                strategy=spec.strategy.name,
-                dataset=spec.dataset.name,
-                num_rounds=spec.rounds,
-                spec=spec.model_dump(mode="json"),
-            )
+            exp = repo.create_experiment(session, **experiment_row(spec))
             # Failed before the follower could pick it up: it never reaches the SuperLink.
             repo.update_experiment(
                 session,

@@ -12,7 +12,7 @@ import pytest
 from florist.server.db import repository as repo
 from florist.server.db.engine import make_engine, make_session_factory, upgrade_database
 from florist.server.processes import flower_env
-from florist.server.spec import ExperimentSpec
+from florist.server.spec import ExperimentSpec, experiment_row
 
 from .conftest import Api, FlowerStack, start_stack
 from .test_e2e import FEDAVG
@@ -51,14 +51,7 @@ def test_flwr_run_drives_the_app_on_stock_tools(
     engine = make_engine(database_url)
     sessions = make_session_factory(engine)
     with sessions.begin() as session:
-        experiment_id = repo.create_experiment(
-            session,
-            name=spec.name,
-            strategy=spec.strategy.name,
-            dataset=spec.dataset.name,
-            num_rounds=spec.rounds,
-            spec=spec.model_dump(mode="json"),
-        ).id
+        experiment_id = repo.create_experiment(session, **experiment_row(spec)).id
     env = flower_env(tmp_path)
     Path(env["FLWR_HOME"]).mkdir(parents=True)
     (Path(env["FLWR_HOME"]) / "config.toml").write_text(

@@ -24,6 +24,7 @@ from florist.strategies.events import (
     average_with_stale,
     weighted_mean,
 )
+from tests.unit.test_runtime import assert_every_task_recorded_once
 
 FAST, SLOW = 1000, 1004
 
@@ -77,15 +78,6 @@ def run(
 
 def policy_events(recorder: InMemoryRunRecorder) -> list[str]:
     return [e.message for e in recorder.events if e.kind == "policy"]
-
-
-def assert_every_task_recorded_once(recorder: InMemoryRunRecorder, grid: LocalGrid) -> None:
-    """Each task pushed is one update row, and the run's ``tasks`` event counts them alike."""
-    rows = Counter(u.node_id for _, u in recorder.updates(1))
-    (tasks,) = [e for e in recorder.events if e.kind == "tasks"]
-    assert tasks.data is not None
-    assert tasks.data["dispatched"] == grid.pushed == sum(rows.values())
-    assert tasks.data["by_node"] == {str(n): c for n, c in sorted(rows.items())}
 
 
 def of(r: RoundRecord, node: int) -> list[UpdateRecord]:

@@ -28,6 +28,7 @@ from florist.server.db.repository import Progress
 from florist.server.spec import (
     ExperimentSpec,
     StrategySpecError,
+    experiment_row,
     resolve_strategy,
     runtime_of,
     server_setup,
@@ -152,14 +153,7 @@ def create_experiment(
 ) -> ExperimentPublic:
     check_spec(body)
     spec = ExperimentSpec.model_validate(body.model_dump())
-    exp = repo.create_experiment(
-        session,
-        name=spec.name,
-        strategy=spec.strategy.name,
-        dataset=spec.dataset.name,
-        num_rounds=spec.rounds,
-        spec=spec.model_dump(mode="json"),
-    )
+    exp = repo.create_experiment(session, **experiment_row(spec))
     session.commit()
     if follower is not None:
         follower.wake()
