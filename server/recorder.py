@@ -566,27 +566,31 @@ class SqlRunRecorder(RunRecorder):
         return [
             (
                 row.server_round,
-                UpdateRecord(
-                    node_id=row.node_id,
-                    status=cast(UpdateStatus, row.status),
-                    num_examples=row.num_examples,
-                    train_time_s=row.train_time_s,
-                    metrics=dict(row.metrics),
-                    bytes_up=row.bytes_up,
-                    bytes_down=row.bytes_down,
-                    staleness=row.staleness,
-                    reason=row.reason,
-                    model_version=row.model_version,
-                    arrival_version=row.arrival_version,
-                    local_steps=row.local_steps,
-                    dispatched_at=row.dispatched_at,
-                    arrived_at=row.arrived_at,
-                    wall_duration_s=row.wall_duration_s,
-                    virtual_duration_s=row.virtual_duration_s,
-                ),
+                UpdateRecord(metrics=dict(row.metrics), **{f: getattr(row, f) for f in _COLUMNS}),
             )
             for row in rows
         ]
+
+
+# The UpdateRecord fields stored as client_updates columns of the same name (metrics aside: it is
+# copied, and node_config goes to the nodes table), so writing and reading back stay in step.
+_COLUMNS = (
+    "node_id",
+    "status",
+    "reason",
+    "num_examples",
+    "train_time_s",
+    "bytes_up",
+    "bytes_down",
+    "staleness",
+    "model_version",
+    "arrival_version",
+    "local_steps",
+    "dispatched_at",
+    "arrived_at",
+    "wall_duration_s",
+    "virtual_duration_s",
+)
 
 
 def _update_rows(
@@ -597,23 +601,9 @@ def _update_rows(
             run_id=run.id,
             experiment_id=run.experiment_id,
             server_round=server_round,
-            node_id=update.node_id,
-            status=update.status,
-            reason=update.reason,
-            num_examples=update.num_examples,
-            train_time_s=update.train_time_s,
-            metrics=dict(update.metrics),
-            bytes_up=update.bytes_up,
-            bytes_down=update.bytes_down,
-            staleness=update.staleness,
             created_at=created_at,
-            model_version=update.model_version,
-            arrival_version=update.arrival_version,
-            local_steps=update.local_steps,
-            dispatched_at=update.dispatched_at,
-            arrived_at=update.arrived_at,
-            wall_duration_s=update.wall_duration_s,
-            virtual_duration_s=update.virtual_duration_s,
+            metrics=dict(update.metrics),
+            **{f: getattr(update, f) for f in _COLUMNS},
         )
         for update in updates
     ]
