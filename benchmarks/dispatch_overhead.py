@@ -15,8 +15,8 @@ flower-supernodes) it compares:
   reply poll);
 - **florist**: ``python -m florist.client.supernode --isolation process`` (short idle/reply
   polls and object-pull back-off, server/flower_tuning.py) with one warm executor per node
-  (client/executor.py), and the ServerApp on Florist's ``PollingGrid`` (0.1 s reply poll)
-  with the same pull back-off tuning.
+  (client/executor.py), and the ServerApp polling for replies every 0.1 s as Florist's one
+  loop does (``ShortPollGrid`` below), with the same pull back-off tuning.
 
 Per dispatch overhead = a round's wall time (push of the train messages to the last reply, as
 the strategy sees it) minus the slowest ClientApp handler of that round. Writes
@@ -180,15 +180,37 @@ class TimedGrid:
         return replies
 
 
+class ShortPollGrid:
+    """Pulls replies every 0.1 s, as Florist's one loop does (server/runtime.py), instead of
+    HttpGrid's 3 s; the rounds stay Flower's, so both sides run the same strategy code."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        ids = [i for i in self._inner.push_messages(list(messages)) if i is not None]
+        deadline = time.monotonic() + (timeout or 3600)
+        pending, replies = set(ids), []
+        while pending and time.monotonic() < deadline:
+            for reply in self._inner.pull_messages(list(pending)):
+                pending.discard(reply.metadata.reply_to_message_id)
+                replies.append(reply)
+            if pending:
+                time.sleep(0.1)
+        return replies
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     fast = bool(context.run_config["fast"])
     if fast:
         from florist.server.flower_tuning import tune_object_pulls
-        from florist.server.rounds import PollingGrid
 
         tune_object_pulls()
-        grid = PollingGrid(grid)
+        grid = ShortPollGrid(grid)
     timed = TimedGrid(grid)
     torch.manual_seed(0)
     n = len(list(grid.get_node_ids()))

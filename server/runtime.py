@@ -1,4 +1,9 @@
-"""The event-driven server loop on the Grid: one update at a time, on the wall or virtual clock.
+"""Florist's one server loop on the Grid: every plugin, one event at a time, on either clock.
+
+Every strategy plugin's server half runs here as an :class:`EventStrategy` (synchronous rounds,
+Flower's own strategies among them, are the scheduler in strategies/rounds.py), so each gets the
+experiment's dropout policy, both clocks and the time budget. This module is also the one place
+that builds a task's message, a ``dispatch`` event, an update record and a round record.
 
 Each node has at most one task in flight. An arriving reply is checked like a synchronous one
 (strategies/validation.py), handed to the strategy's :class:`EventStrategy`, and the strategy's
@@ -37,26 +42,77 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from florist.client.profiles import dropout_duration
 from florist.server.db.models import utcnow
 from florist.server.recorder import RoundRecord, RunRecorder, UpdateRecord
-from florist.server.rounds import numeric_metrics, train_update
 from florist.server.spec import ExperimentSpec
-from florist.strategies.events import Arrival, Decision, EventStrategy, Weights
-from florist.strategies.validation import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+from florist.strategies.events import (
+    Arrival,
+    Decision,
+    Evaluation,
+    EventStrategy,
+    NodeConfig,
+    Weights,
+)
+from florist.strategies.flower_adapter import to_record
+from florist.strategies.validation import (
+    ARRAYS_KEY,
+    METRICS_KEY,
+    NODE_CONFIG_KEY,
+    WEIGHT_KEY,
+    check_train_reply,
+)
 
 log = logging.getLogger(__name__)
 
 LOCAL_STEPS_KEY = "florist.training.local-steps"  # TrainingConfig.local_steps, flattened
 NOT_AGGREGATED = "run ended before it was aggregated"
 NO_REPLY = "run ended before the reply"
+PUSH_REFUSED = "the SuperLink refused the task"
+NO_REPLY_BY_DEADLINE = "no reply before the deadline"
 
 
-def to_record(weights: Weights) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v)) for k, v in weights.items()})
+class PushRefusedError(RuntimeError):
+    """The SuperLink keeps refusing the run's tasks: nothing can be trained."""
+
+
+def numeric_metrics(record: MetricRecord | None) -> dict[str, float]:
+    """The scalar metrics of a record as floats (lists dropped)."""
+    if record is None:
+        return {}
+    return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+
+
+def _scalars(record: ConfigRecord) -> dict[str, Any]:
+    """A ConfigRecord's scalar entries (node-config values are scalars; bytes are dropped)."""
+    return {k: v for k, v in record.items() if isinstance(v, str | int | float | bool)}
+
+
+def train_update(
+    content: RecordDict, sent: Mapping[str, np.ndarray], **fields: Any
+) -> UpdateRecord:
+    """The record of a training reply: accepted, or rejected with the reason
+    :func:`check_train_reply` gives against the model the node was ``sent``."""
+    problem = check_train_reply(content, sent)
+    metrics = numeric_metrics(content.metric_records.get(METRICS_KEY))
+    arrays = content.array_records.get(ARRAYS_KEY)
+    node_config = content.config_records.get(NODE_CONFIG_KEY)
+    steps = metrics.get("local-steps")
+    return UpdateRecord(
+        status="rejected" if problem else "accepted",
+        reason=problem,
+        num_examples=int(metrics[WEIGHT_KEY]) if WEIGHT_KEY in metrics else None,
+        train_time_s=metrics.get("train-time"),
+        local_steps=int(steps) if steps is not None else None,
+        virtual_duration_s=metrics.get("virtual-duration"),
+        metrics=metrics,
+        bytes_up=arrays.count_bytes() if arrays is not None else 0,
+        node_config=_scalars(node_config) if node_config is not None else None,
+        **fields,
+    )
 
 
 @dataclass
@@ -81,6 +137,7 @@ class Event:
     arrived_at: datetime
     wall_duration_s: float
     virtual_end: float
+    reason: str = NO_REPLY_BY_DEADLINE  # why, when there is no reply
 
 
 @dataclass
@@ -118,6 +175,8 @@ class EventLoop:
         self.vtime = 0.0
         self.weights: Weights = {}
         self.inflight: dict[str, Task] = {}
+        self.refused: list[Event] = []  # tasks the SuperLink would not take, not handled yet
+        self.refusals_in_a_row = 0
         self.held: list[Event] = []  # virtual clock: replies waiting for their turn
         self.queue: list[Event | Tick] = []  # pulled, not handled yet
         self.dispatched: Counter[int] = Counter()  # tasks pushed, by node
@@ -161,7 +220,7 @@ class EventLoop:
         self.round_started = utcnow()
         self._apply(self.strategy.begin(nodes, self.weights))
         while not self._done():
-            if not self.inflight and not self.held and self.wake_at is None:
+            if not (self.inflight or self.held or self.refused) and self.wake_at is None:
                 raise RuntimeError("the strategy left no task in flight: the run cannot go on")
             self.queue = self._next_events()
             while self.queue:
@@ -206,12 +265,13 @@ class EventLoop:
             e.task.node_id == node_id for e in self.held
         )
 
-    def _dispatch(self, node_id: int, local_steps: int | None) -> None:
+    def _dispatch(self, node_id: int, local_steps: int | None, extra: NodeConfig) -> None:
         if self._busy(node_id):
             return  # one task per node: the strategy asks again when it reports
         repeat = self.repeats[(node_id, self.version)]
         self.repeats[(node_id, self.version)] += 1
-        config = dict(self.task_config)
+        # The strategy's own entries first: the loop's keys below must not be overridden.
+        config = {**extra, **self.task_config}
         # The round it contributes to seeds its batches, as on Flower's loop; a node sent the
         # same version again trains on other batches.
         config["server-round"] = self.version + 1
@@ -229,9 +289,7 @@ class EventLoop:
             message_type=MessageType.TRAIN,
             ttl=self.spec.round_timeout_s,
         )
-        (msg_id,) = list(self.grid.push_messages([message]))
-        self.dispatched[node_id] += 1
-        self.inflight[msg_id] = Task(
+        task = Task(
             node_id=node_id,
             version=self.version,
             sent=dict(self.weights),
@@ -240,8 +298,15 @@ class EventLoop:
             dispatched_mono=time.monotonic(),
             virtual_start=self.vtime,
         )
-        # Its reply is recorded only when the round it joins is, so the dashboard learns from
-        # this row that the node is training.
+        # Flower's push gives None for a message it refused, or no ids when the whole push
+        # was too large for the SuperLink.
+        msg_id = next(iter(self.grid.push_messages([message])), None)
+        self.dispatched[node_id] += 1
+        if msg_id is not None:
+            self.refusals_in_a_row = 0
+            self.inflight[msg_id] = task
+        # The reply is recorded only when the round it joins is, so the dashboard learns from
+        # this row that the node is training (a refused task gets its row at once).
         self.recorder.record_event(
             run_id=self.run_id,
             kind="dispatch",
@@ -252,13 +317,27 @@ class EventLoop:
                 "server_round": self.version + 1,
             },
         )
+        if msg_id is None:
+            self._refused_push(task)
+
+    def _refused_push(self, task: Task) -> None:
+        """A task the SuperLink would not take ends at once, as a lost one; the strategy hears of
+        it with the next events. Refused again and again, nothing can go on: the run fails."""
+        log.warning("the SuperLink refused the task for node %d", task.node_id)
+        self.refused.append(Event(task, None, utcnow(), 0.0, task.virtual_start, PUSH_REFUSED))
+        self.refusals_in_a_row += 1
+        if self.refusals_in_a_row > 3 * len(self.dispatched) + 3:
+            raise PushRefusedError(
+                f"the SuperLink refused {self.refusals_in_a_row} tasks in a row "
+                "(is the model larger than its message limit?)"
+            )
 
     # --- arrivals ---------------------------------------------------------------------------
 
     def _pull(self) -> list[Event]:
-        replies = list(self.grid.pull_messages(list(self.inflight)))
+        replies = list(self.grid.pull_messages(list(self.inflight))) if self.inflight else []
         now, mono = utcnow(), time.monotonic()
-        events = []
+        events, self.refused = self.refused, []
         for reply in replies:
             task = self.inflight.pop(reply.metadata.reply_to_message_id, None)
             if task is None:
@@ -273,10 +352,12 @@ class EventLoop:
             events.append(
                 Event(task, reply, now, mono - task.dispatched_mono, task.virtual_start + duration)
             )
-        # Flower answers an expired TTL with an error reply; a deadline of our own as well, so
-        # that a reply that never comes cannot stall the run.
+        # Flower answers an expired TTL with an error reply (it says more, so it gets a grace
+        # period); a deadline of our own as well, so that a reply that never comes cannot
+        # stall the run.
+        give_up = self.spec.round_timeout_s + min(5.0, 0.1 * self.spec.round_timeout_s)
         for msg_id, task in list(self.inflight.items()):
-            if mono - task.dispatched_mono > self.spec.round_timeout_s + 5:
+            if mono - task.dispatched_mono > give_up:
                 del self.inflight[msg_id]
                 events.append(
                     Event(task, None, now, mono - task.dispatched_mono, task.virtual_start)
@@ -331,19 +412,9 @@ class EventLoop:
             "wall_duration_s": event.wall_duration_s,
         }
         if reply is None or reply.has_error():
-            reason = (
-                (reply.error.reason or "error reply")
-                if reply is not None
-                else "no reply before the deadline"
-            )
+            reason = (reply.error.reason or "error reply") if reply is not None else event.reason
             return UpdateRecord(status="failed", reason=reason, **common)
-        update = train_update(reply.content, task.sent, **common)
-        metrics = update.metrics
-        return replace(
-            update,
-            local_steps=int(metrics.get("local-steps", 0)),
-            virtual_duration_s=metrics.get("virtual-duration"),
-        )
+        return train_update(reply.content, task.sent, **common)
 
     def _handle(self, event: Event) -> None:
         task, reply = event.task, event.reply
@@ -384,11 +455,13 @@ class EventLoop:
                 data={**note.data, "clock_s": self._clock(), "model_version": self.version},
             )
         if decision.weights is not None:
-            self._aggregated(decision.weights)
+            self._aggregated(decision.weights, decision.metrics)
         if self._done():
             return  # a task sent now could only be abandoned when the run ends
         for node_id in decision.dispatch:
-            self._dispatch(node_id, decision.local_steps.get(node_id))
+            self._dispatch(
+                node_id, decision.local_steps.get(node_id), decision.config.get(node_id, {})
+            )
         if decision.wake_in is not None:
             self.wake_at = self._clock() + decision.wake_in
 
@@ -401,11 +474,12 @@ class EventLoop:
                 return
         log.warning("refused update from node %d not found among pending ones", node_id)
 
-    def _aggregated(self, weights: Weights) -> None:
+    def _aggregated(self, weights: Weights, own_metrics: Mapping[str, float]) -> None:
         # The version moves on only once the round is stored: if evaluating or recording it
         # fails, its updates are recorded at the end under the round they were meant for.
         version = self.version + 1
         metrics = self.evaluate(version, to_record(weights))
+        federated = self._federated_evaluation(version, weights)
         record = RoundRecord(
             server_round=version,
             started_at=self.round_started,
@@ -417,8 +491,9 @@ class EventLoop:
                     for u in self.pending
                     if u.status == "accepted" and u.num_examples is not None
                 ]
-            ),
-            evaluate_metrics={},
+            )
+            | dict(own_metrics),
+            evaluate_metrics=federated,
             updates=tuple(self.pending),
             virtual_time_s=self.vtime if self.virtual else None,
         )
@@ -428,6 +503,44 @@ class EventLoop:
         self.pending = []
         self.round_started = record.finished_at
 
+    def _federated_evaluation(self, version: int, weights: Weights) -> dict[str, float]:
+        """The new model evaluated by the idle nodes the strategy picks, on their own held-out
+        shards, before anything else is sent; it takes no time on the virtual clock."""
+        idle = [n for n in sorted(self.grid.get_node_ids()) if not self._busy(n)]
+        targets = self.strategy.configure_evaluate(version, weights, idle)
+        if not targets:
+            return {}
+        pushed: dict[str, int] = {}
+        for node_id, extra in sorted(targets.items()):
+            config = {**extra, **self.task_config, "server-round": version}
+            message = Message(
+                content=RecordDict(
+                    {ARRAYS_KEY: to_record(weights), "config": ConfigRecord(config)}
+                ),
+                dst_node_id=node_id,
+                message_type=MessageType.EVALUATE,
+                ttl=self.spec.round_timeout_s,
+            )
+            msg_id = next(iter(self.grid.push_messages([message])), None)
+            if msg_id is not None:
+                pushed[msg_id] = node_id
+        deadline = time.monotonic() + self.spec.round_timeout_s
+        results: list[Evaluation] = []
+        while pushed and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pushed)):
+                node_id = pushed.pop(reply.metadata.reply_to_message_id, -1)
+                if node_id < 0 or reply.has_error():
+                    continue
+                metrics = numeric_metrics(reply.content.metric_records.get(METRICS_KEY))
+                count = metrics.get(WEIGHT_KEY, 0.0)
+                if count > 0 and all(np.isfinite(v) for v in metrics.values()):
+                    results.append(Evaluation(node_id, count, metrics))
+            if pushed:
+                time.sleep(self.poll_interval)
+        if pushed:
+            log.warning("version %d: %d evaluation replies missing", version, len(pushed))
+        return self.strategy.aggregate_evaluate(version, sorted(results, key=lambda r: r.node_id))
+
     # --- the end -------------------------------------------------------------------------------
 
     def _record_unfinished(self) -> None:
@@ -436,7 +549,7 @@ class EventLoop:
             replace(u, status="rejected", reason=NOT_AGGREGATED) if u.status == "accepted" else u
             for u in self.pending
         ]
-        for event in self.queue:
+        for event in [*self.queue, *self.refused]:
             if isinstance(event, Event):
                 update = self._update_of(event)
                 if update.status == "accepted":
@@ -450,7 +563,7 @@ class EventLoop:
             UpdateRecord(status="failed", reason=NO_REPLY, wall_duration_s=wall, **self._fields(t))
             for t, wall in unfinished
         ]
-        self.pending, self.queue, self.held, self.inflight = [], [], [], {}
+        self.pending, self.queue, self.held, self.inflight, self.refused = [], [], [], {}, []
         if updates:
             self.recorder.record_updates(self.run_id, self.version + 1, updates)
         if self.dispatched:

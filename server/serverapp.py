@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from florist.client.models import build_model
@@ -17,10 +17,11 @@ from florist.client.task import task_to_config
 from florist.client.training import evaluate, pick_device
 from florist.datasets import dataset_info, load_test
 from florist.server.recorder import RoundRecord, RunRecorder
-from florist.server.rounds import PollingGrid, RecordingStrategy
 from florist.server.runtime import EventLoop
-from florist.server.spec import ExperimentSpec, resolve_strategy, runtime_of, server_setup
+from florist.server.spec import ExperimentSpec, resolve_strategy, server_setup
 from florist.strategies import StrategyConfig, StrategyPlugin
+from florist.strategies.events import EventStrategy
+from florist.strategies.flower_adapter import as_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ class RunResult:
     final_arrays: ArrayRecord | None
     history: list[RoundRecord]
     initial_metrics: dict[str, float]
-    server: object  # the plugin's server half (a Flower Strategy or an EventStrategy), as run
+    server: EventStrategy  # the plugin's server half as the loop ran it
 
 
 def run_experiment(
@@ -71,49 +72,25 @@ def run_experiment(
     flwr_run_id: int,
     poll_interval: float = 0.1,
 ) -> RunResult:
-    """Run ``spec`` on the Grid's nodes; every round is committed as it completes.
-
-    Synchronous plugins run on Flower's own ``Strategy.start`` loop; event-driven ones (and any
-    plugin when ``spec.runtime == "event"``) on Florist's :class:`EventLoop`.
-    """
+    """Run ``spec`` on the Grid's nodes on Florist's one loop; every round is committed as it
+    completes."""
     run_id = recorder.start_run(experiment_id=experiment_id, flwr_run_id=flwr_run_id)
-    # Flower samples nodes with the global `random` module; so does SyncFedAvg.
+    # Schedulers sample nodes with the global `random` module, as Flower's strategies do.
     random.seed(spec.seed)
     try:
         plugin, config = resolve_strategy(spec.strategy)
-        setup = server_setup(spec)
-        evaluate = centralized_evaluator(spec, plugin, config)
-        if runtime_of(spec, plugin) == "event":
-            assert plugin.build_event_server is not None  # runtime_of checked it
-            loop = EventLoop(
-                grid,
-                spec,
-                plugin.build_event_server(config, setup),
-                recorder,
-                run_id,
-                evaluate,
-                task_to_config(spec.task()),
-                poll_interval=poll_interval,
-            )
-            final = loop.run(initial_arrays(spec))
-            result = RunResult(final, loop.history, loop.initial_metrics, loop.strategy)
-        else:
-            assert plugin.build_server is not None  # runtime_of checked it
-            strategy = RecordingStrategy(
-                plugin.build_server(config, setup), recorder, run_id, evaluate
-            )
-            flower_result = strategy.start(
-                grid=PollingGrid(grid, poll_interval),
-                initial_arrays=initial_arrays(spec),
-                num_rounds=spec.rounds,
-                timeout=spec.round_timeout_s,
-                train_config=ConfigRecord(task_to_config(spec.task())),
-                evaluate_config=ConfigRecord(task_to_config(spec.task())),
-                evaluate_fn=strategy.evaluate_fn,
-            )
-            result = RunResult(
-                flower_result.arrays, strategy.history, strategy.initial_metrics, strategy.inner
-            )
+        loop = EventLoop(
+            grid,
+            spec,
+            as_scheduler(plugin.build_server(config, server_setup(spec))),
+            recorder,
+            run_id,
+            centralized_evaluator(spec, plugin, config),
+            task_to_config(spec.task()),
+            poll_interval=poll_interval,
+        )
+        final = loop.run(initial_arrays(spec))
+        result = RunResult(final, loop.history, loop.initial_metrics, loop.strategy)
     except BaseException as exc:
         # A stop from the SuperLink arrives as an exception too; the API sets the final status.
         recorder.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
 )
 
 from florist.client.task import StrategyRef, TaskSpec
@@ -52,36 +49,21 @@ class ExperimentSpec(TaskSpec):
     )
     runtime: Literal["flower", "event"] | None = Field(
         default=None,
-        description="flower: Flower's synchronous Strategy.start loop; event: Florist's "
-        "event-driven loop (one update at a time). Default: flower where the strategy has a "
-        "Flower server half, else event; a dropout policy other than the default implies event.",
+        deprecated=True,
+        description="Ignored, kept so that earlier experiments still load: every strategy, "
+        "Flower's included, runs on Florist's one loop.",
     )
     time_budget_s: float | None = Field(
         default=None,
         gt=0,
-        description="Event runtime: stop at the first aggregation after this many seconds on "
-        "the experiment's clock; `rounds` (aggregations) stays an upper bound.",
+        description="Stop at the first aggregation after this many seconds on the experiment's "
+        "clock; `rounds` (aggregations) stays an upper bound.",
     )
     dropout: DropoutPolicy = Field(
         default_factory=DropoutPolicy,
-        description="Event runtime, synchronous rounds: deadline, quorum, over-commitment and "
-        "late updates. The default waits for every sampled node, as Flower's FedAvg does.",
+        description="Synchronous rounds: deadline, quorum, over-commitment and late updates. "
+        "The default waits for every sampled node, as Flower's FedAvg does.",
     )
-
-    @field_validator("dropout")
-    @classmethod
-    def _not_on_flowers_loop(cls, dropout: DropoutPolicy, info: ValidationInfo) -> DropoutPolicy:
-        if not dropout.is_default and info.data.get("runtime") == "flower":
-            raise ValueError(
-                "a dropout policy needs runtime 'event': Flower's loop waits for every reply"
-            )
-        return dropout
-
-    @model_validator(mode="after")
-    def _dropout_implies_the_event_runtime(self) -> Self:
-        if not self.dropout.is_default:
-            self.runtime = "event"
-        return self
 
     def task(self) -> TaskSpec:
         """The part every client message carries."""
@@ -140,17 +122,3 @@ def experiment_row(spec: ExperimentSpec) -> dict[str, Any]:
         "num_rounds": spec.rounds,
         "spec": spec.model_dump(mode="json"),
     }
-
-
-def runtime_of(spec: ExperimentSpec, plugin: StrategyPlugin) -> Literal["flower", "event"]:
-    """The loop that runs ``spec``: as asked, else Flower's where the plugin has a Flower half."""
-    runtime = spec.runtime or ("flower" if plugin.build_server is not None else "event")
-    missing = plugin.build_event_server if runtime == "event" else plugin.build_server
-    if missing is None:
-        msg = (
-            f"strategy {plugin.name!r} has no event-driven server half"
-            if runtime == "event"
-            else f"strategy {plugin.name!r} runs only on the event runtime"
-        )
-        raise StrategySpecError([{"loc": ("runtime",), "msg": msg, "type": "runtime_unsupported"}])
-    return runtime

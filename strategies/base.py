@@ -49,27 +49,23 @@ def default_trainer(task: TrainTask) -> TrainResult:
 class StrategyPlugin:
     """One registered algorithm.
 
-    The server half is ``build_server`` (a Flower ``Strategy``, run by Flower's synchronous
-    loop) and/or ``build_event_server`` (an :class:`~florist.strategies.events.EventStrategy`,
-    run by Florist's event-driven loop); at least one is set. ``train`` is the client half, run
-    by the ClientApp on each training message.
+    The server half is ``build_server``: an :class:`~florist.strategies.events.EventStrategy`
+    (a Florist scheduler, e.g. FedAsync's), or a Flower ``Strategy``, which runs as synchronous
+    rounds of its own ``configure_*``/``aggregate_*`` hooks (strategies/flower_adapter.py). Both
+    run on Florist's one loop (server/runtime.py). ``train`` is the client half, run by the
+    ClientApp on each training message.
     """
 
     name: str
     summary: str
     config_model: type[StrategyConfig]
-    build_server: Callable[[Any, ServerSetup], Strategy] | None
-    build_event_server: Callable[[Any, ServerSetup], EventStrategy] | None = None
+    build_server: Callable[[Any, ServerSetup], EventStrategy | Strategy]
     train: Callable[[TrainTask], TrainResult] = default_trainer
     # Extra centralized metrics per round (e.g. FAL's robust accuracy): (global model, held-out
     # test data, config) -> metrics recorded with the round beside accuracy and loss.
     server_metrics: Callable[[nn.Module, XY, Any], dict[str, float]] | None = None
     paper: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
-
-    def __post_init__(self) -> None:
-        if self.build_server is None and self.build_event_server is None:
-            raise ValueError(f"strategy {self.name!r} has no server half")
 
     def parse_config(self, raw: dict[str, Any] | None) -> StrategyConfig:
         """Validate a raw config dict (raises pydantic.ValidationError naming the field)."""

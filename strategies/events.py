@@ -1,5 +1,9 @@
-"""The event-driven server half: react to one arriving update, decide when to aggregate and whom
-to send what next. Pure maths on numpy weights; Florist's runtime (server/runtime.py) does the I/O.
+"""The scheduler interface of Florist's one server loop: react to each event, decide what to send.
+
+Every plugin's server half is an :class:`EventStrategy` (a scheduler: whom to send work, when to
+aggregate) driving pure aggregation maths on numpy weights; Florist's one loop
+(server/runtime.py) does the I/O. Synchronous rounds are the scheduler in strategies/rounds.py;
+Flower's own strategies plug into it through strategies/flower_adapter.py.
 """
 
 from __future__ import annotations
@@ -7,13 +11,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 Weights = dict[str, np.ndarray]
+# What a task may carry besides the experiment's settings (e.g. FedProx's ``proximal-mu``):
+# ConfigRecord scalars, kebab-case keys.
+ConfigValue = int | float | str | bool
+NodeConfig = Mapping[str, ConfigValue]
 
 
 class DropoutPolicy(BaseModel):
@@ -85,7 +93,9 @@ class Arrival:
     sent_weights: Weights  # the global model it started from
     sent_version: int  # that model's version
     version: int  # the global version now; staleness = version - sent_version
-    num_examples: int
+    # Its weight in an example-weighted mean: the reply's example count (a late update kept for
+    # a later round may enter discounted, see ``discount_stale``).
+    num_examples: float
     local_steps: int
     metrics: Mapping[str, float]
     duration_s: float  # on the experiment's clock
@@ -97,6 +107,15 @@ class Arrival:
     def delta(self) -> Weights:
         """x_i − x_sent(i): the update against the model the client started from."""
         return {k: self.weights[k] - self.sent_weights[k] for k in self.weights}
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One node's federated-evaluation reply: its metrics on its own held-out shard."""
+
+    node_id: int
+    num_examples: float
+    metrics: Mapping[str, float]
 
 
 @dataclass(frozen=True)
@@ -113,19 +132,23 @@ class Decision:
     """What the strategy wants after an event: a new global model (or None), and tasks to send.
 
     ``dispatch`` lists nodes to send the (new) global model to now; ``local_steps`` may set
-    their local steps (None: the experiment's training settings). ``refused`` names nodes whose
+    their local steps (None: the experiment's training settings); ``config`` adds entries to a
+    node's task (e.g. a Flower strategy's ``proximal-mu``). ``refused`` names nodes whose
     latest update since the last aggregation stays out of the aggregate, with the reason it is
     recorded under (status rejected). ``wake_in`` asks for :meth:`EventStrategy.on_tick` that
     many seconds from now on the experiment's clock (it replaces any earlier request; None leaves
-    it). ``notes`` are recorded as events.
+    it). ``notes`` are recorded as events; ``metrics`` are the aggregation's own train metrics,
+    recorded with the new model's round.
     """
 
     weights: Weights | None = None
     dispatch: tuple[int, ...] = ()
     local_steps: Mapping[int, int] = field(default_factory=dict)
+    config: Mapping[int, NodeConfig] = field(default_factory=dict)
     refused: Mapping[int, str] = field(default_factory=dict)
     wake_in: float | None = None
     notes: tuple[Note, ...] = ()
+    metrics: Mapping[str, float] = field(default_factory=dict)
 
 
 class EventStrategy(ABC):
@@ -164,6 +187,17 @@ class EventStrategy(ABC):
     def on_tick(self, now: float, weights: Weights) -> Decision:
         """The timer a decision asked for came due; ``now`` is on the experiment's clock."""
         return Decision()
+
+    def configure_evaluate(
+        self, version: int, weights: Weights, idle: Sequence[int]
+    ) -> Mapping[int, NodeConfig]:
+        """Federated evaluation of a new global model: which of the ``idle`` nodes evaluate it
+        (with any extra task config). The loop asks after every aggregation. Default: none."""
+        return {}
+
+    def aggregate_evaluate(self, version: int, results: Sequence[Evaluation]) -> dict[str, float]:
+        """The round's federated-evaluation metrics from the nodes' replies. Default: none."""
+        return {}
 
 
 class Retries:
@@ -231,18 +265,23 @@ def apply_delta(current: Weights, delta: Weights, scale: float) -> Weights:
     return {k: (current[k] + scale * delta[k]).astype(current[k].dtype) for k in current}
 
 
+def discount_stale(current: Weights, late: Arrival) -> Arrival:
+    """A late update as a fresh one for the current round: x + Δ_i (its delta applied to the
+    current model) weighted by n_i·(1 + τ_i)^-½, FedAsync's polynomial staleness with a = ½."""
+    moved = {k: (current[k] + d).astype(current[k].dtype) for k, d in late.delta().items()}
+    return replace(
+        late,
+        weights=moved,
+        sent_weights=current,
+        num_examples=late.num_examples * (1.0 + late.staleness) ** -0.5,
+    )
+
+
 def average_with_stale(
     current: Weights, fresh: Sequence[Arrival], stale: Sequence[Arrival] = ()
 ) -> Weights:
-    """FedAvg of a round's fresh models, weighted by examples in the given order, plus late ones.
-
-    A late update kept from an earlier round enters as x + Δ_i (its delta applied to the current
-    model) weighted by n_i·(1 + τ_i)^-½, FedAsync's polynomial staleness function with a = ½.
-    Without late updates this is exactly ``weighted_mean`` of the fresh models.
+    """Example-weighted mean of a round's fresh models in the given order, plus late ones
+    (:func:`discount_stale`). Without late updates this is ``weighted_mean`` of the fresh models.
     """
-    models = [a.weights for a in fresh]
-    factors: list[float] = [a.num_examples for a in fresh]
-    for a in stale:
-        models.append({k: (current[k] + d).astype(current[k].dtype) for k, d in a.delta().items()})
-        factors.append(a.num_examples * (1.0 + a.staleness) ** -0.5)
-    return weighted_mean(models, factors)
+    updates = [*fresh, *(discount_stale(current, a) for a in stale)]
+    return weighted_mean([a.weights for a in updates], [a.num_examples for a in updates])

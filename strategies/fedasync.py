@@ -62,7 +62,7 @@ class FedAsync(EventStrategy):
         return self.retries.lost(node_id, reason)
 
 
-def build_event_server(config: FedAsyncConfig, setup: ServerSetup) -> FedAsync:
+def build_server(config: FedAsyncConfig, setup: ServerSetup) -> FedAsync:
     return FedAsync(config)
 
 
@@ -70,8 +70,7 @@ plugin = StrategyPlugin(
     name="fedasync",
     summary="FedAsync: mix each update into the global model as it arrives, by staleness.",
     config_model=FedAsyncConfig,
-    build_server=None,
-    build_event_server=build_event_server,
+    build_server=build_server,
     paper="https://arxiv.org/abs/1903.03934",
     tags=("async",),
 )

@@ -62,7 +62,7 @@ class FedBuff(EventStrategy):
         return self.retries.lost(node_id, reason)
 
 
-def build_event_server(config: FedBuffConfig, setup: ServerSetup) -> FedBuff:
+def build_server(config: FedBuffConfig, setup: ServerSetup) -> FedBuff:
     return FedBuff(config)
 
 
@@ -70,8 +70,7 @@ plugin = StrategyPlugin(
     name="fedbuff",
     summary="FedBuff: aggregate every K asynchronous updates from a buffer.",
     config_model=FedBuffConfig,
-    build_server=None,
-    build_event_server=build_event_server,
+    build_server=build_server,
     paper="https://arxiv.org/abs/2106.06639",
     tags=("async",),
 )

@@ -19,7 +19,6 @@ from florist.server.serverapp import RunResult, run_experiment
 from florist.server.spec import ExperimentSpec
 from florist.strategies.events import (
     Arrival,
-    DropoutPolicy,
     DropoutPolicyError,
     average_with_stale,
     weighted_mean,
@@ -317,14 +316,51 @@ def test_config_errors_name_the_field(dropout: dict[str, Any], loc: tuple[str, .
     assert [e["loc"] for e in info.value.errors()] == [loc]
 
 
-def test_a_policy_refuses_flowers_loop_and_otherwise_implies_the_event_runtime() -> None:
-    with pytest.raises(ValidationError) as info:
-        spec({"quorum": 0.5}, runtime="flower")
-    assert info.value.errors()[0]["loc"] == ("dropout",)
-    assert spec({"quorum": 0.5}).runtime == "event"
-    default = spec({})
-    assert default.runtime is None and default.dropout == DropoutPolicy()
-    assert spec({"quorum": 1.0}, runtime="flower").runtime == "flower"  # the default policy
+def test_the_runtime_field_is_ignored_and_loads() -> None:
+    # Kept so that experiments stored before the one loop still load; it changes nothing.
+    assert spec({"quorum": 0.5}, runtime="flower").dropout.quorum == 0.5
+    with pytest.raises(ValidationError):
+        spec({}, runtime="elsewhere")
+
+
+@pytest.mark.parametrize(
+    "strategy",
+    [{"name": "fedprox", "config": {"proximal_mu": 0.25}}, {"name": "fedadam", "config": {}}],
+)
+def test_flowers_strategies_follow_the_policy_deterministically_on_the_virtual_clock(
+    strategy: dict[str, Any],
+) -> None:
+    # Prepare: SLOW takes 100 virtual seconds, the others 10; the deadline is 30 s.
+    s = spec({"deadline_s": 30, "quorum": 0.8}, strategy=strategy, rounds=3)
+    sent: list[dict[str, Any]] = []
+
+    def tamper(node: int, request: Message, reply: Message) -> Message:
+        sent.append(dict(request.content.config_records["config"]))
+        return durations(lambda n, _: 100.0 if n == SLOW else 10.0)(node, request, reply)
+
+    # Execute: twice, and FedAvg under the same policy for comparison.
+    a, first = run(s, 5, tamper)
+    b, second = run(s, 5, durations(lambda n, _: 100.0 if n == SLOW else 10.0))
+    avg, _ = run(spec({"deadline_s": 30, "quorum": 0.8}, rounds=3), 5, None)
+
+    # Assert: every round closes at its deadline with the quorum, SLOW's update stays out.
+    rounds = first.rounds(1)
+    assert [r.virtual_time_s for r in rounds] == [30, 60, 90]
+    assert [r.num_updates for r in rounds] == [4, 4, 4]
+    assert all(SLOW not in r.seen_node_ids for r in rounds)
+    assert "round 1 aggregated at the deadline with 4/5 (quorum 0.8)" in policy_events(first)
+    # Deterministic: the same updates in the same order, the same final model.
+    order = [(r, u.node_id, u.status, u.model_version) for r, u in first.updates(1)]
+    assert order == [(r, u.node_id, u.status, u.model_version) for r, u in second.updates(1)]
+    assert a.final_arrays is not None and b.final_arrays is not None
+    final = {k: v.numpy() for k, v in a.final_arrays.items()}
+    for key, value in b.final_arrays.items():
+        np.testing.assert_array_equal(value.numpy(), final[key])
+    # The strategy's own hooks ran: FedProx's μ reached the clients, and neither is FedAvg.
+    if strategy["name"] == "fedprox":
+        assert {c["proximal-mu"] for c in sent} == {0.25}
+    assert avg.final_arrays is not None
+    assert any(not np.allclose(v.numpy(), final[k]) for k, v in avg.final_arrays.items())
 
 
 def test_an_async_strategy_refuses_a_policy() -> None:

@@ -14,7 +14,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from florist.server.localgrid import LocalGrid
 from florist.server.recorder import InMemoryRunRecorder
-from florist.server.rounds import NO_REPLY_REASON, PollingGrid
+from florist.server.runtime import NO_REPLY_BY_DEADLINE, PUSH_REFUSED, PushRefusedError
 from florist.server.serverapp import run_experiment
 from florist.server.spec import ExperimentSpec
 
@@ -74,23 +74,28 @@ def test_every_round_is_recorded_with_its_updates() -> None:
     assert recorder.experiments[1].status == "completed"
 
 
-def test_each_round_records_its_dispatch_before_the_replies() -> None:
+def test_each_task_records_its_dispatch_as_it_leaves() -> None:
     # Execute
     _, recorder = run(make_spec())
 
-    # Assert: one dispatch event per round, naming its nodes (as strings) and model version,
-    # written before any of the round's tasks left, so it predates every reply.
+    # Assert: one dispatch event per task, naming its node (as a string) and model version,
+    # written as the task left, before its reply came back.
     dispatches = [e for e in recorder.events if e.kind == "dispatch"]
     assert [sorted(e.data or {}) for e in dispatches] == [
         ["model_version", "node_ids", "server_round"]
-    ] * 3
-    assert [(e.data or {})["server_round"] for e in dispatches] == [1, 2, 3]
-    for event, r in zip(dispatches, recorder.rounds(1), strict=True):
-        data = event.data or {}
-        assert sorted(data["node_ids"]) == ["1000", "1001", "1002"]
-        assert data["model_version"] == r.server_round - 1
+    ] * 9
+    for r in recorder.rounds(1):
+        sent = [e for e in dispatches if (e.data or {})["server_round"] == r.server_round]
+        assert sorted(n for e in sent for n in (e.data or {})["node_ids"]) == [
+            "1000",
+            "1001",
+            "1002",
+        ]
+        assert all((e.data or {})["model_version"] == r.server_round - 1 for e in sent)
         for u in r.updates:
-            assert u.dispatched_at is not None and event.created_at <= u.dispatched_at
+            (event,) = [e for e in sent if (e.data or {})["node_ids"] == [str(u.node_id)]]
+            assert u.dispatched_at is not None and u.arrived_at is not None
+            assert u.dispatched_at <= event.created_at <= u.arrived_at
 
 
 class HeldGrid(LocalGrid):
@@ -118,7 +123,7 @@ class HeldGrid(LocalGrid):
 
 def test_sync_updates_record_when_each_task_left_and_came_back() -> None:
     spec = make_spec(rounds=2)
-    _, recorder = run(spec, HeldGrid(3, {1001: 0.3}), poll_interval=0.01)
+    _, recorder = run(spec, HeldGrid(3, {1001: 1.5}), poll_interval=0.01)
     for r in recorder.rounds(1):
         by_node = {u.node_id: u for u in r.updates}
         assert set(by_node) == {1000, 1001, 1002} and r.num_updates == 3
@@ -133,9 +138,9 @@ def test_sync_updates_record_when_each_task_left_and_came_back() -> None:
             assert u.staleness == 0 and u.local_steps and u.local_steps > 0
         # The slow node's bar ends when its reply came, not when the round was committed.
         slow, fast = by_node[1001], by_node[1000]
-        assert slow.arrived_at and fast.arrived_at and fast.wall_duration_s is not None
-        assert slow.arrived_at - fast.arrived_at >= timedelta(seconds=0.25)
-        assert fast.wall_duration_s < 0.2
+        assert slow.arrived_at and slow.dispatched_at and fast.arrived_at
+        assert slow.arrived_at - slow.dispatched_at >= timedelta(seconds=1.5)
+        assert fast.arrived_at < slow.arrived_at <= r.finished_at
 
 
 def test_a_node_without_reply_by_the_timeout_is_recorded_as_a_dropout() -> None:
@@ -146,7 +151,7 @@ def test_a_node_without_reply_by_the_timeout_is_recorded_as_a_dropout() -> None:
     for r in rounds:
         assert r.num_updates == 2 and r.num_failures == 1
         (lost,) = [u for u in r.updates if u.status == "failed"]
-        assert lost.node_id == 1002 and lost.reason == NO_REPLY_REASON
+        assert lost.node_id == 1002 and lost.reason == NO_REPLY_BY_DEADLINE
         assert lost.dispatched_at is not None and lost.arrived_at is not None
         # Its bar runs from dispatch until the server stopped waiting.
         assert lost.wall_duration_s is not None and lost.wall_duration_s >= 0.3
@@ -248,16 +253,42 @@ def test_client_error_is_recorded_as_failed() -> None:
     assert failed.dispatched_at is not None and failed.arrived_at is not None
 
 
-def test_a_refused_push_is_an_empty_round_not_a_crash() -> None:
-    # Flower's HttpGrid returns no ids at all when the push is too large for the SuperLink.
-    class RefusingGrid(LocalGrid):
-        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-            return []
+class RefusingGrid(LocalGrid):
+    """Refuses the first ``times`` pushes to ``node`` (all of them when ``times`` is None), as
+    Flower's HttpGrid does (no ids) for a push too large for the SuperLink."""
 
-    grid = PollingGrid(RefusingGrid(2), interval=0)
-    messages = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (1000, 1001)]
-    assert list(grid.send_and_receive(messages, timeout=1)) == []
-    assert grid.deliveries == {}
+    def __init__(self, num_nodes: int, node: int, times: int | None) -> None:
+        super().__init__(num_nodes)
+        self.node, self.times = node, times
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        messages = list(messages)
+        refuse = any(m.metadata.dst_node_id == self.node for m in messages)
+        if refuse and (self.times is None or self.times > 0):
+            self.times = None if self.times is None else self.times - 1
+            return []
+        return super().push_messages(messages)
+
+
+def test_a_refused_push_is_a_lost_task_and_the_run_goes_on() -> None:
+    _, recorder = run(make_spec(rounds=2), RefusingGrid(3, 1001, times=1))
+    first, second = recorder.rounds(1)
+    (lost,) = [u for u in first.updates if u.status == "failed"]
+    assert lost.node_id == 1001 and lost.reason == PUSH_REFUSED
+    assert first.num_updates == 2 and second.num_updates == 3
+    assert recorder.experiments[1].status == "completed"
+
+
+def test_pushes_refused_again_and_again_fail_the_run_with_every_task_recorded() -> None:
+    recorder = InMemoryRunRecorder()
+    spec = make_spec(rounds=2, clients={"min": 1})
+    with pytest.raises(PushRefusedError, match="refused"):
+        run_experiment(
+            RefusingGrid(1, 1000, times=None), spec, recorder, experiment_id=1, flwr_run_id=7
+        )
+    assert recorder.experiments[1].status == "failed"
+    updates = [u for _, u in recorder.updates(1)]
+    assert updates and all(u.status == "failed" and u.reason == PUSH_REFUSED for u in updates)
 
 
 def test_a_failing_run_is_finished_as_failed() -> None:

@@ -30,11 +30,11 @@ from florist.server.spec import (
     StrategySpecError,
     experiment_row,
     resolve_strategy,
-    runtime_of,
     server_setup,
 )
 from florist.strategies import default_registry
 from florist.strategies.events import DropoutPolicyError
+from florist.strategies.flower_adapter import as_scheduler
 from florist.strategies.registry import StrategyRegistryError
 
 router = APIRouter(prefix="/experiments", tags=["experiments"])
@@ -121,17 +121,21 @@ def check_spec(spec: ExperimentSpec) -> None:
     """What field validation cannot see: the strategy's own config, model/dataset fit."""
     try:
         plugin, config = resolve_strategy(spec.strategy)
-        runtime = runtime_of(spec, plugin)
     except StrategySpecError as exc:
         raise _body_errors(exc.errors) from exc
-    if runtime == "event" and plugin.build_event_server is not None:
-        # Refused now rather than when the run starts: e.g. FedAsync has no rounds to police.
-        try:
-            plugin.build_event_server(config, server_setup(spec)).use_dropout_policy(spec.dropout)
-        except DropoutPolicyError as exc:
-            raise _body_errors(
-                [{"loc": ("dropout",), "msg": str(exc), "type": "dropout_unsupported"}]
-            ) from exc
+    try:
+        scheduler = as_scheduler(plugin.build_server(config, server_setup(spec)))
+    except (ValueError, TypeError) as exc:  # e.g. a Flower strategy refusing its arguments
+        raise _body_errors(
+            [{"loc": ("strategy", "config"), "msg": str(exc), "type": "strategy_refused"}]
+        ) from exc
+    # Refused now rather than when the run starts: e.g. FedAsync has no rounds to police.
+    try:
+        scheduler.use_dropout_policy(spec.dropout)
+    except DropoutPolicyError as exc:
+        raise _body_errors(
+            [{"loc": ("dropout",), "msg": str(exc), "type": "dropout_unsupported"}]
+        ) from exc
     try:
         build_model(spec.model, dataset_info(spec.dataset))
     except ValueError as exc:
