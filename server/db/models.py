@@ -23,7 +23,6 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from florist.server.db.status import ExperimentStatus, as_status
 
-EXPERIMENT_STATUSES = tuple(s.value for s in ExperimentStatus)
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
 UPDATE_STATUSES = ("accepted", "rejected", "failed")
 
