@@ -32,6 +32,7 @@ from florist.server.db.status import (
     IllegalTransition,
     as_status,
     finish_plan,
+    legal_moves,
     plan_target,
     start_plan,
     to_status,
@@ -157,11 +158,7 @@ def _transition(
     nothing (see ``plan_target``). Raises IllegalTransition, having written nothing, when the
     current status has no legal target in the plan.
     """
-    moves = {
-        current: to
-        for current, to in plan.items()
-        if current.may_become(to) and not (to == current and current.terminal)
-    }
+    moves = legal_moves(plan)
     current = ExperimentStatus.PENDING  # overwritten by the first read below
     for _ in range(_TRANSITION_ATTEMPTS):
         if moves:
@@ -173,7 +170,7 @@ def _transition(
                 )
                 .values(
                     status=case(
-                        {current.value: to.value for current, to in moves.items()},
+                        {old.value: new.value for old, new in moves.items()},
                         value=Experiment.status,
                     ),
                     **fields,

@@ -109,6 +109,21 @@ def plan_target(
     return None if to == current and current.terminal else to
 
 
+def legal_moves(
+    plan: Mapping[ExperimentStatus, ExperimentStatus],
+) -> dict[ExperimentStatus, ExperimentStatus]:
+    """The entries of ``plan`` that write something: legal, and not a terminal status repeated."""
+    moves = {}
+    for current in plan:
+        try:
+            to = plan_target(plan, current)
+        except IllegalTransition:
+            continue
+        if to is not None:
+            moves[current] = to
+    return moves
+
+
 def to_status(to: ExperimentStatus) -> dict[ExperimentStatus, ExperimentStatus]:
     """The plan of an unconditional change: whatever the experiment is, it becomes ``to``."""
     return {current: to for current in ExperimentStatus}

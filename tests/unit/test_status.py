@@ -17,6 +17,7 @@ from florist.server.db.status import (
     IllegalTransition,
     as_status,
     finish_plan,
+    legal_moves,
     plan_target,
     start_plan,
     to_status,
@@ -70,6 +71,12 @@ def test_plans_decide_per_current_status() -> None:
     assert (refused.value.current, refused.value.to) == (S.FAILED, S.COMPLETED)
     with pytest.raises(ValueError, match="does not end"):
         finish_plan(S.RUNNING)
+    # What the repository's UPDATE may do for a finish: no pending, no repeat, no other end.
+    assert legal_moves(finish_plan(S.COMPLETED)) == {
+        S.SUBMITTED: S.COMPLETED,
+        S.RUNNING: S.COMPLETED,
+        S.CANCELLING: S.CANCELLED,
+    }
     # A plain change; a plain string for the current status is welcome.
     assert plan_target(to_status(S.CANCELLING), "running") is S.CANCELLING  # type: ignore[arg-type]
     with pytest.raises(IllegalTransition):
