@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from florist.server.db.status import ExperimentStatus
 from florist.server.processes import (
     Managed,
     Supervisor,
@@ -85,13 +86,16 @@ def submit_and_follow(base: str, body: dict[str, Any], *, wait: bool = True) -> 
         )
         with Progress(*columns, console=console) as progress:
             task = progress.add_task("rounds", total=exp["num_rounds"], info=exp["status"])
-            while exp["status"] not in ("completed", "failed", "cancelled"):
+            # The JSON carries the plain value; a StrEnum member compares equal to it.
+            while not ExperimentStatus(exp["status"]).terminal:
                 time.sleep(1.0)
                 exp = client.get(f"/api/v1/experiments/{exp['id']}").json()
                 acc = exp.get("best_accuracy")
                 info = exp["status"] + (f" · best accuracy {acc:.3f}" if acc is not None else "")
                 progress.update(task, completed=exp["current_round"], info=info)
-        colour = {"completed": "green", "failed": "red"}.get(exp["status"], "yellow")
+        colour = {ExperimentStatus.COMPLETED: "green", ExperimentStatus.FAILED: "red"}.get(
+            exp["status"], "yellow"
+        )
         console.print(
             f"[{colour}]Experiment {exp['id']} {exp['status']}[/{colour}]"
             + (f": {exp['error']}" if exp.get("error") else "")
@@ -107,7 +111,7 @@ def submit(
 ) -> None:
     """Submit an experiment through the API and follow it round by round."""
     exp = submit_and_follow(api or api_url(get_settings()), load_experiment(file), wait=wait)
-    if exp["status"] == "failed":
+    if exp["status"] == ExperimentStatus.FAILED:
         raise typer.Exit(1)
 
 

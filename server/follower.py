@@ -7,22 +7,30 @@ import threading
 from collections.abc import Callable
 from datetime import timedelta
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from florist.server.control import ControlClient, SuperLinkUnavailable
 from florist.server.db.models import Experiment, utcnow
-from florist.server.db.repository import add_event, update_experiment
+from florist.server.db.repository import (
+    add_event,
+    finish_experiment,
+    get_experiment,
+    list_active_experiment_ids,
+    update_experiment,
+)
+from florist.server.db.status import ExperimentStatus, IllegalTransition
 
 log = logging.getLogger(__name__)
 
-ACTIVE = ("pending", "submitted", "running", "cancelling")
-TERMINAL = ("completed", "failed", "cancelled")
-
 
 def _fail(session: Session, exp: Experiment, error: str) -> None:
+    # Not finish_experiment: a lost run fails even an experiment being cancelled.
     update_experiment(
-        session, experiment_id=exp.id, status="failed", finished_at=utcnow(), error=error
+        session,
+        experiment_id=exp.id,
+        status=ExperimentStatus.FAILED,
+        finished_at=utcnow(),
+        error=error,
     )
 
 
@@ -31,7 +39,8 @@ class RunFollower:
 
     pending → submitted (StartRun) → running → completed | failed; cancelling → cancelled
     (StopRun). The ServerApp writes rounds and its own start/finish; this side owns what only
-    the SuperLink knows: that a run was accepted, that it ended, and how.
+    the SuperLink knows: that a run was accepted, that it ended, and how. Every status it sets
+    goes through the repository, which refuses an illegal transition (florist.server.db.status).
     """
 
     def __init__(
@@ -88,16 +97,14 @@ class RunFollower:
     def tick(self) -> None:
         """Advance every active experiment by one step."""
         with self._sessions() as session:
-            ids = session.scalars(
-                select(Experiment.id).where(Experiment.status.in_(ACTIVE)).order_by(Experiment.id)
-            ).all()
+            ids = list_active_experiment_ids(session)
         for experiment_id in ids:
             try:
                 with self._sessions() as session, session.begin():
-                    exp = session.get(Experiment, experiment_id)
-                    if exp is None or exp.status not in ACTIVE:
+                    exp = get_experiment(session, experiment_id=experiment_id)
+                    if exp is None or exp.status.terminal:
                         continue
-                    if exp.status == "pending":
+                    if exp.status == ExperimentStatus.PENDING:
                         self._submit(session, exp)
                     else:
                         self._follow(session, exp)
@@ -124,7 +131,20 @@ class RunFollower:
         except Exception as exc:
             _fail(session, exp, f"the SuperLink refused the run: {exc}")
             return
-        update_experiment(session, experiment_id=exp.id, status="submitted", flwr_run_id=run_id)
+        try:
+            update_experiment(
+                session,
+                experiment_id=exp.id,
+                status=ExperimentStatus.SUBMITTED,
+                flwr_run_id=run_id,
+            )
+        except IllegalTransition as exc:
+            # Changed while StartRun was on its way. A ServerApp that started already has
+            # marked it running with this run id; a cancel meanwhile left nobody to stop it.
+            if exc.current != ExperimentStatus.RUNNING:
+                log.warning("experiment %d: %s; stopping Flower run %d", exp.id, exc, run_id)
+                self.control.stop_run(run_id)
+            return
         add_event(
             session,
             experiment_id=exp.id,
@@ -135,12 +155,15 @@ class RunFollower:
 
     def _follow(self, session: Session, exp: Experiment) -> None:
         if exp.flwr_run_id is None:
-            update_experiment(
-                session, experiment_id=exp.id, status="cancelled", finished_at=utcnow()
+            finish_experiment(
+                session,
+                experiment_id=exp.id,
+                status=ExperimentStatus.CANCELLED,
+                finished_at=utcnow(),
             )
             return
         try:
-            if exp.status == "cancelling":
+            if exp.status == ExperimentStatus.CANCELLING:
                 self.control.stop_run(exp.flwr_run_id)
             state = self.control.run_state(exp.flwr_run_id)
         except SuperLinkUnavailable as exc:
@@ -151,20 +174,37 @@ class RunFollower:
             _fail(session, exp, "the SuperLink no longer knows this run (restarted?)")
             return
         if not state.finished:
-            if state.status == "running" and exp.status == "submitted":
-                update_experiment(session, experiment_id=exp.id, status="running")
+            if state.status == "running" and exp.status == ExperimentStatus.SUBMITTED:
+                try:
+                    update_experiment(
+                        session, experiment_id=exp.id, status=ExperimentStatus.RUNNING
+                    )
+                except IllegalTransition as exc:  # a cancel came in since this tick read it
+                    log.info("experiment %d: %s", exp.id, exc)
             return
-        finished = {"finished_at": exp.finished_at or utcnow()}
-        if state.sub_status == "stopped" or exp.status == "cancelling":
-            update_experiment(session, experiment_id=exp.id, status="cancelled", **finished)
+        finished_at = exp.finished_at or utcnow()
+        error = None
+        # A cancel that arrives after this read still wins: finish_experiment sees to that.
+        if state.sub_status == "stopped" or exp.status == ExperimentStatus.CANCELLING:
+            outcome = ExperimentStatus.CANCELLED
         elif state.sub_status == "completed" and exp.error is None:
-            update_experiment(session, experiment_id=exp.id, status="completed", **finished)
+            outcome = ExperimentStatus.COMPLETED
         else:
+            outcome = ExperimentStatus.FAILED
             # Keep the ServerApp's own error when it recorded one: it says more than Flower's.
             error = exp.error or state.details or f"Flower run {state.sub_status}"
-            update_experiment(
-                session, experiment_id=exp.id, status="failed", error=error, **finished
+        try:
+            finish_experiment(
+                session,
+                experiment_id=exp.id,
+                status=outcome,
+                finished_at=finished_at,
+                error=error,
             )
+        except IllegalTransition as exc:
+            # The ServerApp finished it differently since this tick read it: its word stands.
+            log.info("experiment %d: %s", exp.id, exc)
+            return
         add_event(
             session,
             experiment_id=exp.id,

@@ -7,24 +7,42 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal, cast, get_args
+from typing import Any, Literal, get_args
 
-from sqlalchemy import case, select, update
-from sqlalchemy.engine import URL, CursorResult, Engine
+from sqlalchemy import select
+from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from florist.server.db.engine import make_engine, make_session_factory
-from florist.server.db.models import ClientUpdate, Experiment, Round, Run, utcnow
-from florist.server.db.repository import add_event, touch_nodes
+from florist.server.db.models import ClientUpdate, Round, Run, utcnow
+from florist.server.db.repository import (
+    ExperimentNotFoundError,
+    add_event,
+    finish_experiment,
+    start_experiment,
+    touch_nodes,
+)
+from florist.server.db.status import (
+    ExperimentStatus,
+    IllegalTransition,
+    finish_plan,
+    plan_target,
+    start_plan,
+)
 
 UpdateStatus = Literal["accepted", "rejected", "failed"]
 RunOutcome = Literal["completed", "failed", "stopped"]
 
-# Statuses that mean a user asked to cancel: the run's own outcome must not hide that.
-_CANCEL_STATUSES = ("cancelling", "cancelled")
 # Experiment status after a run ends on its own; "stopped" only happens when someone stops it.
-_EXPERIMENT_STATUS_FOR = {"completed": "completed", "failed": "failed", "stopped": "cancelled"}
+# A cancel the user asked for wins over either (status.finish_plan).
+_EXPERIMENT_STATUS_FOR = {
+    "completed": ExperimentStatus.COMPLETED,
+    "failed": ExperimentStatus.FAILED,
+    "stopped": ExperimentStatus.CANCELLED,
+}
+# The event recorded when a run's outcome comes after its experiment ended otherwise.
+FINISH_REFUSED = "finish-refused"
 _UINT64_LIMIT = 2**64
 
 
@@ -143,7 +161,11 @@ class RunRecorder(ABC):
 
     @abstractmethod
     def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
-        """Open a run and mark its experiment running; return the run id."""
+        """Open a run and mark its experiment running; return the run id.
+
+        A cancelling experiment stays cancelling. Raises IllegalTransition, opening nothing,
+        if the experiment has ended: a finished experiment never runs again.
+        """
 
     @abstractmethod
     def record_round(self, run_id: int, record: RoundRecord) -> None:
@@ -161,7 +183,13 @@ class RunRecorder(ABC):
         error: str | None = None,
         final_metrics: dict[str, float] | None = None,
     ) -> None:
-        """Close the run and its experiment; a cancelled experiment stays cancelled."""
+        """Close the run and its experiment; a cancelled experiment stays cancelled.
+
+        The run is closed even if its experiment has already ended with another status (the
+        follower got there first): the experiment keeps that status, and an event of kind
+        ``finish-refused`` records the run's outcome. Finishing it again with the status it
+        has changes nothing.
+        """
 
     @abstractmethod
     def record_event(
@@ -190,15 +218,20 @@ class RunRecorder(ABC):
         order they were recorded."""
 
 
-def _experiment_outcome(current: str, status: RunOutcome) -> str:
-    return "cancelled" if current in _CANCEL_STATUSES else _EXPERIMENT_STATUS_FOR[status]
+def _refused_finish(exc: IllegalTransition, outcome: RunOutcome, error: str | None) -> str:
+    return f"run ended {outcome} after the experiment had ended {exc.current}" + (
+        f": {error}" if error else ""
+    )
 
 
 @dataclass
 class InMemoryExperiment:
-    """The experiment columns the recorder writes, as the in-memory recorder keeps them."""
+    """The experiment columns the recorder writes, as the in-memory recorder keeps them.
 
-    status: str = "pending"
+    Its status follows the same transitions as an experiments row (status.plan_target).
+    """
+
+    status: ExperimentStatus = ExperimentStatus.PENDING
     flwr_run_id: int | None = None
     error: str | None = None
     started_at: datetime | None = None
@@ -252,8 +285,9 @@ class InMemoryRunRecorder(RunRecorder):
         now = utcnow()
         with self._lock:
             experiment = self.experiments.setdefault(experiment_id, InMemoryExperiment())
-            if experiment.status not in _CANCEL_STATUSES:
-                experiment.status = "running"
+            to = plan_target(start_plan(), experiment.status, experiment_id=experiment_id)
+            assert to is not None  # start_plan repeats no terminal status
+            experiment.status = to
             experiment.started_at = now
             experiment.flwr_run_id = flwr_run_id
             run_id = len(self.runs) + 1
@@ -313,7 +347,17 @@ class InMemoryRunRecorder(RunRecorder):
             run.error = error
             run.final_metrics = dict(final_metrics) if final_metrics is not None else None
             experiment = self.experiments[run.experiment_id]
-            experiment.status = _experiment_outcome(experiment.status, status)
+            plan = finish_plan(_EXPERIMENT_STATUS_FOR[status])
+            try:
+                to = plan_target(plan, experiment.status, experiment_id=run.experiment_id)
+            except IllegalTransition as exc:
+                message = _refused_finish(exc, status, error)
+                event = InMemoryEvent(run.experiment_id, run_id, FINISH_REFUSED, message, None, now)
+                self.events.append(event)
+                return
+            if to is None:  # the same end again: the first finish stands
+                return
+            experiment.status = to
             experiment.finished_at = now
             if error is not None:
                 experiment.error = error
@@ -380,22 +424,12 @@ class SqlRunRecorder(RunRecorder):
     def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
         now = utcnow()
         with self._session_factory() as session, session.begin():
-            # A cancellation requested before the run came up must survive its start.
-            started = session.execute(
-                update(Experiment)
-                .where(Experiment.id == experiment_id)
-                .values(
-                    status=case(
-                        (Experiment.status.in_(_CANCEL_STATUSES), Experiment.status),
-                        else_="running",
-                    ),
-                    started_at=now,
-                    flwr_run_id=flwr_run_id,
+            try:
+                start_experiment(
+                    session, experiment_id=experiment_id, flwr_run_id=flwr_run_id, started_at=now
                 )
-                .execution_options(synchronize_session=False)
-            )
-            if cast(CursorResult[Any], started).rowcount != 1:
-                raise UnknownExperimentError(f"experiment {experiment_id} does not exist")
+            except ExperimentNotFoundError as exc:
+                raise UnknownExperimentError(str(exc)) from exc
             run = Run(
                 experiment_id=experiment_id,
                 flwr_run_id=flwr_run_id,
@@ -491,23 +525,26 @@ class SqlRunRecorder(RunRecorder):
             run.finished_at = now
             run.error = error
             run.final_metrics = dict(final_metrics) if final_metrics is not None else None
-            values: dict[str, Any] = {
-                # Decided inside one UPDATE, so that a cancellation the API commits meanwhile
-                # is never overwritten by a stale read.
-                "status": case(
-                    (Experiment.status.in_(_CANCEL_STATUSES), "cancelled"),
-                    else_=_EXPERIMENT_STATUS_FOR[status],
-                ),
-                "finished_at": now,
-            }
-            if error is not None:
-                values["error"] = error
-            session.execute(
-                update(Experiment)
-                .where(Experiment.id == run.experiment_id)
-                .values(values)
-                .execution_options(synchronize_session=False)
-            )
+            session.flush()
+            try:
+                # The status is decided inside one UPDATE, so that a cancellation the API
+                # commits meanwhile is never overwritten by a stale read.
+                finish_experiment(
+                    session,
+                    experiment_id=run.experiment_id,
+                    status=_EXPERIMENT_STATUS_FOR[status],
+                    finished_at=now,
+                    error=error,
+                )
+            except IllegalTransition as exc:
+                # Nothing was written to the experiment; the run still closes.
+                add_event(
+                    session,
+                    kind=FINISH_REFUSED,
+                    message=_refused_finish(exc, status, error),
+                    experiment_id=run.experiment_id,
+                    run_id=run_id,
+                )
 
     def record_event(
         self, *, run_id: int | None, kind: str, message: str, data: dict[str, Any] | None = None

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
 from florist.client.task import StrategyRef
+from florist.server.db.status import ExperimentStatus
 from florist.server.spec import ClientsConfig, ExperimentSpec
 
 
@@ -37,7 +38,7 @@ class ExperimentCreate(ExperimentSpec):
 class ExperimentPublic(BaseModel):
     id: int
     name: str
-    status: str
+    status: ExperimentStatus
     strategy: StrategyRef
     dataset: dict[str, Any]
     model: dict[str, Any]
@@ -212,5 +213,7 @@ class NodesPublic(BaseModel):
 class StreamEnd(BaseModel):
     """The data of the last server-sent event, ``end``, sent once the experiment has finished."""
 
-    status: str
+    status: ExperimentStatus | Literal["deleted"] = Field(
+        description="The experiment's final status, or ``deleted`` if it was deleted meanwhile."
+    )
     error: str | None = None

@@ -21,15 +21,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
-EXPERIMENT_STATUSES = (
-    "pending",
-    "submitted",
-    "running",
-    "completed",
-    "failed",
-    "cancelling",
-    "cancelled",
-)
+from florist.server.db.status import ExperimentStatus, as_status
+
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
 UPDATE_STATUSES = ("accepted", "rejected", "failed")
 
@@ -91,6 +84,23 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+class StatusColumn(TypeDecorator[ExperimentStatus]):
+    """An experiment's status: a plain string in the database, an ExperimentStatus in Python.
+
+    Stored as the bare value, so no migration was needed when the enum came; an unknown name
+    is refused on the way in, so no typo reaches a row.
+    """
+
+    impl = String(20)
+    cache_ok = True
+
+    def process_bind_param(self, value: str | None, dialect: Dialect) -> str | None:
+        return None if value is None else as_status(value).value
+
+    def process_result_value(self, value: str | None, dialect: Dialect) -> ExperimentStatus | None:
+        return None if value is None else ExperimentStatus(value)
+
+
 # Deterministic constraint names keep Alembic diffs and SQLite batch migrations stable.
 _NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -118,7 +128,8 @@ class Experiment(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(20), default="pending")
+    # Written only by florist.server.db.repository, which enforces the allowed transitions.
+    status: Mapped[ExperimentStatus] = mapped_column(StatusColumn, default=ExperimentStatus.PENDING)
     strategy: Mapped[str] = mapped_column(String(100))
     dataset: Mapped[str] = mapped_column(String(100))
     num_rounds: Mapped[int] = mapped_column(Integer)

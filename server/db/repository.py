@@ -1,7 +1,9 @@
-"""Keyword-only data-access functions for the REST API and the run recorder.
+"""Keyword-only data-access functions for the REST API, the run follower and the recorder.
 
 Every function takes the caller's session first, flushes what it writes (so ids and defaults
-are filled in) and leaves the commit to the caller: one request, one transaction.
+are filled in) and leaves the commit to the caller: one request, one transaction. This is the
+only writer of ``experiments`` rows: each change of status goes through ``_transition``, which
+enforces florist.server.db.status.TRANSITIONS in the UPDATE itself.
 """
 
 from __future__ import annotations
@@ -10,14 +12,14 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from florist.server.db.models import (
-    EXPERIMENT_STATUSES,
     ClientUpdate,
     Event,
     Experiment,
@@ -25,9 +27,21 @@ from florist.server.db.models import (
     Round,
     utcnow,
 )
+from florist.server.db.status import (
+    ExperimentStatus,
+    IllegalTransition,
+    as_status,
+    finish_plan,
+    legal_moves,
+    plan_target,
+    start_plan,
+    to_status,
+)
 
-# Columns a caller may change after creation; the primary key is not one of them.
-_UPDATABLE_EXPERIMENT_FIELDS = frozenset(Experiment.__table__.columns.keys()) - {"id"}
+# Columns a caller may change after creation besides the status, which has its own argument.
+_UPDATABLE_EXPERIMENT_FIELDS = frozenset(Experiment.__table__.columns.keys()) - {"id", "status"}
+# A change of status can race with another writer's; retried this often when it does.
+_TRANSITION_ATTEMPTS = 3
 
 
 class ExperimentNotFoundError(LookupError):
@@ -62,7 +76,7 @@ def create_experiment(
     """Add a pending experiment."""
     experiment = Experiment(
         name=name,
-        status="pending",
+        status=ExperimentStatus.PENDING,
         strategy=strategy,
         dataset=dataset,
         num_rounds=num_rounds,
@@ -80,33 +94,119 @@ def get_experiment(session: Session, *, experiment_id: int) -> Experiment | None
 
 
 def list_experiments(
-    session: Session, *, offset: int = 0, limit: int = 100
+    session: Session,
+    *,
+    offset: int = 0,
+    limit: int = 100,
+    statuses: Iterable[ExperimentStatus] | None = None,
 ) -> tuple[list[Experiment], int]:
-    """Return one page of experiments, newest first, and the total count."""
-    total = session.scalar(select(func.count()).select_from(Experiment)) or 0
+    """Return one page of experiments, newest first, and the total count; only those in
+    ``statuses`` when given (an empty collection matches nothing)."""
+    count = select(func.count()).select_from(Experiment)
+    query = select(Experiment)
+    if statuses is not None:
+        wanted = [as_status(s).value for s in statuses]
+        count = count.where(Experiment.status.in_(wanted))
+        query = query.where(Experiment.status.in_(wanted))
+    total = session.scalar(count) or 0
     page = session.scalars(
-        select(Experiment)
-        .order_by(Experiment.created_at.desc(), Experiment.id.desc())
+        query.order_by(Experiment.created_at.desc(), Experiment.id.desc())
         .offset(offset)
         .limit(limit)
     ).all()
     return list(page), total
 
 
-def update_experiment(session: Session, *, experiment_id: int, **fields: Any) -> Experiment:
-    """Set the given columns on an experiment.
+def list_active_experiment_ids(session: Session) -> list[int]:
+    """Ids of the experiments that have not ended, oldest first (the follower's work list)."""
+    active = [s.value for s in ExperimentStatus if s.active]
+    return list(
+        session.scalars(
+            select(Experiment.id).where(Experiment.status.in_(active)).order_by(Experiment.id)
+        ).all()
+    )
 
-    Raises TypeError for a name that is not an updatable column, ValueError for an unknown
-    status, and ExperimentNotFoundError when the experiment does not exist.
-    """
+
+def _check_fields(fields: Mapping[str, Any]) -> None:
     unknown = set(fields) - _UPDATABLE_EXPERIMENT_FIELDS
     if unknown:
         raise TypeError(
             f"unknown experiment fields {sorted(unknown)}; "
             f"known: {sorted(_UPDATABLE_EXPERIMENT_FIELDS)}"
         )
-    if "status" in fields and fields["status"] not in EXPERIMENT_STATUSES:
-        raise ValueError(f"unknown status {fields['status']!r}; known: {EXPERIMENT_STATUSES}")
+
+
+def _reload(session: Session, experiment_id: int) -> Experiment:
+    experiment = session.get(Experiment, experiment_id, populate_existing=True)
+    if experiment is None:
+        raise ExperimentNotFoundError(f"experiment {experiment_id} does not exist")
+    return experiment
+
+
+def _transition(
+    session: Session,
+    experiment_id: int,
+    plan: Mapping[ExperimentStatus, ExperimentStatus],
+    fields: Mapping[str, Any],
+) -> Experiment:
+    """Move the experiment along ``plan`` (current status -> new status), writing ``fields``
+    with the new status, in one UPDATE.
+
+    The status is decided by the database from the row's status at the moment of the write,
+    never from an earlier read, so a concurrent writer (the API's cancel, the ServerApp's
+    finish) cannot be overwritten by a stale decision. A terminal status repeated writes
+    nothing (see ``plan_target``). Raises IllegalTransition, having written nothing, when the
+    current status has no legal target in the plan.
+    """
+    moves = legal_moves(plan)
+    current = ExperimentStatus.PENDING  # overwritten by the first read below
+    for _ in range(_TRANSITION_ATTEMPTS):
+        if moves:
+            changed = session.execute(
+                update(Experiment)
+                .where(
+                    Experiment.id == experiment_id,
+                    Experiment.status.in_([s.value for s in moves]),
+                )
+                .values(
+                    status=case(
+                        {old.value: new.value for old, new in moves.items()},
+                        value=Experiment.status,
+                    ),
+                    **fields,
+                )
+                .execution_options(synchronize_session=False)
+            )
+            if cast(CursorResult[Any], changed).rowcount == 1:
+                return _reload(session, experiment_id)
+        found = session.scalar(select(Experiment.status).where(Experiment.id == experiment_id))
+        if found is None:
+            raise ExperimentNotFoundError(f"experiment {experiment_id} does not exist")
+        current = found
+        if plan_target(plan, current, experiment_id=experiment_id) is None:
+            return _reload(session, experiment_id)
+        # Otherwise the status changed between the UPDATE and this read: try again.
+    raise IllegalTransition(current, plan.get(current), experiment_id)
+
+
+def update_experiment(
+    session: Session,
+    *,
+    experiment_id: int,
+    status: ExperimentStatus | str | None = None,
+    **fields: Any,
+) -> Experiment:
+    """Set the given columns on an experiment, and its status when given.
+
+    A status must be allowed to follow the current one (florist.server.db.status.TRANSITIONS):
+    IllegalTransition otherwise, with nothing written. Repeating a terminal status writes
+    nothing, not even the other fields: the first finish wins. Raises TypeError for a name
+    that is not an updatable column, ValueError for an unknown status, and
+    ExperimentNotFoundError when the experiment does not exist.
+    """
+    _check_fields(fields)
+    if status is not None:
+        return _transition(session, experiment_id, to_status(as_status(status)), fields)
     experiment = session.get(Experiment, experiment_id)
     if experiment is None:
         raise ExperimentNotFoundError(f"experiment {experiment_id} does not exist")
@@ -114,6 +214,41 @@ def update_experiment(session: Session, *, experiment_id: int, **fields: Any) ->
         setattr(experiment, name, value)
     session.flush()
     return experiment
+
+
+def start_experiment(
+    session: Session, *, experiment_id: int, flwr_run_id: int, started_at: datetime
+) -> Experiment:
+    """Mark the experiment running as its ServerApp starts a run.
+
+    A cancel requested before the run came up survives its start (CANCELLING stays, and the
+    follower stops the run). A finished experiment is never set back to running, a cancelled
+    one included: IllegalTransition.
+    """
+    fields = {"started_at": started_at, "flwr_run_id": flwr_run_id}
+    return _transition(session, experiment_id, start_plan(), fields)
+
+
+def finish_experiment(
+    session: Session,
+    *,
+    experiment_id: int,
+    status: ExperimentStatus | str,
+    finished_at: datetime,
+    error: str | None = None,
+) -> Experiment:
+    """End the experiment with ``status`` (completed, failed or cancelled).
+
+    A cancel, under way or done, wins over the run's own outcome: the experiment ends (or
+    stays) cancelled. Finishing it again with the status it has writes nothing (the first
+    finish's time and error stay); finishing it with another terminal status is an
+    IllegalTransition. The error is written only when given, so an earlier one is not wiped.
+    """
+    plan = finish_plan(as_status(status))
+    fields: dict[str, Any] = {"finished_at": finished_at}
+    if error is not None:
+        fields["error"] = error
+    return _transition(session, experiment_id, plan, fields)
 
 
 def list_rounds(session: Session, *, experiment_id: int) -> list[Round]:

@@ -17,6 +17,7 @@ from florist.server.api.routes.nodes import merge_nodes
 from florist.server.control import ControlClient, SuperLinkNode, SuperLinkUnavailable
 from florist.server.db import repository
 from florist.server.db.models import Node, utcnow
+from florist.server.db.status import ExperimentStatus
 from florist.server.settings import Settings
 
 BODY: dict[str, Any] = {
@@ -353,3 +354,33 @@ def test_nodes_lists_connected_supernodes_from_the_superlink(
 def test_nodes_without_a_superlink_say_so(client: TestClient) -> None:
     nodes = client.get("/api/v1/nodes").json()
     assert nodes == {"data": [], "count": 0, "stale_after_s": 120.0, "superlink": "not configured"}
+
+
+def test_statuses_are_an_enum_in_the_schema_and_a_filter(client: TestClient) -> None:
+    # Prepare: one pending experiment, one failed.
+    pending = client.post("/api/v1/experiments", json=BODY).json()
+    failed = client.post("/api/v1/experiments", json=BODY).json()
+    app = cast(FastAPI, client.app)
+    with app.state.sessions.begin() as session:
+        repository.update_experiment(
+            session, experiment_id=failed["id"], status="failed", finished_at=utcnow()
+        )
+
+    # Execute
+    only_failed = client.get("/api/v1/experiments", params={"status": "failed"}).json()
+    both = client.get("/api/v1/experiments", params=[("status", "failed"), ("status", "pending")])
+    bad = client.get("/api/v1/experiments", params={"status": "done"})
+    schema = client.get("/openapi.json").json()
+
+    # Assert
+    assert [e["id"] for e in only_failed["data"]] == [failed["id"]] and only_failed["count"] == 1
+    assert {e["id"] for e in both.json()["data"]} == {pending["id"], failed["id"]}
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "status", 0]
+    enum = schema["components"]["schemas"]["ExperimentStatus"]["enum"]
+    assert enum == [s.value for s in ExperimentStatus]
+    status_field = schema["components"]["schemas"]["ExperimentPublic"]["properties"]["status"]
+    assert status_field == {"$ref": "#/components/schemas/ExperimentStatus"}
+    # A cancel of an ended experiment is a conflict, and changes nothing.
+    refused = client.post(f"/api/v1/experiments/{failed['id']}/cancel")
+    assert refused.status_code == 409 and "already failed" in refused.json()["detail"]
+    assert client.get(f"/api/v1/experiments/{failed['id']}").json()["status"] == "failed"

@@ -26,6 +26,7 @@ from florist.server.db.models import (
     Round,
     Run,
 )
+from florist.server.db.status import TRANSITIONS, ExperimentStatus, IllegalTransition
 
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
@@ -329,6 +330,218 @@ def test_update_experiment(session_factory: sessionmaker[Session]) -> None:
             repository.update_experiment(session, experiment_id=experiment_id, status="done")
         with pytest.raises(repository.ExperimentNotFoundError):
             repository.update_experiment(session, experiment_id=10_000, status="failed")
+
+
+# A legal way into each status that has a way out, from a new (pending) experiment.
+_PATH_TO = {
+    ExperimentStatus.PENDING: (),
+    ExperimentStatus.SUBMITTED: (ExperimentStatus.SUBMITTED,),
+    ExperimentStatus.RUNNING: (ExperimentStatus.SUBMITTED, ExperimentStatus.RUNNING),
+    ExperimentStatus.CANCELLING: (ExperimentStatus.SUBMITTED, ExperimentStatus.CANCELLING),
+    ExperimentStatus.COMPLETED: (ExperimentStatus.RUNNING, ExperimentStatus.COMPLETED),
+    ExperimentStatus.FAILED: (ExperimentStatus.FAILED,),
+    ExperimentStatus.CANCELLED: (ExperimentStatus.CANCELLED,),
+}
+
+
+def _experiment_in(session: Session, status: ExperimentStatus) -> Experiment:
+    experiment = _experiment(session, name=f"in-{status}")
+    for step in _PATH_TO[status]:
+        repository.update_experiment(session, experiment_id=experiment.id, status=step)
+    assert experiment.status == status
+    return experiment
+
+
+def _row(session: Session, experiment_id: int) -> tuple[object, ...]:
+    row = session.execute(
+        select(
+            Experiment.status,
+            Experiment.error,
+            Experiment.flwr_run_id,
+            Experiment.started_at,
+            Experiment.finished_at,
+        ).where(Experiment.id == experiment_id)
+    ).one()
+    return tuple(row)
+
+
+def test_every_allowed_transition_is_stored(session_factory: sessionmaker[Session]) -> None:
+    # Prepare
+    pairs = [(current, to) for current, targets in TRANSITIONS.items() for to in targets]
+    assert len(pairs) == 15  # the table in docs/architecture.md
+    with session_factory.begin() as session:
+        ids = {pair: _experiment_in(session, pair[0]).id for pair in pairs}
+
+    # Execute: each change in its own transaction, with a column written alongside.
+    for (current, to), experiment_id in ids.items():
+        with session_factory.begin() as session:
+            repository.update_experiment(
+                session, experiment_id=experiment_id, status=to, error=f"{current}->{to}"
+            )
+
+    # Assert
+    with session_factory() as session:
+        for (current, to), experiment_id in ids.items():
+            assert _row(session, experiment_id)[:2] == (to, f"{current}->{to}")
+
+
+def test_an_illegal_transition_is_refused_and_stores_nothing(
+    session_factory: sessionmaker[Session],
+) -> None:
+    # Prepare
+    pairs = [
+        (current, to)
+        for current in ExperimentStatus
+        for to in ExperimentStatus
+        if to not in TRANSITIONS[current] and to != current
+    ]
+    with session_factory.begin() as session:
+        ids = {pair: _experiment_in(session, pair[0]).id for pair in pairs}
+    with session_factory() as session:
+        before = {pair: _row(session, experiment_id) for pair, experiment_id in ids.items()}
+
+    # Execute / Assert
+    for (current, to), experiment_id in ids.items():
+        with session_factory() as session:
+            with pytest.raises(IllegalTransition) as refused:
+                repository.update_experiment(
+                    session,
+                    experiment_id=experiment_id,
+                    status=to,
+                    error="must not be stored",
+                    flwr_run_id=99,
+                    finished_at=T0,
+                )
+            assert (refused.value.current, refused.value.to) == (current, to)
+            session.commit()
+    with session_factory() as session:
+        after = {pair: _row(session, experiment_id) for pair, experiment_id in ids.items()}
+    assert after == before
+    assert {pair[0] for pair in pairs} == set(ExperimentStatus)  # every status was tried
+
+
+def test_terminal_statuses_are_never_left(session_factory: sessionmaker[Session]) -> None:
+    with session_factory() as session:
+        for ended in (s for s in ExperimentStatus if s.terminal):
+            experiment = _experiment_in(session, ended)
+            for to in ExperimentStatus:
+                if to == ended:
+                    continue
+                with pytest.raises(IllegalTransition, match="it has ended"):
+                    repository.update_experiment(session, experiment_id=experiment.id, status=to)
+            assert _row(session, experiment.id)[0] == ended
+
+
+def test_a_repeated_finish_writes_nothing(session_factory: sessionmaker[Session]) -> None:
+    # Prepare
+    with session_factory.begin() as session:
+        experiment_id = _experiment_in(session, ExperimentStatus.RUNNING).id
+        repository.finish_experiment(
+            session, experiment_id=experiment_id, status="failed", finished_at=T0, error="first"
+        )
+
+    # Execute: the same end again, as a second writer would report it.
+    with session_factory.begin() as session:
+        repeated = repository.finish_experiment(
+            session,
+            experiment_id=experiment_id,
+            status="failed",
+            finished_at=T0 + timedelta(hours=1),
+            error="second",
+        )
+
+    # Assert: the first finish stands; a different end is refused.
+    assert (repeated.status, repeated.error, repeated.finished_at) == ("failed", "first", T0)
+    with session_factory() as session:
+        status, error, _, _, finished_at = _row(session, experiment_id)
+        assert (status, error, finished_at) == ("failed", "first", T0)
+        with pytest.raises(IllegalTransition):
+            repository.finish_experiment(
+                session, experiment_id=experiment_id, status="completed", finished_at=T0
+            )
+        with pytest.raises(ValueError, match="does not end"):
+            repository.finish_experiment(
+                session, experiment_id=experiment_id, status="running", finished_at=T0
+            )
+
+
+@pytest.mark.parametrize("cancel", [ExperimentStatus.CANCELLING, ExperimentStatus.CANCELLED])
+def test_finish_and_start_keep_a_cancel(
+    session_factory: sessionmaker[Session], cancel: ExperimentStatus
+) -> None:
+    # Prepare
+    with session_factory.begin() as session:
+        experiment_id = _experiment_in(session, cancel).id
+
+    # Execute / Assert: a start keeps a cancel under way and refuses a finished one;
+    # a finish, whatever the run's outcome, ends cancelled.
+    with session_factory.begin() as session:
+        if cancel == ExperimentStatus.CANCELLING:
+            started = repository.start_experiment(
+                session, experiment_id=experiment_id, flwr_run_id=3, started_at=T0
+            )
+            assert (started.status, started.flwr_run_id) == (cancel, 3)
+        else:
+            with pytest.raises(IllegalTransition):
+                repository.start_experiment(
+                    session, experiment_id=experiment_id, flwr_run_id=3, started_at=T0
+                )
+        ended = repository.finish_experiment(
+            session, experiment_id=experiment_id, status="completed", finished_at=T0
+        )
+        assert ended.status == ExperimentStatus.CANCELLED
+
+
+def test_a_stale_read_cannot_overwrite_a_concurrent_change(
+    session_factory: sessionmaker[Session],
+) -> None:
+    # Prepare: one session holds the experiment as submitted ...
+    with session_factory.begin() as session:
+        experiment_id = _experiment_in(session, ExperimentStatus.SUBMITTED).id
+    stale = session_factory()
+    held = repository.get_experiment(stale, experiment_id=experiment_id)
+    assert held is not None and held.status == ExperimentStatus.SUBMITTED
+    # ... while another commits a cancel.
+    with session_factory.begin() as session:
+        repository.update_experiment(
+            session, experiment_id=experiment_id, status=ExperimentStatus.CANCELLING
+        )
+
+    # Execute / Assert: the first session's "running" is judged by the row, not by its read.
+    with stale, pytest.raises(IllegalTransition, match="'cancelling' and cannot become"):
+        repository.update_experiment(
+            stale, experiment_id=experiment_id, status=ExperimentStatus.RUNNING
+        )
+    with session_factory() as session:
+        assert _row(session, experiment_id)[0] == ExperimentStatus.CANCELLING
+
+
+def test_list_experiments_filters_by_status(session_factory: sessionmaker[Session]) -> None:
+    # Prepare
+    with session_factory.begin() as session:
+        running = _experiment_in(session, ExperimentStatus.RUNNING).id
+        _experiment_in(session, ExperimentStatus.PENDING)
+        failed = _experiment_in(session, ExperimentStatus.FAILED).id
+
+    # Execute
+    with session_factory() as session:
+        page, total = repository.list_experiments(
+            session, statuses=[ExperimentStatus.RUNNING, ExperimentStatus.FAILED]
+        )
+        _, none = repository.list_experiments(session, statuses=[])
+        active = repository.list_active_experiment_ids(session)
+
+    # Assert
+    assert ([e.id for e in page], total, none) == ([failed, running], 2, 0)
+    assert len(active) == 2 and failed not in active
+
+
+def test_the_status_column_refuses_an_unknown_name(session_factory: sessionmaker[Session]) -> None:
+    with session_factory() as session:
+        experiment = _experiment(session)
+        experiment.status = "done"  # type: ignore[assignment]
+        with pytest.raises(StatementError, match="unknown status 'done'"):
+            session.flush()
 
 
 def test_rounds_and_updates_are_ordered_and_filtered(

@@ -10,6 +10,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from florist.server.control import RunState, SuperLinkUnavailable
 from florist.server.db import repository as repo
+from florist.server.db.models import utcnow
+from florist.server.db.status import ExperimentStatus
 from florist.server.follower import RunFollower
 
 
@@ -151,3 +153,58 @@ def test_forgotten_run_fails_clearly(
     f.tick()
     state, error = status(session_factory, exp_id)
     assert state == "failed" and "no longer knows" in (error or "")
+
+
+class RacingControl(FakeControl):
+    """A SuperLink during whose StartRun someone else changes the experiment."""
+
+    def __init__(self, meanwhile: Any) -> None:
+        super().__init__()
+        self.meanwhile = meanwhile
+
+    def start_run(self, run_config: dict[str, Any]) -> int:
+        run_id = super().start_run(run_config)
+        self.meanwhile(run_config["experiment-id"], run_id)
+        return run_id
+
+
+def test_a_cancel_during_start_run_stops_the_new_run(
+    session_factory: sessionmaker[Session],
+) -> None:
+    # Prepare: the user cancels the pending experiment while StartRun is on its way.
+    def cancel(experiment_id: int, run_id: int) -> None:
+        with session_factory.begin() as s:
+            repo.update_experiment(
+                s, experiment_id=experiment_id, status=ExperimentStatus.CANCELLED
+            )
+
+    fake = RacingControl(cancel)
+    exp_id = new_experiment(session_factory)
+
+    # Execute
+    follower(session_factory, fake).tick()
+
+    # Assert: the cancel stands, and the run nobody wants any more is stopped.
+    assert status(session_factory, exp_id) == ("cancelled", None)
+    assert fake.stopped == [2**64 - 1]
+
+
+def test_a_serverapp_faster_than_the_follower_keeps_running(
+    session_factory: sessionmaker[Session],
+) -> None:
+    # Prepare: the ServerApp starts and marks the experiment running before StartRun returns.
+    def start(experiment_id: int, run_id: int) -> None:
+        with session_factory.begin() as s:
+            repo.start_experiment(
+                s, experiment_id=experiment_id, flwr_run_id=run_id, started_at=utcnow()
+            )
+
+    fake = RacingControl(start)
+    exp_id = new_experiment(session_factory)
+
+    # Execute
+    follower(session_factory, fake).tick()
+
+    # Assert: not set back to submitted, and the run goes on.
+    assert status(session_factory, exp_id) == ("running", None)
+    assert fake.stopped == []

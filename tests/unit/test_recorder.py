@@ -17,7 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 import florist.server.recorder as recorder_module
 from florist.server.db import repository
 from florist.server.db.engine import make_engine, make_session_factory
-from florist.server.db.models import ClientUpdate, Round, Run
+from florist.server.db.models import ClientUpdate, Round, Run, utcnow
+from florist.server.db.status import ExperimentStatus, IllegalTransition
 from florist.server.recorder import (
     DuplicateRoundError,
     InMemoryExperiment,
@@ -120,7 +121,8 @@ class Harness(ABC):
 
     @abstractmethod
     def set_status(self, experiment_id: int, status: str) -> None:
-        """Change the experiment's status, as the API does on a cancel request."""
+        """Change the experiment's status, as the API does on a cancel request (an ended
+        status with its finished_at, as every writer of one sets it)."""
 
     @abstractmethod
     def experiment(self, experiment_id: int) -> ExperimentView:
@@ -145,7 +147,10 @@ class InMemoryHarness(Harness):
         return experiment_id
 
     def set_status(self, experiment_id: int, status: str) -> None:
-        self.recorder.experiments[experiment_id].status = status
+        experiment = self.recorder.experiments[experiment_id]
+        experiment.status = ExperimentStatus(status)
+        if experiment.status.terminal:
+            experiment.finished_at = utcnow()
 
     def experiment(self, experiment_id: int) -> ExperimentView:
         e = self.recorder.experiments[experiment_id]
@@ -175,8 +180,11 @@ class SqlHarness(Harness):
             return experiment.id
 
     def set_status(self, experiment_id: int, status: str) -> None:
+        ended = {"finished_at": utcnow()} if ExperimentStatus(status).terminal else {}
         with self.session_factory.begin() as session:
-            repository.update_experiment(session, experiment_id=experiment_id, status=status)
+            repository.update_experiment(
+                session, experiment_id=experiment_id, status=status, **ended
+            )
 
     def experiment(self, experiment_id: int) -> ExperimentView:
         with self.session_factory() as session:
@@ -331,6 +339,50 @@ class RunRecorderContract:
         # Assert
         view = harness.experiment(experiment_id)
         assert (view.status, view.flwr_run_id) == ("cancelling", 5)
+
+    @pytest.mark.parametrize("ended", ["completed", "failed", "cancelled"])
+    def test_start_run_refuses_an_ended_experiment(self, harness: Harness, ended: str) -> None:
+        # Prepare
+        experiment_id = harness.new_experiment()
+        harness.set_status(experiment_id, ended)
+        before = harness.experiment(experiment_id)
+
+        # Execute / Assert: a finished experiment never runs again, and nothing is written.
+        with pytest.raises(IllegalTransition, match=f"is '{ended}' and cannot become 'running'"):
+            harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=5)
+        assert harness.experiment(experiment_id) == before
+        assert before.flwr_run_id is None and before.started_at is None
+
+    def test_finish_after_another_end_keeps_the_first_and_says_so(self, harness: Harness) -> None:
+        # Prepare: the follower failed the experiment (its run was lost) while it ran.
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        harness.set_status(experiment_id, "failed")
+        before = harness.experiment(experiment_id)
+
+        # Execute
+        harness.recorder.finish_run(run_id, status="completed", error="late word")
+
+        # Assert: the experiment keeps its status; the run is closed; an event tells.
+        assert harness.experiment(experiment_id) == before
+        assert harness.event_kinds(experiment_id) == [recorder_module.FINISH_REFUSED]
+        with pytest.raises(RunFinishedError):
+            harness.recorder.finish_run(run_id, status="completed")
+
+    def test_a_duplicate_finish_changes_nothing(self, harness: Harness) -> None:
+        # Prepare: the experiment already ended completed (the follower saw Flower's end first).
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        harness.set_status(experiment_id, "completed")
+        before = harness.experiment(experiment_id)
+
+        # Execute
+        harness.recorder.finish_run(run_id, status="completed")
+
+        # Assert: the first finish's time stands, and a repeat is no refusal.
+        assert harness.experiment(experiment_id) == before
+        assert before.status == "completed" and before.finished_at is not None
+        assert harness.event_kinds(experiment_id) == []
 
     def test_finished_run_takes_no_more_writes(self, harness: Harness) -> None:
         # Prepare

@@ -31,7 +31,6 @@ router = APIRouter(prefix="/experiments", tags=["events"])
 POLL_INTERVAL_S = 0.5
 HEARTBEAT_S = 10.0
 RETRY_MS = 2000
-FINISHED_STATUSES = frozenset({"completed", "failed", "cancelled"})
 _SINCE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
@@ -125,7 +124,7 @@ async def _stream(
             last_sent = time.monotonic()
         elif poll.events:
             last_sent = time.monotonic()
-        if poll.experiment.status in FINISHED_STATUSES:
+        if poll.experiment.status.terminal:
             end = StreamEnd(status=poll.experiment.status, error=poll.experiment.error)
             yield sse("end", end, cursor)
             return

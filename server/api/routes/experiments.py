@@ -25,6 +25,7 @@ from florist.server.api.schemas import (
 from florist.server.db import repository as repo
 from florist.server.db.models import ClientUpdate, Event, Experiment, Round
 from florist.server.db.repository import Progress
+from florist.server.db.status import ExperimentStatus, IllegalTransition
 from florist.server.spec import (
     ExperimentSpec,
     StrategySpecError,
@@ -169,8 +170,13 @@ def list_experiments(
     session: SessionDep,
     offset: int = Query(0, ge=0),
     limit: int = Query(100, ge=1, le=1000),
+    status_: list[ExperimentStatus] | None = Query(
+        None, alias="status", description="Only experiments in these statuses (repeatable)."
+    ),
 ) -> ExperimentsPublic:
-    experiments, count = repo.list_experiments(session, offset=offset, limit=limit)
+    experiments, count = repo.list_experiments(
+        session, offset=offset, limit=limit, statuses=status_
+    )
     progress = repo.experiment_progress(session, experiment_ids=[e.id for e in experiments])
     return ExperimentsPublic(
         data=[to_public(e, progress.get(e.id)) for e in experiments], count=count
@@ -229,18 +235,22 @@ def cancel_experiment(
     experiment_id: int, session: SessionDep, follower: FollowerDep
 ) -> ExperimentPublic:
     exp = _get(session, experiment_id)
-    if exp.status in ("completed", "failed", "cancelled"):
+    if exp.status.terminal:
         raise HTTPException(
             status.HTTP_409_CONFLICT, f"experiment {experiment_id} already {exp.status}"
         )
-    if exp.status != "cancelling":
+    if exp.status != ExperimentStatus.CANCELLING:
         # Not yet on the SuperLink: nothing to stop. Otherwise the follower sends StopRun.
         fields: dict[str, Any] = (
-            {"status": "cancelled", "finished_at": datetime.now(UTC)}
-            if exp.status == "pending"
-            else {"status": "cancelling"}
+            {"status": ExperimentStatus.CANCELLED, "finished_at": datetime.now(UTC)}
+            if exp.status == ExperimentStatus.PENDING
+            else {"status": ExperimentStatus.CANCELLING}
         )
-        repo.update_experiment(session, experiment_id=exp.id, **fields)
+        try:
+            repo.update_experiment(session, experiment_id=exp.id, **fields)
+        except IllegalTransition as exc:  # it moved on since it was read (e.g. it finished)
+            session.rollback()
+            raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         repo.add_event(session, experiment_id=exp.id, kind="cancel", message="cancel requested")
         session.commit()
     if follower is not None:
