@@ -14,7 +14,7 @@ flower-supernodes) it compares:
   one ``flwr-clientapp`` per message), Flower's polls, the ServerApp on Flower's Grid (3 s
   reply poll);
 - **florist**: ``python -m florist.client.supernode --isolation process`` (short idle/reply
-  polls and object-pull back-off, server/flower_tuning.py) with one warm executor per node
+  polls and object-pull back-off, client/flower_tuning.py) with one warm executor per node
   (client/executor.py), and the ServerApp on Florist's ``PollingGrid`` (0.1 s reply poll)
   with the same pull back-off tuning.
 
@@ -184,7 +184,7 @@ class TimedGrid:
 def main(grid: Grid, context: Context) -> None:
     fast = bool(context.run_config["fast"])
     if fast:
-        from florist.server.flower_tuning import tune_object_pulls
+        from florist.client.flower_tuning import tune_object_pulls
         from florist.server.rounds import PollingGrid
 
         tune_object_pulls()

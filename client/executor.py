@@ -524,7 +524,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    from florist.server.flower_tuning import tune_object_pulls
+    from florist.client.flower_tuning import tune_object_pulls
 
     tune_object_pulls()
     preload(tuple(args.preload) if args.preload is not None else DEFAULT_PRELOAD)
