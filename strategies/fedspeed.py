@@ -20,11 +20,12 @@ the paper's Algorithm 1 literally (x̆ = x + ρ·g1).
 
 Choices where paper and reference are silent or differ from this platform:
 
-- The local step is torch SGD on the corrected direction with the experiment's ``lr``,
-  ``momentum`` and ``weight_decay`` (weight decay adds wd·x to the direction, as in the reference's
-  base optimizer). The paper's update has no momentum, nor does the reference: use
-  ``training.momentum = 0`` for the faithful update. Honouring the setting rather than silently
-  dropping it keeps ρ = 0, 1/λ = 0 exactly equal to FedAvg under any training config.
+- The local step is torch SGD on the corrected direction with the experiment's ``lr`` and
+  ``weight_decay`` (weight decay adds wd·x to the direction, as in the reference's base
+  optimizer), and without momentum: the paper's update has none, nor does the reference, so by
+  default FedSpeed takes the plain step whatever ``training.momentum`` says.
+  ``use_training_momentum = true`` applies ``training.momentum`` instead; then ρ = 0, 1/λ = 0 is
+  exactly FedAvg under any training config (with the default, when ``training.momentum = 0``).
 - No gradient clipping (the reference clips at norm 10) and no per-round learning-rate decay:
   neither is part of the algorithm, and the platform's TrainingConfig has no such knobs.
 - ĝ_i lives in the node's run state (Flower's Context.state) under ``fedspeed.g_hat``; it starts at
@@ -54,6 +55,7 @@ from torch import nn
 from florist.client.training import (
     RunningMetrics,
     TrainerHooks,
+    TrainingConfig,
     TrainResult,
     TrainTask,
     train_local,
@@ -66,7 +68,8 @@ G_HAT_KEY = "fedspeed.g_hat"
 
 
 class FedSpeedConfig(StrategyConfig):
-    """FedSpeed's hyper-parameters; ρ = 0 and 1/λ = 0 give FedAvg exactly."""
+    """FedSpeed's hyper-parameters; ρ = 0 and 1/λ = 0 give FedAvg exactly (with the same local
+    momentum: ``use_training_momentum = true``, or ``training.momentum = 0``)."""
 
     rho: float = Field(
         default=0.1,
@@ -95,6 +98,15 @@ class FedSpeedConfig(StrategyConfig):
         description=(
             "Ascent step ρ·g1/‖g1‖ as in SAM and the reference code; false gives the paper's "
             "Algorithm 1, ρ·g1."
+        ),
+    )
+    # A flag, not an optional number: the task's ConfigRecord drops None, so a null would arrive
+    # at the client as the default.
+    use_training_momentum: bool = Field(
+        default=False,
+        description=(
+            "Default false: the local step has no momentum, the paper's (and the reference "
+            "code's) plain step, whatever training.momentum says; true applies training.momentum."
         ),
     )
 
@@ -166,6 +178,13 @@ class FedSpeedHooks(TrainerHooks):
         self.start_weights = [p.detach().clone() for _, p in self.named]
         self.g_hat = _load_g_hat(task.state, self.named)
         self.g_hat_start = _norm(self.g_hat)
+
+    def optimizer(
+        self, params: list[nn.Parameter], training: TrainingConfig
+    ) -> torch.optim.Optimizer:
+        if not self.config.use_training_momentum:
+            training = training.model_copy(update={"momentum": 0.0})
+        return super().optimizer(params, training)
 
     def transform_gradient(
         self, model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor
