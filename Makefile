@@ -31,14 +31,16 @@ test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	tools/typecheck
+	$(BIN)/lint-imports
 	FLORIST_REQUIRE_POSTGRES=$${FLORIST_REQUIRE_POSTGRES:-0} $(BIN)/pytest -q
 
 # The quick loop: no real Flower processes, no browser.
 test-fast: $(STAMP)
 	$(BIN)/pytest -q -m "not e2e and not browser and not slow"
 
+# lint-imports keeps the layers of pyproject's [tool.importlinter]: a wrong-way import fails.
 lint: $(STAMP)
-	$(BIN)/ruff check . && $(BIN)/ruff format --check . && tools/typecheck
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && tools/typecheck && $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .florist artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -14,7 +14,7 @@ flower-supernodes) it compares:
   one ``flwr-clientapp`` per message), Flower's polls, the ServerApp on Flower's Grid (3 s
   reply poll);
 - **florist**: ``python -m florist.client.supernode --isolation process`` (short idle/reply
-  polls and object-pull back-off, server/flower_tuning.py) with one warm executor per node
+  polls and object-pull back-off, client/flower_tuning.py) with one warm executor per node
   (client/executor.py), and the ServerApp polling for replies every 0.1 s as Florist's one
   loop does (``ShortPollGrid`` below), with the same pull back-off tuning.
 
@@ -207,7 +207,7 @@ class ShortPollGrid:
 def main(grid: Grid, context: Context) -> None:
     fast = bool(context.run_config["fast"])
     if fast:
-        from florist.server.flower_tuning import tune_object_pulls
+        from florist.client.flower_tuning import tune_object_pulls
 
         tune_object_pulls()
         grid = ShortPollGrid(grid)

@@ -12,11 +12,10 @@ from flwr.clientapp import ClientApp
 
 from florist.client.models import build_model
 from florist.client.profiles import profile_mod
-from florist.client.task import TaskSpec, task_from_config
+from florist.client.task import NODE_CONFIG_KEY, TaskSpec, task_from_config
 from florist.client.training import TrainTask, evaluate, pick_device
 from florist.datasets import XY, dataset_info, load_partition, load_test
 from florist.strategies import default_registry
-from florist.strategies.validation import NODE_CONFIG_KEY
 
 app = ClientApp(mods=[profile_mod])
 

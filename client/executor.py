@@ -95,6 +95,8 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from florist.client.flower_tuning import tune_object_pulls
+
 log = logging.getLogger("florist.executor")
 
 DEFAULT_POLL_S = 0.02
@@ -523,9 +525,6 @@ def main(argv: list[str] | None = None) -> None:
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)
-
-    from florist.server.flower_tuning import tune_object_pulls
-
     tune_object_pulls()
     preload(tuple(args.preload) if args.preload is not None else DEFAULT_PRELOAD)
     config = ExecutorConfig(

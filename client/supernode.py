@@ -1,4 +1,4 @@
-"""``flower-supernode`` with Florist's shorter polls (server/flower_tuning.py) applied first.
+"""``flower-supernode`` with Florist's shorter polls (client/flower_tuning.py) applied first.
 
 Run it exactly like Flower's command: ``python -m florist.client.supernode --insecure
 --grpc-rere --superlink HOST:PORT --isolation process ...``. It patches, in this process only,
@@ -14,7 +14,7 @@ import logging
 
 from flwr.supernode.cli import flower_supernode
 
-from florist.server.flower_tuning import tune_supernode
+from florist.client.flower_tuning import tune_supernode
 
 
 def main() -> None:

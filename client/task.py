@@ -12,6 +12,9 @@ from florist.client.training import TrainingConfig
 from florist.datasets import DatasetSpec
 
 PREFIX = "florist"
+# The SuperNode's --node-config, echoed in each training reply: the SuperLink does not keep it,
+# and the server records it with the node (device profile, partition) for the dashboard.
+NODE_CONFIG_KEY = "node-config"
 
 Scalar = int | float | str | bool | bytes
 

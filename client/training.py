@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import numpy as np
 import torch
 from flwr.app import RecordDict
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
+from torch.nn import functional as F
 
 if TYPE_CHECKING:
     from florist.datasets import XY
-    from florist.strategies.base import StrategyConfig
+
+# A strategy's config model; bound to pydantic's BaseModel so that this module, below the
+# strategies, never needs to know their base class.
+C = TypeVar("C", bound=BaseModel)
+Batch = tuple[torch.Tensor, torch.Tensor]
 
 
 class TrainingConfig(BaseModel):
@@ -34,13 +39,17 @@ class TrainingConfig(BaseModel):
 
 
 @dataclass
-class TrainTask:
-    """One training message, decoded: what a strategy's client half works on."""
+class TrainTask(Generic[C]):
+    """One training message, decoded: what a strategy's client half works on.
+
+    Generic over the strategy's config model, so a trainer typed ``TrainTask[FedProxConfig]``
+    reads ``task.config.proximal_mu`` without a cast.
+    """
 
     model: nn.Module
     data: XY
     training: TrainingConfig
-    config: StrategyConfig
+    config: C
     server_round: int
     seed: int
     # Survives between the messages of one run on the same node (Flower's Context.state), and
@@ -70,9 +79,7 @@ def pick_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def batches(
-    data: XY, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def batches(data: XY, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
     """One shuffled pass over ``data`` in minibatches."""
     x = torch.from_numpy(data.x)
     y = torch.from_numpy(data.y)
@@ -82,7 +89,7 @@ def batches(
         yield x[idx], y[idx]
 
 
-def round_seed(task: TrainTask) -> int:
+def round_seed(task: TrainTask[Any]) -> int:
     """The seed of this node's local work in this round: a rerun reproduces the same batches."""
     return task.seed * 100_003 + task.server_round
 
@@ -94,7 +101,7 @@ def num_local_steps(training: TrainingConfig, num_examples: int) -> int:
     )
 
 
-def local_minibatches(task: TrainTask) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def local_minibatches(task: TrainTask[Any]) -> Iterator[Batch]:
     """The K minibatches of this round's local training, on the task's device.
 
     Every client half that trains on the usual batches draws them here, so its degenerate setting
@@ -144,25 +151,108 @@ class RunningMetrics:
         return TrainResult(num_examples=num_examples, steps=self.steps, metrics=metrics | extra)
 
 
-def train_sgd(
-    task: TrainTask, extra_loss: Callable[[nn.Module], torch.Tensor] | None = None
-) -> TrainResult:
-    """Local SGD on the task's data; ``extra_loss`` adds a regulariser (FedProx's proximal term)."""
+class TrainerHooks:
+    """The places where an algorithm changes the one local training loop (:func:`train_local`).
+
+    Every default is plain local SGD, so ``TrainerHooks()`` trains exactly like FedAvg's clients
+    and a strategy overrides only what its paper changes. One instance serves one task (one
+    round on one node), so a hook keeps what it needs between calls on ``self``. Per round::
+
+        start(task, model)                           read state carried from earlier rounds
+        optimizer(params, training)                  torch SGD with the experiment's settings
+        for x, y in minibatches(task):               data ordering and pacing
+            x, y = transform_batch(model, x, y)      e.g. adversarial inputs
+            zero the gradients
+            loss, logits = compute_gradient(model, x, y)
+                                                     forward, loss(...) + extra_loss(model),
+                                                     backward; or a zeroth-order estimate
+            transform_gradient(model, params, x, y)  p.grad edited in place, before the step
+            optimizer step; loss and accuracy accumulated on (loss, logits, y)
+        finish(task, model, running)                 write state; extra metrics
+    """
+
+    def start(self, task: TrainTask[Any], model: nn.Module) -> None:
+        """Before the first step, with the round's global weights in ``model``."""
+
+    def optimizer(
+        self, params: list[nn.Parameter], training: TrainingConfig
+    ) -> torch.optim.Optimizer:
+        return sgd_optimizer(params, training)
+
+    def minibatches(self, task: TrainTask[Any]) -> Iterable[Batch]:
+        """The round's batches; the default is FedAvg's K seeded shuffled minibatches."""
+        return local_minibatches(task)
+
+    def transform_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        """The batch the step trains on (the loop reports accuracy against the returned y)."""
+        return x, y
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The data term of the local objective: mean cross-entropy."""
+        return F.cross_entropy(logits, y)
+
+    def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the loss before backward (a regulariser), or None."""
+        return None
+
+    def compute_gradient(
+        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fill each trainable ``p.grad`` at the current weights; return (loss, logits).
+
+        A zeroth-order trainer overrides this: it estimates the gradient from loss values under
+        ``torch.no_grad()`` and writes it into ``p.grad``, with no backward pass.
+        """
+        logits = model(x)
+        loss = self.loss(logits, y)
+        extra = self.extra_loss(model)
+        if extra is not None:
+            loss = loss + extra
+        loss.backward()
+        return loss, logits
+
+    def transform_gradient(
+        self, model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """Change ``p.grad`` of ``params`` in place between the gradient and the step."""
+
+    def finish(
+        self, task: TrainTask[Any], model: nn.Module, running: RunningMetrics
+    ) -> dict[str, float]:
+        """After the last step: write state into ``task.state``, adjust the weights to send,
+        and return metrics merged over the loop's (a key of the loop's may be replaced)."""
+        return {}
+
+
+def train_local(task: TrainTask[Any], hooks: TrainerHooks | None = None) -> TrainResult:
+    """The one local training loop: K optimizer steps on the task's data, shaped by ``hooks``.
+
+    The trained weights are left in ``task.model``. An empty shard trains nothing and calls no
+    hook, so no state is read or written.
+    """
+    hooks = hooks if hooks is not None else TrainerHooks()
     model = task.model.to(task.device)
     model.train()
-    optimizer = sgd_optimizer(model.parameters(), task.training)
-    loss_fn = nn.CrossEntropyLoss()
+    num_examples = len(task.data)
+    if num_examples == 0:
+        return TrainResult(num_examples=0, steps=0, metrics={})
+    hooks.start(task, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = hooks.optimizer(params, task.training)
     running = RunningMetrics()
-    for xb, yb in local_minibatches(task):
+    for xb, yb in hooks.minibatches(task):
+        xb, yb = hooks.transform_batch(model, xb, yb)
         optimizer.zero_grad()
-        logits = model(xb)
-        loss = loss_fn(logits, yb)
-        if extra_loss is not None:
-            loss = loss + extra_loss(model)
-        loss.backward()
+        loss, logits = hooks.compute_gradient(model, xb, yb)
+        hooks.transform_gradient(model, params, xb, yb)
         optimizer.step()
         running.add(loss, logits, yb)
-    return running.result(len(task.data))
+    return running.result(num_examples, **hooks.finish(task, model, running))
+
+
+def train_sgd(task: TrainTask[Any]) -> TrainResult:
+    """Plain local SGD: the client half of FedAvg and of every strategy that keeps it."""
+    return train_local(task, TrainerHooks())
 
 
 @torch.no_grad()

@@ -104,9 +104,9 @@ def run_experiment(
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point the SuperLink runs: the run config names the experiment to load."""
+    from florist.client.flower_tuning import tune_object_pulls
     from florist.server.db.engine import make_engine, make_session_factory
     from florist.server.db.repository import get_experiment
-    from florist.server.flower_tuning import tune_object_pulls
     from florist.server.recorder import SqlRunRecorder
     from florist.server.settings import get_settings
 

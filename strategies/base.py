@@ -8,11 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 
+from florist.client.training import TrainResult, TrainTask, train_sgd
+
 if TYPE_CHECKING:
     from flwr.serverapp.strategy import Strategy
     from torch import nn
 
-    from florist.client.training import TrainResult, TrainTask
     from florist.datasets import XY
 
     from .events import EventStrategy
@@ -38,10 +39,8 @@ class ServerSetup:
     fraction_evaluate: float = 0.0
 
 
-def default_trainer(task: TrainTask) -> TrainResult:
+def default_trainer(task: TrainTask[Any]) -> TrainResult:
     """Plain local SGD: the client half of every strategy that does not change local training."""
-    from florist.client.training import train_sgd
-
     return train_sgd(task)
 
 
@@ -60,7 +59,7 @@ class StrategyPlugin:
     summary: str
     config_model: type[StrategyConfig]
     build_server: Callable[[Any, ServerSetup], EventStrategy | Strategy]
-    train: Callable[[TrainTask], TrainResult] = default_trainer
+    train: Callable[[TrainTask[Any]], TrainResult] = default_trainer
     # Extra centralized metrics per round (e.g. FAL's robust accuracy): (global model, held-out
     # test data, config) -> metrics recorded with the round beside accuracy and loss.
     server_metrics: Callable[[nn.Module, XY, Any], dict[str, float]] | None = None

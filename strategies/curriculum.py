@@ -22,8 +22,8 @@ import copy
 import logging
 import math
 import random
-from collections.abc import Iterable
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -35,11 +35,23 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from pydantic import Field
 from torch import nn
 
+from florist.client.training import (
+    Batch,
+    RunningMetrics,
+    TrainerHooks,
+    TrainResult,
+    TrainTask,
+    local_minibatches,
+    num_local_steps,
+    round_seed,
+    train_local,
+    train_sgd,
+)
+
 from .base import ServerSetup, StrategyConfig, StrategyPlugin
 from .fedavg import sampling_kwargs
 
 if TYPE_CHECKING:
-    from florist.client.training import TrainResult, TrainTask
     from florist.datasets import XY
 
 log = logging.getLogger(__name__)
@@ -228,16 +240,13 @@ def example_losses(model: nn.Module, data: XY, device: torch.device) -> np.ndarr
     return np.concatenate(losses).astype(np.float64) if losses else np.zeros(0)
 
 
-def difficulty_scores(task: TrainTask) -> np.ndarray:
+def difficulty_scores(task: TrainTask[CurriculumConfig]) -> np.ndarray:
     """Each local example's loss under a scorer trained only on this client's training data.
 
     The scorer has the task model's architecture, is re-initialised from a fixed seed and
     trained for ``scorer_epochs`` with the client's SGD settings; the global torch RNG is forked
     so scoring never changes what the real training draws.
     """
-    from florist.client.training import TrainTask, train_sgd
-
-    assert isinstance(task.config, CurriculumConfig)
     devices = [task.device] if task.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(task.seed)
@@ -261,7 +270,7 @@ def difficulty_scores(task: TrainTask) -> np.ndarray:
         return example_losses(scorer, task.data, task.device)
 
 
-def cached_scores(task: TrainTask) -> np.ndarray:
+def cached_scores(task: TrainTask[CurriculumConfig]) -> np.ndarray:
     """The difficulty scores, computed on this node's first round of the run and kept in
     ``task.state`` (Flower's Context.state) for the later ones."""
     record = task.state.array_records.get(SCORES_KEY)
@@ -274,60 +283,56 @@ def cached_scores(task: TrainTask) -> np.ndarray:
     return scores
 
 
-def train(task: TrainTask) -> TrainResult:
-    """Local SGD whose minibatches come from the paced prefix of the ordered local data.
+class CurriculumHooks(TrainerHooks):
+    """Minibatches from the paced prefix of the local data ordered by difficulty.
 
     Step k of round r is global step t = (r−1)·K + k, K the local steps per round, so the
     schedule follows the federation's clock (a node skipped by client selection does not fall
     behind) and T = ``pacing_rounds``·K. When g = 1 for the whole round the order cannot matter,
-    and the round is plain ``train_sgd``: FedAvg's batches exactly.
+    and the round draws FedAvg's batches exactly.
     """
-    from florist.client.training import (
-        RunningMetrics,
-        TrainResult,
-        num_local_steps,
-        round_seed,
-        sgd_optimizer,
-        train_sgd,
-    )
 
-    cfg = task.config
-    assert isinstance(cfg, CurriculumConfig)
-    n = len(task.data)
-    if n == 0:
-        return TrainResult(num_examples=0, steps=0, metrics={})
-    scores = cached_scores(task)
-    training = task.training
-    steps_per_round = num_local_steps(training, n)
-    start = (max(task.server_round, 1) - 1) * steps_per_round
-    total = cfg.pacing_rounds * steps_per_round
-    fractions = [
-        pacing_fraction(cfg.pacing, start + k, total, cfg.a, cfg.b) for k in range(steps_per_round)
-    ]
-    difficulty = {DIFFICULTY_METRIC: float(scores.mean()), PACING_METRIC: fractions[-1]}
-    if min(fractions) >= 1.0:
-        result = train_sgd(task)
-        return TrainResult(result.num_examples, result.steps, {**result.metrics, **difficulty})
+    def __init__(self, config: CurriculumConfig) -> None:
+        self.config = config
+        self.scores = np.zeros(0)
+        self.fractions: list[float] = []
 
-    # The random order is drawn once per run, so its growing prefix is one fixed random subset.
-    order = order_indices(scores, cfg.ordering, np.random.default_rng(task.seed))
-    model = task.model.to(task.device)
-    model.train()
-    optimizer = sgd_optimizer(model.parameters(), training)
-    loss_fn = nn.CrossEntropyLoss()
-    generator = torch.Generator().manual_seed(round_seed(task))
-    x, y = torch.from_numpy(task.data.x), torch.from_numpy(task.data.y)
-    running = RunningMetrics()
-    for fraction in fractions:
-        idx = torch.from_numpy(sample_prefix_batch(order, fraction, training.batch_size, generator))
-        xb, yb = x[idx].to(task.device), y[idx].to(task.device)
-        optimizer.zero_grad()
-        logits = model(xb)
-        loss = loss_fn(logits, yb)
-        loss.backward()
-        optimizer.step()
-        running.add(loss, logits, yb)
-    return running.result(n, **difficulty)
+    def start(self, task: TrainTask[Any], model: nn.Module) -> None:
+        cfg = self.config
+        self.scores = cached_scores(task)
+        steps_per_round = num_local_steps(task.training, len(task.data))
+        start = (max(task.server_round, 1) - 1) * steps_per_round
+        total = cfg.pacing_rounds * steps_per_round
+        self.fractions = [
+            pacing_fraction(cfg.pacing, start + k, total, cfg.a, cfg.b)
+            for k in range(steps_per_round)
+        ]
+
+    def minibatches(self, task: TrainTask[Any]) -> Iterable[Batch]:
+        if min(self.fractions) >= 1.0:
+            return local_minibatches(task)
+        return self._paced(task)
+
+    def _paced(self, task: TrainTask[Any]) -> Iterator[Batch]:
+        # The random order is drawn once per run, so its growing prefix is one fixed random subset.
+        order = order_indices(self.scores, self.config.ordering, np.random.default_rng(task.seed))
+        generator = torch.Generator().manual_seed(round_seed(task))
+        x, y = torch.from_numpy(task.data.x), torch.from_numpy(task.data.y)
+        for fraction in self.fractions:
+            idx = torch.from_numpy(
+                sample_prefix_batch(order, fraction, task.training.batch_size, generator)
+            )
+            yield x[idx].to(task.device), y[idx].to(task.device)
+
+    def finish(
+        self, task: TrainTask[Any], model: nn.Module, running: RunningMetrics
+    ) -> dict[str, float]:
+        return {DIFFICULTY_METRIC: float(self.scores.mean()), PACING_METRIC: self.fractions[-1]}
+
+
+def train(task: TrainTask[CurriculumConfig]) -> TrainResult:
+    """Local SGD whose minibatches come from the paced prefix of the ordered local data."""
+    return train_local(task, CurriculumHooks(task.config))
 
 
 # --- server half ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 from flwr.serverapp.strategy import FedAvg
@@ -30,11 +30,20 @@ from pydantic import Field, model_validator
 from torch import nn
 from torch.nn import functional as F
 
+from florist.client.training import (
+    Batch,
+    RunningMetrics,
+    TrainerHooks,
+    TrainResult,
+    TrainTask,
+    round_seed,
+    train_local,
+)
+
 from .base import ServerSetup, StrategyConfig, StrategyPlugin
 from .fedavg import sampling_kwargs
 
 if TYPE_CHECKING:
-    from florist.client.training import TrainResult, TrainTask
     from florist.datasets import XY
 
 # Keeps the server's per-round PGD evaluation cheap on large test splits.
@@ -162,57 +171,54 @@ def build_server(config: FalConfig, setup: ServerSetup) -> FedAvg:
     return FedAvg(**sampling_kwargs(setup))  # type: ignore[arg-type]
 
 
-def train(task: TrainTask) -> TrainResult:
-    """Local adversarial training: every SGD step of ``train_sgd`` (same K, batches, optimizer),
-    taken on the loss at x̃ = PGD(x) instead of x."""
-    from florist.client.training import (
-        RunningMetrics,
-        TrainResult,
-        local_minibatches,
-        round_seed,
-        sgd_optimizer,
-    )
+class AdversarialHooks(TrainerHooks):
+    """Each local step on x̃ = PGD(x) instead of x; the clean accuracy is counted on the side."""
 
-    config = task.config
-    assert isinstance(config, FalConfig)
-    model = task.model.to(task.device)
-    model.train()
-    optimizer = sgd_optimizer(model.parameters(), task.training)
-    loss_fn = nn.CrossEntropyLoss()
-    # Its own stream: random starts never shift the batches, so ε = 0 is FedAvg exactly.
-    noise = torch.Generator().manual_seed(round_seed(task) + _NOISE_STREAM)
-    adversarial = RunningMetrics()
-    clean_correct = 0
-    for xb, yb in local_minibatches(task):
+    def __init__(self, config: FalConfig) -> None:
+        self.config = config
+        self.noise = torch.Generator()
+        self.clean_correct = 0
+
+    def start(self, task: TrainTask[Any], model: nn.Module) -> None:
+        # Its own stream: random starts never shift the batches, so ε = 0 is FedAvg exactly.
+        self.noise = torch.Generator().manual_seed(round_seed(task) + _NOISE_STREAM)
+        self.clean_correct = 0
+
+    def transform_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Batch:
+        config = self.config
         x_adv = pgd_attack(
             model,
-            xb,
-            yb,
+            x,
+            y,
             epsilon=config.epsilon,
             steps=config.pgd_steps,
             step_size=config.train_step_size,
             random_start=config.random_start,
             clip_min=config.clip_min,
             clip_max=config.clip_max,
-            generator=noise,
+            generator=self.noise,
         )
         with torch.no_grad(), eval_mode(model):
-            clean_correct += int((model(xb).argmax(1) == yb).sum())
-        optimizer.zero_grad()
-        logits = model(x_adv)
-        loss = loss_fn(logits, yb)
-        loss.backward()
-        optimizer.step()
-        adversarial.add(loss, logits, yb)
-    result = adversarial.result(len(task.data))
-    if adversarial.seen == 0:
-        return result
-    metrics = {
-        "train-loss": result.metrics["train-loss"],
-        "train-accuracy": clean_correct / adversarial.seen,
-        "train-robust-accuracy": result.metrics["train-accuracy"],
-    }
-    return TrainResult(num_examples=result.num_examples, steps=result.steps, metrics=metrics)
+            self.clean_correct += int((model(x).argmax(1) == y).sum())
+        return x_adv, y
+
+    def finish(
+        self, task: TrainTask[Any], model: nn.Module, running: RunningMetrics
+    ) -> dict[str, float]:
+        """The loop's accuracy is on the attacked batches: report it as robust, and the clean
+        one as ``train-accuracy``."""
+        if running.seen == 0:
+            return {}
+        return {
+            "train-accuracy": self.clean_correct / running.seen,
+            "train-robust-accuracy": running.correct / running.seen,
+        }
+
+
+def train(task: TrainTask[FalConfig]) -> TrainResult:
+    """Local adversarial training: every SGD step of ``train_sgd`` (same K, batches, optimizer),
+    taken on the loss at x̃ = PGD(x) instead of x."""
+    return train_local(task, AdversarialHooks(task.config))
 
 
 def server_metrics(model: nn.Module, test: XY, config: FalConfig) -> dict[str, float]:

@@ -20,11 +20,12 @@ the paper's Algorithm 1 literally (x̆ = x + ρ·g1).
 
 Choices where paper and reference are silent or differ from this platform:
 
-- The local step is torch SGD on the corrected direction with the experiment's ``lr``,
-  ``momentum`` and ``weight_decay`` (weight decay adds wd·x to the direction, as in the reference's
-  base optimizer). The paper's update has no momentum, nor does the reference: use
-  ``training.momentum = 0`` for the faithful update. Honouring the setting rather than silently
-  dropping it keeps ρ = 0, 1/λ = 0 exactly equal to FedAvg under any training config.
+- The local step is torch SGD on the corrected direction with the experiment's ``lr`` and
+  ``weight_decay`` (weight decay adds wd·x to the direction, as in the reference's base
+  optimizer), and without momentum: the paper's update has none, nor does the reference, so by
+  default FedSpeed takes the plain step whatever ``training.momentum`` says.
+  ``use_training_momentum = true`` applies ``training.momentum`` instead; then ρ = 0, 1/λ = 0 is
+  exactly FedAvg under any training config (with the default, when ``training.momentum = 0``).
 - No gradient clipping (the reference clips at norm 10) and no per-round learning-rate decay:
   neither is part of the algorithm, and the platform's TrainingConfig has no such knobs.
 - ĝ_i lives in the node's run state (Flower's Context.state) under ``fedspeed.g_hat``; it starts at
@@ -42,27 +43,33 @@ Choices where paper and reference are silent or differ from this platform:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from flwr.app import ArrayRecord
+from flwr.app import ArrayRecord, RecordDict
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field
 from torch import nn
 
+from florist.client.training import (
+    RunningMetrics,
+    TrainerHooks,
+    TrainingConfig,
+    TrainResult,
+    TrainTask,
+    train_local,
+)
+
 from .base import ServerSetup, StrategyConfig, StrategyPlugin
 from .fedavg import sampling_kwargs
-
-if TYPE_CHECKING:
-    from flwr.app import RecordDict
-
-    from florist.client.training import TrainResult, TrainTask
 
 G_HAT_KEY = "fedspeed.g_hat"
 
 
 class FedSpeedConfig(StrategyConfig):
-    """FedSpeed's hyper-parameters; ρ = 0 and 1/λ = 0 give FedAvg exactly."""
+    """FedSpeed's hyper-parameters; ρ = 0 and 1/λ = 0 give FedAvg exactly (with the same local
+    momentum: ``use_training_momentum = true``, or ``training.momentum = 0``)."""
 
     rho: float = Field(
         default=0.1,
@@ -93,6 +100,15 @@ class FedSpeedConfig(StrategyConfig):
             "Algorithm 1, ρ·g1."
         ),
     )
+    # A flag, not an optional number: the task's ConfigRecord drops None, so a null would arrive
+    # at the client as the default.
+    use_training_momentum: bool = Field(
+        default=False,
+        description=(
+            "Default false: the local step has no momentum, the paper's (and the reference "
+            "code's) plain step, whatever training.momentum says; true applies training.momentum."
+        ),
+    )
 
 
 def build_server(config: FedSpeedConfig, setup: ServerSetup) -> FedAvg:
@@ -117,7 +133,7 @@ def _norm(tensors: list[torch.Tensor]) -> float:
 def _mixed_gradient(
     model: nn.Module,
     params: list[nn.Parameter],
-    loss_fn: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     xb: torch.Tensor,
     yb: torch.Tensor,
     config: FedSpeedConfig,
@@ -146,62 +162,71 @@ def _mixed_gradient(
                 p.grad.mul_(alpha).add_(g, alpha=1.0 - alpha)  # type: ignore[union-attr]
 
 
-def train(task: TrainTask) -> TrainResult:
-    """K local FedSpeed steps from x^t, then the correction ĝ_i and the model x̂_i sent back."""
-    from florist.client.training import (
-        RunningMetrics,
-        TrainResult,
-        local_minibatches,
-        sgd_optimizer,
-    )
+class FedSpeedHooks(TrainerHooks):
+    """FedSpeed's client half on the one local loop: the mixed and corrected gradient at each
+    step, then the correction ĝ_i (kept in the node's run state) and the model x̂_i sent back."""
 
-    assert isinstance(task.config, FedSpeedConfig)
-    config = task.config
-    n = len(task.data)
-    if n == 0:
-        return TrainResult(num_examples=0, steps=0, metrics={})
-    model = task.model.to(task.device)
-    model.train()
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in named]
-    # Momentum and weight decay as the experiment sets them (see the module docstring).
-    optimizer = sgd_optimizer(params, task.training)
-    start = [p.detach().clone() for p in params]
-    g_hat = _load_g_hat(task.state, named)
-    g_hat_start = _norm(g_hat)
-    inv_lambda = config.inv_lambda
-    ascent = config.rho > 0 and config.alpha > 0
-    loss_fn = nn.CrossEntropyLoss()
-    running = RunningMetrics()
-    # The same batches as train_sgd: a rerun reproduces them, and the degenerate case is FedAvg.
-    for xb, yb in local_minibatches(task):
-        optimizer.zero_grad()
-        logits = model(xb)
-        loss = loss_fn(logits, yb)
-        loss.backward()
+    def __init__(self, config: FedSpeedConfig) -> None:
+        self.config = config
+        self.named: list[tuple[str, nn.Parameter]] = []
+        self.start_weights: list[torch.Tensor] = []
+        self.g_hat: list[torch.Tensor] = []
+        self.g_hat_start = 0.0
+
+    def start(self, task: TrainTask[Any], model: nn.Module) -> None:
+        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.start_weights = [p.detach().clone() for _, p in self.named]
+        self.g_hat = _load_g_hat(task.state, self.named)
+        self.g_hat_start = _norm(self.g_hat)
+
+    def optimizer(
+        self, params: list[nn.Parameter], training: TrainingConfig
+    ) -> torch.optim.Optimizer:
+        if not self.config.use_training_momentum:
+            training = training.model_copy(update={"momentum": 0.0})
+        return super().optimizer(params, training)
+
+    def transform_gradient(
+        self, model: nn.Module, params: list[nn.Parameter], x: torch.Tensor, y: torch.Tensor
+    ) -> None:
+        """g1 → g̃ − ĝ_i + (1/λ)(x_k − x^t), the direction torch's SGD then steps along."""
+        config = self.config
         for p in params:
             if p.grad is None:  # a parameter the forward pass did not use
                 p.grad = torch.zeros_like(p)
-        if ascent:
-            _mixed_gradient(model, params, loss_fn, xb, yb, config)
+        if config.rho > 0 and config.alpha > 0:
+            _mixed_gradient(model, params, self.loss, x, y, config)
         with torch.no_grad():
-            for p, g, x0 in zip(params, g_hat, start, strict=True):
+            for p, g, x0 in zip(params, self.g_hat, self.start_weights, strict=True):
                 p.grad.sub_(g)  # type: ignore[union-attr]
-                if inv_lambda > 0:
-                    p.grad.add_(p - x0, alpha=inv_lambda)  # type: ignore[union-attr]
-        optimizer.step()
-        running.add(loss, logits, yb)
-    if inv_lambda > 0:
-        with torch.no_grad():
-            for p, g, x0 in zip(params, g_hat, start, strict=True):
-                g.sub_(p - x0, alpha=inv_lambda)  # ĝ_i ← ĝ_i − (1/λ)(x_K − x^t)
-                p.sub_(g / inv_lambda)  # x̂_i = x_K − λ·ĝ_i
-        task.state[G_HAT_KEY] = ArrayRecord(
-            {name: g.detach().cpu() for (name, _), g in zip(named, g_hat, strict=True)}
-        )
-    return running.result(
-        n, **{"fedspeed-ghat-norm-start": g_hat_start, "fedspeed-ghat-norm": _norm(g_hat)}
-    )
+                if config.inv_lambda > 0:
+                    p.grad.add_(p - x0, alpha=config.inv_lambda)  # type: ignore[union-attr]
+
+    def finish(
+        self, task: TrainTask[Any], model: nn.Module, running: RunningMetrics
+    ) -> dict[str, float]:
+        inv_lambda = self.config.inv_lambda
+        if inv_lambda > 0:
+            with torch.no_grad():
+                for (_, p), g, x0 in zip(self.named, self.g_hat, self.start_weights, strict=True):
+                    g.sub_(p - x0, alpha=inv_lambda)  # ĝ_i ← ĝ_i − (1/λ)(x_K − x^t)
+                    p.sub_(g / inv_lambda)  # x̂_i = x_K − λ·ĝ_i
+            task.state[G_HAT_KEY] = ArrayRecord(
+                {
+                    name: g.detach().cpu()
+                    for (name, _), g in zip(self.named, self.g_hat, strict=True)
+                }
+            )
+        return {
+            "fedspeed-ghat-norm-start": self.g_hat_start,
+            "fedspeed-ghat-norm": _norm(self.g_hat),
+        }
+
+
+def train(task: TrainTask[FedSpeedConfig]) -> TrainResult:
+    """K local FedSpeed steps from x^t on FedAvg's batches (the degenerate case is FedAvg), then
+    the correction ĝ_i and the model x̂_i sent back."""
+    return train_local(task, FedSpeedHooks(task.config))
 
 
 plugin = StrategyPlugin(

@@ -8,12 +8,12 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+# Defined with the task protocol, which the ClientApp writes by; re-exported for the server.
+from florist.client.task import NODE_CONFIG_KEY as NODE_CONFIG_KEY
+
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
 WEIGHT_KEY = "num-examples"
-# The SuperNode's --node-config, echoed in each training reply: the SuperLink does not keep it,
-# and the server records it with the node (device profile, partition) for the dashboard.
-NODE_CONFIG_KEY = "node-config"
 
 
 def check_train_reply(

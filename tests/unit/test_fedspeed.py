@@ -41,8 +41,11 @@ def final_weights(strategy: str, config: dict[str, Any], **training: Any) -> dic
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_rho_and_inv_lambda_zero_equal_fedavg(momentum: float) -> None:
     fedavg = final_weights("fedavg", {}, momentum=momentum)
+    # The local step takes the experiment's momentum, as FedAvg's does.
     fedspeed = final_weights(
-        "fedspeed", {"rho": 0, "inv_lambda": 0, "alpha": 0.3}, momentum=momentum
+        "fedspeed",
+        {"rho": 0, "inv_lambda": 0, "alpha": 0.3, "use_training_momentum": True},
+        momentum=momentum,
     )
     assert fedavg.keys() == fedspeed.keys()
     for key, value in fedavg.items():
@@ -127,6 +130,37 @@ def test_two_rounds_match_the_algorithm_by_hand(normalized: bool) -> None:
         assert result.metrics["fedspeed-ghat-norm"] == pytest.approx(expected_norm, rel=1e-5)
         assert result.metrics["fedspeed-ghat-norm-start"] == pytest.approx(start_norm, rel=1e-5)
         assert (start_norm > 0) == (server_round == 2)
+
+
+def fedspeed_round(cfg: FedSpeedConfig, momentum: float) -> tuple[np.ndarray, np.ndarray]:
+    """One FedSpeed round of 3 steps on a fixed 2→2 model: the weights and ĝ it ends with."""
+    data = XY(
+        x=np.array([[1.0, 2.0], [-1.0, 0.5], [0.3, -1.2], [2.0, 1.0]], dtype=np.float32),
+        y=np.array([0, 1, 1, 0], dtype=np.int64),
+    )
+    model = nn.Linear(2, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[0.1, -0.2], [0.3, 0.4]]))
+        model.bias.copy_(torch.tensor([0.05, -0.1]))
+    state = RecordDict()
+    training = TrainingConfig(local_steps=3, batch_size=4, lr=0.1, momentum=momentum)
+    plugin.train(TrainTask(model, data, training, cfg, server_round=1, seed=0, state=state))
+    g_hat = state.array_records[G_HAT_KEY].to_torch_state_dict()["weight"].numpy()
+    return model.weight.detach().numpy(), g_hat
+
+
+def test_default_local_step_has_no_momentum_whatever_training_says() -> None:
+    # Prepare / Execute: the default config under the experiment's momentum 0.9 and under 0.
+    default = FedSpeedConfig()
+    with_training_momentum = fedspeed_round(default, momentum=0.9)
+    plain = fedspeed_round(default, momentum=0.0)
+    following = fedspeed_round(FedSpeedConfig(use_training_momentum=True), momentum=0.9)
+
+    # Assert: the paper's plain step either way; the flag follows the experiment's momentum.
+    assert not default.use_training_momentum
+    np.testing.assert_array_equal(with_training_momentum[0], plain[0])
+    np.testing.assert_array_equal(with_training_momentum[1], plain[1])
+    assert not np.allclose(following[0], plain[0])
 
 
 def test_inv_lambda_zero_keeps_no_correction() -> None:
