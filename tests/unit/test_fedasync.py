@@ -1,4 +1,4 @@
-"""FedAsync's server rule against hand-computed runs: staleness, the α mix, defaults, client weights."""
+"""FedAsync's server rule against hand-computed runs: staleness, the α mix, client weights."""
 
 from __future__ import annotations
 
