@@ -30,11 +30,11 @@ class ArrivalWeights:
 
     def __init__(self, mode: ClientWeighting) -> None:
         self.mode = mode
-        self.examples: dict[int, int] = {}  # n_j, each client's latest example count
+        self.examples: dict[int, float] = {}  # n_j, each client's latest example count
         self.arrivals: Counter[int] = Counter()  # a_j
         self.total_arrivals = 0  # A
 
-    def weigh(self, node_id: int, num_examples: int) -> float:
+    def weigh(self, node_id: int, num_examples: float) -> float:
         """Record one arrival from ``node_id`` and return its weight w_i."""
         self.examples[node_id] = num_examples
         self.arrivals[node_id] += 1
