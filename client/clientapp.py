@@ -7,14 +7,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from florist.client.models import build_model
 from florist.client.profiles import profile_mod
+from florist.client.protocol import EvaluateReport, TrainInstruction, TrainReport
 from florist.client.task import NODE_CONFIG_KEY, TaskSpec, task_from_config
 from florist.client.training import TrainTask, evaluate, pick_device
 from florist.datasets import XY, dataset_info, load_partition, load_test
+from florist.datasets.seeds import derive_seed
 from florist.strategies import default_registry
 
 app = ClientApp(mods=[profile_mod])
@@ -52,7 +54,7 @@ def train(msg: Message, context: Context) -> Message:
     config = plugin.parse_config(task.strategy.config)
     pid, num = node_partition(context.node_config)
     model = _model(task, msg.content)
-    server_round = int(config_record.get("server-round", 0))  # type: ignore[arg-type]
+    instruction = TrainInstruction.from_record_dict(config_record)
     started = time.perf_counter()
     result = plugin.train(
         TrainTask(
@@ -60,23 +62,22 @@ def train(msg: Message, context: Context) -> Message:
             data=load_partition(task.dataset, pid, num),
             training=task.training,
             config=config,
-            server_round=server_round,
-            # A node sent the same model version twice (event runtime) trains on other batches.
-            seed=task.seed * 1_000 + pid + 7_919 * int(config_record.get("task-repeat", 0)),  # type: ignore[arg-type]
+            server_round=instruction.server_round,
+            # A node sent the same model version again trains on other batches.
+            seed=derive_seed(task.seed, "node", pid, instruction.task_repeat),
             state=context.state,
             device=pick_device(),
         )
     )
-    metrics: dict[str, int | float | list[int] | list[float]] = {
-        **result.metrics,
-        "num-examples": result.num_examples,
-        "local-steps": result.steps,
-        "train-time": time.perf_counter() - started,
-    }
+    report = TrainReport(
+        num_examples=result.num_examples,
+        local_steps=result.steps,
+        train_time=time.perf_counter() - started,
+    )
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord(metrics),
+            "metrics": report.to_metrics(result.metrics),
             NODE_CONFIG_KEY: ConfigRecord(dict(context.node_config)),
         }
     )
@@ -94,11 +95,6 @@ def evaluate_(msg: Message, context: Context) -> Message:
     task = task_from_config(msg.content.config_records["config"])
     pid, num = node_partition(context.node_config)
     result = evaluate(_model(task, msg.content), local_test_shard(task, pid, num))
-    metrics = MetricRecord(
-        {
-            "num-examples": result.num_examples,
-            "eval-loss": result.loss,
-            "eval-accuracy": result.accuracy,
-        }
-    )
+    report = EvaluateReport(num_examples=result.num_examples)
+    metrics = report.to_metrics({"eval-loss": result.loss, "eval-accuracy": result.accuracy})
     return Message(content=RecordDict({"metrics": metrics}), reply_to=msg)

@@ -20,14 +20,17 @@ arrival time: on the virtual clock the server's ``virtual-time``, on the wall cl
 every node of a fleet reads its trace on one shared timeline).
 
 Either way a successful train reply carries ``virtual-duration`` (seconds, in its MetricRecord
-``"metrics"``): the offline wait plus the simulated work. A node that drops out answers with an
-error reply (code :data:`DROPOUT_ERROR_CODE`, reason ``"dropped out (profile …)
-virtual-duration=…"``, parsed by :func:`dropout_duration`) and never with the trained model.
+``"metrics"``; client/protocol.py's :class:`TrainReport`): the offline wait plus the simulated
+work. A node that drops out answers with a :class:`~florist.client.protocol.Dropout` error reply
+(how long it worked before vanishing) and never with the trained model. Without a
+``virtual-time`` on the virtual clock, where in its on/off cycle the node is when a task arrives
+is drawn from the seed instead.
 Evaluate (and query) messages pass through unchanged: profiles model the cost of training, and
 federated evaluation is off by default.
 
 Random draws (dropout, the offline phase) are seeded by the experiment's seed (``florist.seed``),
-the node's ``partition-id`` and ``server-round``, so a virtual-clock run is reproducible.
+the node's ``partition-id``, the ``server-round`` and ``task-repeat`` (``derive_seed``), so a
+virtual-clock run is reproducible.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from flwr.app import ConfigRecord, Context, Error, Message, MessageType, MetricRecord
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord
 from flwr.clientapp.typing import ClientAppCallable
 from pydantic import (
     BaseModel,
@@ -52,18 +55,10 @@ from pydantic import (
     model_validator,
 )
 
-Clock = Literal["wall", "virtual"]
+from florist.client.protocol import Dropout, TaskClock, TrainInstruction, TrainReport
+from florist.datasets.seeds import derive_seed
 
-CLOCK_KEY = "florist.clock"
-SEED_KEY = "florist.seed"
-ROUND_KEY = "server-round"
-# Optional: the server's virtual clock when it sent the task. Without it, where in its on/off
-# cycle the node is when a task arrives is drawn from the seed instead.
-VIRTUAL_TIME_KEY = "virtual-time"
-DURATION_METRIC = "virtual-duration"
-STEPS_METRIC = "local-steps"
-# Flower's own ErrorCode values are 0–8; this one says "the device profile dropped the task".
-DROPOUT_ERROR_CODE = 100
+Clock = Literal["wall", "virtual"]
 
 
 class TraceError(ValueError):
@@ -334,9 +329,9 @@ def describe(profile: DeviceProfile) -> str:
     return ", ".join(f"{k}={v}" for k, v in profile.model_dump(exclude_defaults=True).items())
 
 
-def _rng(seed: int, node: int, server_round: int, purpose: str) -> random.Random:
-    # A string seed goes through SHA-512: the same draw in every process, whatever PYTHONHASHSEED.
-    return random.Random(f"{seed}:{node}:{server_round}:{purpose}")
+def _rng(seed: int, node: int, draw: tuple[int, int], purpose: str) -> random.Random:
+    """The stream of one purpose's draws for a node's task (``draw``: round and repeat)."""
+    return random.Random(derive_seed(seed, "profile", purpose, node, *draw))
 
 
 def offline_wait(profile: DeviceProfile, now: float, seed: int, node: int) -> float:
@@ -351,7 +346,7 @@ def offline_wait(profile: DeviceProfile, now: float, seed: int, node: int) -> fl
     cycle = profile.availability_cycle()
     if cycle is None:
         return 0.0
-    phase = _rng(seed, node, 0, "phase").uniform(0.0, cycle.period_s)
+    phase = _rng(seed, node, (0, 0), "phase").uniform(0.0, cycle.period_s)
     return cycle.offline_wait(now + phase)
 
 
@@ -363,21 +358,14 @@ def work_seconds(profile: DeviceProfile, steps: int, bytes_down: int, bytes_up: 
     return compute + (bytes_down + bytes_up) * 8 / (profile.bandwidth_mbps * 1e6)
 
 
-def dropout_duration(error: Error) -> float | None:
-    """The virtual time a dropped task ran before the node vanished (None: not a dropout)."""
-    if error.code != DROPOUT_ERROR_CODE or error.reason is None:
-        return None
-    match = re.search(rf"{DURATION_METRIC}=([0-9.eE+-]+)", error.reason)
-    return float(match.group(1)) if match else None
-
-
 def _array_bytes(msg: Message) -> int:
     return sum(record.count_bytes() for record in msg.content.array_records.values())
 
 
-def _int(values: Mapping[str, Any], key: str, default: int) -> int:
-    value = values.get(key, default)
-    return int(value) if isinstance(value, int | float) else default
+def _node(context: Context) -> int:
+    """The node's partition id, which outlives a restart (its node id may not)."""
+    pid = context.node_config.get("partition-id")
+    return int(pid) if isinstance(pid, int | float) else context.node_id
 
 
 # Module-level so tests can record sleeps instead of sleeping.
@@ -391,22 +379,24 @@ def profile_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
         return call_next(msg, context)
     profile = profile_from_node_config(context.node_config)
     config = msg.content.config_records.get("config", ConfigRecord())
-    clock = config.get(CLOCK_KEY, "wall")
-    if clock not in ("wall", "virtual"):
-        raise ProfileError(f"{CLOCK_KEY}: expected 'wall' or 'virtual', got {clock!r}")
-    seed = _int(config, SEED_KEY, 0)
-    node = _int(context.node_config, "partition-id", context.node_id)
-    # The event runtime may send a node the same round twice; "task-repeat" tells them apart.
-    server_round = _int(config, ROUND_KEY, 0) * 1_000 + _int(config, "task-repeat", 0)
+    try:
+        task = TaskClock.from_config(config)
+        instruction = TrainInstruction.from_record_dict(config)
+    except ValidationError as exc:
+        raise ProfileError(f"the task's message cannot be read: {exc}") from exc
+    seed, clock = task.seed, task.clock
+    node = _node(context)
+    # The loop may send a node the same version again; its repeat draws anew.
+    draw = (instruction.server_round, instruction.task_repeat)
 
     if clock == "wall":
         arrived = now()
-    elif isinstance(config.get(VIRTUAL_TIME_KEY), int | float):
-        arrived = float(config[VIRTUAL_TIME_KEY])  # type: ignore[arg-type]
+    elif instruction.virtual_time is not None:
+        arrived = instruction.virtual_time
     else:
         cycle = profile.availability_cycle()
         period = profile.period_s if cycle is None else cycle.period_s
-        arrived = _rng(seed, node, server_round, "arrival").uniform(0.0, period)
+        arrived = _rng(seed, node, draw, "arrival").uniform(0.0, period)
     waited = offline_wait(profile, arrived, seed, node)
     if clock == "wall" and waited > 0:
         sleep(waited)
@@ -417,28 +407,23 @@ def profile_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
     if reply.has_error():
         return reply
 
-    metrics = reply.content.metric_records.get("metrics")
-    steps = metrics.get(STEPS_METRIC, 0) if metrics is not None else 0
-    steps = int(steps) if isinstance(steps, int | float) else 0
+    metrics = reply.content.metric_records.get("metrics", MetricRecord())
+    steps = TrainReport.from_metrics(metrics).local_steps or 0
     work = work_seconds(profile, steps, _array_bytes(msg), _array_bytes(reply))
 
-    draws = _rng(seed, node, server_round, "dropout")
+    draws = _rng(seed, node, draw, "dropout")
     if draws.random() < profile.dropout:
         # The node vanishes part-way through its work.
         lasted = draws.random() * work
         if clock == "wall":
             sleep(max(0.0, lasted - elapsed))
-        reason = (
-            f"dropped out (profile {describe(profile)}) {DURATION_METRIC}={waited + lasted:.6f}"
-        )
-        return Message(Error(code=DROPOUT_ERROR_CODE, reason=reason), reply_to=msg)
+        dropout = Dropout(profile=describe(profile), after_s=waited + lasted)
+        return Message(dropout.to_error(), reply_to=msg)
 
     if clock == "wall":
         remaining = work - elapsed
         if remaining > 0 and math.isfinite(remaining):
             sleep(remaining)
-    if metrics is None:
-        metrics = MetricRecord()
-        reply.content["metrics"] = metrics
-    metrics[DURATION_METRIC] = waited + work
+    reply.content["metrics"] = metrics
+    metrics[TrainReport.key("virtual_duration")] = waited + work
     return reply

@@ -37,7 +37,12 @@ class TaskSpec(BaseModel):
     dataset: DatasetSpec
     model: ModelSpec = Field(default_factory=lambda: MlpSpec(name="mlp"))
     training: TrainingConfig = Field(default_factory=TrainingConfig)
-    seed: int = Field(default=0, description="Seeds model initialisation and local shuffling.")
+    seed: int = Field(
+        default=0,
+        ge=0,
+        lt=2**63,
+        description="Seeds model initialisation, local shuffling and every other draw.",
+    )
     clock: Literal["wall", "virtual"] = Field(
         default="wall",
         description="wall: clients really take their device profile's time; virtual: they report "

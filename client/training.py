@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
+from florist.datasets.seeds import derive_seed
+
 if TYPE_CHECKING:
     from florist.datasets import XY
 
@@ -91,7 +93,7 @@ def batches(data: XY, batch_size: int, generator: torch.Generator) -> Iterator[B
 
 def round_seed(task: TrainTask[Any]) -> int:
     """The seed of this node's local work in this round: a rerun reproduces the same batches."""
-    return task.seed * 100_003 + task.server_round
+    return derive_seed(task.seed, "round", task.server_round)
 
 
 def num_local_steps(training: TrainingConfig, num_examples: int) -> int:

@@ -44,8 +44,16 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from pydantic import ValidationError
 
-from florist.client.profiles import dropout_duration
+from florist.client.protocol import (
+    Dropout,
+    EvaluateInstruction,
+    EvaluateReport,
+    TrainInstruction,
+    TrainReport,
+)
+from florist.client.task import flatten
 from florist.server.db.models import utcnow
 from florist.server.recorder import RoundRecord, RunRecorder, UpdateRecord
 from florist.server.spec import ExperimentSpec
@@ -68,7 +76,6 @@ from florist.strategies.validation import (
 
 log = logging.getLogger(__name__)
 
-LOCAL_STEPS_KEY = "florist.training.local-steps"  # TrainingConfig.local_steps, flattened
 NOT_AGGREGATED = "run ended before it was aggregated"
 NO_REPLY = "run ended before the reply"
 PUSH_REFUSED = "the SuperLink refused the task"
@@ -95,24 +102,48 @@ def train_update(
     content: RecordDict, sent: Mapping[str, np.ndarray], **fields: Any
 ) -> UpdateRecord:
     """The record of a training reply: accepted, or rejected with the reason
-    :func:`check_train_reply` gives against the model the node was ``sent``."""
+    :func:`check_train_reply` or the protocol (:class:`TrainReport`) gives against the model the
+    node was ``sent``."""
     problem = check_train_reply(content, sent)
     metrics = numeric_metrics(content.metric_records.get(METRICS_KEY))
+    report: TrainReport | None = None
+    if problem is None:
+        try:
+            report = TrainReport.from_metrics(metrics)
+        except ValidationError as exc:
+            problem = "metrics break the protocol: " + "; ".join(
+                f"{TrainReport.key(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors()
+            )
     arrays = content.array_records.get(ARRAYS_KEY)
     node_config = content.config_records.get(NODE_CONFIG_KEY)
-    steps = metrics.get("local-steps")
+    examples = metrics.get(WEIGHT_KEY)
     return UpdateRecord(
         status="rejected" if problem else "accepted",
         reason=problem,
-        num_examples=int(metrics[WEIGHT_KEY]) if WEIGHT_KEY in metrics else None,
-        train_time_s=metrics.get("train-time"),
-        local_steps=int(steps) if steps is not None else None,
-        virtual_duration_s=metrics.get("virtual-duration"),
+        num_examples=int(examples) if examples is not None and np.isfinite(examples) else None,
+        train_time_s=report.train_time if report else None,
+        local_steps=report.local_steps if report else None,
+        virtual_duration_s=report.virtual_duration if report else None,
         metrics=metrics,
         bytes_up=arrays.count_bytes() if arrays is not None else 0,
         node_config=_scalars(node_config) if node_config is not None else None,
         **fields,
     )
+
+
+def simulated_duration(reply: Message) -> float:
+    """The virtual seconds a reply says its task took: a dropout's time before it vanished, a
+    sound reply's ``virtual-duration``; 0 when it says nothing (it is rejected later)."""
+    if reply.has_error():
+        dropout = Dropout.from_error(reply.error)
+        return dropout.after_s if dropout is not None else 0.0
+    try:
+        report = TrainReport.from_metrics(
+            numeric_metrics(reply.content.metric_records.get(METRICS_KEY))
+        )
+    except ValidationError:
+        return 0.0
+    return report.virtual_duration or 0.0
 
 
 @dataclass
@@ -270,18 +301,19 @@ class EventLoop:
             return  # one task per node: the strategy asks again when it reports
         repeat = self.repeats[(node_id, self.version)]
         self.repeats[(node_id, self.version)] += 1
-        # The strategy's own entries first: the loop's keys below must not be overridden.
-        config = {**extra, **self.task_config}
-        # The round it contributes to seeds its batches, as on Flower's loop; a node sent the
-        # same version again trains on other batches.
-        config["server-round"] = self.version + 1
-        config["task-repeat"] = repeat
-        config["model-version"] = self.version
-        if self.virtual:
+        instruction = TrainInstruction(
+            # The round it contributes to seeds its batches, as on Flower's loop; a node sent
+            # the same version again trains on other batches.
+            server_round=self.version + 1,
+            model_version=self.version,
+            task_repeat=repeat,
             # The node's availability trace is read at this time (client/profiles.py).
-            config["virtual-time"] = self.vtime
+            virtual_time=self.vtime if self.virtual else None,
+        )
+        # The strategy's own entries first: the loop's must not be overridden.
+        config = {**extra, **self.task_config, **instruction.to_record_dict()}
         if local_steps is not None:
-            config[LOCAL_STEPS_KEY] = local_steps
+            config.update(flatten({"training": {"local_steps": local_steps}}))
         arrays = to_record(self.weights)
         message = Message(
             content=RecordDict({ARRAYS_KEY: arrays, "config": ConfigRecord(config)}),
@@ -342,13 +374,7 @@ class EventLoop:
             task = self.inflight.pop(reply.metadata.reply_to_message_id, None)
             if task is None:
                 continue
-            if reply.has_error():
-                # A dropout says how long the node worked before vanishing; other errors: 0.
-                duration = dropout_duration(reply.error) or 0.0
-            else:
-                duration = numeric_metrics(reply.content.metric_records.get(METRICS_KEY)).get(
-                    "virtual-duration", 0.0
-                )
+            duration = simulated_duration(reply)
             events.append(
                 Event(task, reply, now, mono - task.dispatched_mono, task.virtual_start + duration)
             )
@@ -435,7 +461,7 @@ class EventLoop:
             sent_weights=task.sent,
             sent_version=task.version,
             version=self.version,
-            num_examples=int(metrics[WEIGHT_KEY]),
+            num_examples=update.num_examples or 0,
             local_steps=update.local_steps or 0,
             metrics=metrics,
             duration_s=(event.virtual_end - task.virtual_start)
@@ -512,7 +538,8 @@ class EventLoop:
             return {}
         pushed: dict[str, int] = {}
         for node_id, extra in sorted(targets.items()):
-            config = {**extra, **self.task_config, "server-round": version}
+            instruction = EvaluateInstruction(server_round=version)
+            config = {**extra, **self.task_config, **instruction.to_record_dict()}
             message = Message(
                 content=RecordDict(
                     {ARRAYS_KEY: to_record(weights), "config": ConfigRecord(config)}
@@ -532,7 +559,10 @@ class EventLoop:
                 if node_id < 0 or reply.has_error():
                     continue
                 metrics = numeric_metrics(reply.content.metric_records.get(METRICS_KEY))
-                count = metrics.get(WEIGHT_KEY, 0.0)
+                try:
+                    count = EvaluateReport.from_metrics(metrics).num_examples
+                except ValidationError:
+                    continue  # a malformed evaluation does not count
                 if count > 0 and all(np.isfinite(v) for v in metrics.values()):
                     results.append(Evaluation(node_id, count, metrics))
             if pushed:

@@ -30,13 +30,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 from flwr.supercore.run import Run
 
+from florist.client.protocol import TrainInstruction
+
 from .events import Arrival, ConfigValue, Evaluation, EventStrategy, NodeConfig, Weights
 from .rounds import AggregationError, RoundAggregator, SyncRounds
+from .validation import WEIGHT_KEY
 
 log = logging.getLogger(__name__)
 
-# Flower puts the round into every task itself; the loop does that for all plugins.
-_LOOP_KEYS = frozenset({"server-round"})
+# Flower puts the round into every task itself; the loop's instruction does that for all plugins.
+_LOOP_KEYS = frozenset(TrainInstruction.key(name) for name in TrainInstruction.model_fields)
 
 
 class TooFewNodes(Exception):
@@ -147,7 +150,7 @@ class FlowerAggregator(RoundAggregator):
                 RecordDict(
                     {
                         "arrays": to_record(u.weights),
-                        "metrics": MetricRecord({**u.metrics, "num-examples": u.num_examples}),
+                        "metrics": MetricRecord({**u.metrics, WEIGHT_KEY: u.num_examples}),
                     }
                 ),
             )
@@ -184,9 +187,7 @@ class FlowerAggregator(RoundAggregator):
             _reply(
                 r.node_id,
                 MessageType.EVALUATE,
-                RecordDict(
-                    {"metrics": MetricRecord({**r.metrics, "num-examples": r.num_examples})}
-                ),
+                RecordDict({"metrics": MetricRecord({**r.metrics, WEIGHT_KEY: r.num_examples})}),
             )
             for r in results
         ]

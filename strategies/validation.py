@@ -8,12 +8,14 @@ from collections.abc import Mapping
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-# Defined with the task protocol, which the ClientApp writes by; re-exported for the server.
+from florist.client.protocol import TrainReport
+
+# Defined with the task, which the ClientApp writes by; re-exported for the server.
 from florist.client.task import NODE_CONFIG_KEY as NODE_CONFIG_KEY
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
-WEIGHT_KEY = "num-examples"
+WEIGHT_KEY = TrainReport.key("num_examples")  # an update's weight
 
 
 def check_train_reply(

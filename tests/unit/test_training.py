@@ -22,6 +22,7 @@ from florist.client.training import (
     train_sgd,
 )
 from florist.datasets import XY
+from florist.datasets.seeds import derive_seed
 
 W0 = 0.5
 LR = 0.1
@@ -106,8 +107,8 @@ def test_batches_are_the_seeded_shuffles_of_fedavg() -> None:
     data = XY(x=np.arange(5, dtype=np.float32).reshape(5, 1), y=np.zeros(5, dtype=np.int64))
     training = TrainingConfig(local_steps=4, batch_size=2)
     task = TrainTask(nn.Linear(1, 2), data, training, NoConfig(), server_round=3, seed=7)
-    # The seed of node/round (seed · 100003 + round), one permutation per pass over the data.
-    generator = torch.Generator().manual_seed(7 * 100_003 + 3)
+    # The seed of node/round, one permutation per pass over the data.
+    generator = torch.Generator().manual_seed(derive_seed(7, "round", 3))
     first, second = torch.randperm(5, generator=generator), torch.randperm(5, generator=generator)
     expected = [first[0:2], first[2:4], first[4:5], second[0:2]]
 
