@@ -8,26 +8,7 @@ from pydantic import ValidationError
 
 from florist.strategies.events import Arrival, Weights
 from florist.strategies.fedasync import FedAsync, FedAsyncConfig, staleness_factor
-
-
-def vec(*values: float) -> Weights:
-    return {"w": np.array(values, dtype=np.float64)}
-
-
-def arrival(
-    node: int, x: Weights, sent: Weights, sent_version: int, version: int, n: int = 10
-) -> Arrival:
-    return Arrival(
-        node_id=node,
-        weights=x,
-        sent_weights=sent,
-        sent_version=sent_version,
-        version=version,
-        num_examples=n,
-        local_steps=1,
-        metrics={},
-        duration_s=1.0,
-    )
+from tests.unit.updates import arrival, vec
 
 
 def step(server: FedAsync, a: Arrival, current: Weights) -> Weights:

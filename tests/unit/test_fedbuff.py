@@ -7,26 +7,7 @@ import pytest
 
 from florist.strategies.events import Arrival, Weights
 from florist.strategies.fedbuff import FedBuff, FedBuffConfig
-
-
-def vec(*values: float) -> Weights:
-    return {"w": np.array(values, dtype=np.float64)}
-
-
-def arrival(
-    node: int, x: Weights, sent: Weights, sent_version: int, version: int, n: int = 10
-) -> Arrival:
-    return Arrival(
-        node_id=node,
-        weights=x,
-        sent_weights=sent,
-        sent_version=sent_version,
-        version=version,
-        num_examples=n,
-        local_steps=1,
-        metrics={},
-        duration_s=1.0,
-    )
+from tests.unit.updates import arrival, vec
 
 
 def buffered(server: FedBuff, a: Arrival, current: Weights) -> None:
