@@ -12,7 +12,7 @@ aggregation is committed as a round, with every update handled since the previou
 
 On the **virtual clock** each reply carries the simulated duration of its task
 (``virtual-duration``, from the node's device profile); the loop holds replies until no task is in
-flight and then handles the one that finishes first in virtual time (ties: lowest node id), so a
+flight and then handles the one that finishes first in virtual time (ties: the one sent first), so a
 run is deterministic given its seed whatever the real timing.
 
 A decision may set a **timer** (``wake_in``, e.g. a round's deadline under the experiment's
@@ -157,6 +157,7 @@ class Task:
     dispatched_at: datetime
     dispatched_mono: float
     virtual_start: float
+    seq: int  # dispatch order in the run: on the virtual clock, equal end times go first-sent first
 
 
 @dataclass
@@ -329,6 +330,7 @@ class EventLoop:
             dispatched_at=utcnow(),
             dispatched_mono=time.monotonic(),
             virtual_start=self.vtime,
+            seq=sum(self.dispatched.values()),
         )
         # Flower's push gives None for a message it refused, or no ids when the whole push
         # was too large for the SuperLink.
@@ -402,7 +404,7 @@ class EventLoop:
             else:
                 self.held.extend(events)
                 if not self.inflight:
-                    self.held.sort(key=lambda e: (e.virtual_end, e.task.node_id))
+                    self.held.sort(key=lambda e: (e.virtual_end, e.task.seq))
                     first = self.held[0].virtual_end if self.held else None
                     if self.wake_at is not None and (first is None or self.wake_at < first):
                         self.vtime = max(self.vtime, self.wake_at)
