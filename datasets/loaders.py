@@ -21,20 +21,32 @@ _SPLIT_CACHE_SIZE = 16
 _PARTITION_CACHE_SIZE = 64
 
 
+# (low, high): every feature of every example lies in [low, high]; None: no such bound.
+InputRange = tuple[float, float] | None
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
-    """What a model needs to know about a dataset: one example's shape and the number of classes."""
+    """What a model or an attack needs to know about a dataset: one example's shape, the number
+    of classes, and the valid input range (None for unbounded data such as ``synthetic``)."""
 
     input_shape: tuple[int, ...]
     num_classes: int
+    input_range: InputRange = None
 
 
 @dataclass(frozen=True)
 class XY:
-    """Examples ``x`` (float32, shape (n, *input_shape)) and integer labels ``y`` (int64, (n,))."""
+    """Examples ``x`` (float32, shape (n, *input_shape)) and integer labels ``y`` (int64, (n,)).
+
+    ``input_range`` is the dataset's valid input range (:attr:`DatasetInfo.input_range`), carried
+    with the arrays so that code handed only the data (an attack's projection) can respect it.
+    The loaders set it; None means unbounded, or unknown for arrays built by hand.
+    """
 
     x: np.ndarray
     y: np.ndarray
+    input_range: InputRange = None
 
     def __post_init__(self) -> None:
         if len(self.x) != len(self.y):
@@ -56,11 +68,20 @@ def dataset_info(spec: DatasetSpec) -> DatasetInfo:
     """Input shape and class count of ``spec``'s dataset, without loading it."""
     match spec:
         case DigitsSpec():
-            return DatasetInfo(input_shape=(1, 8, 8), num_classes=10)
+            # Pixels are scaled from [0, 16] to [0, 1] (see _digits).
+            return DatasetInfo(input_shape=(1, 8, 8), num_classes=10, input_range=(0.0, 1.0))
         case SyntheticSpec():
+            # Gaussian features: no bound.
             return DatasetInfo(input_shape=(spec.num_features,), num_classes=spec.num_classes)
         case _:
             assert_never(spec)
+
+
+def data_extent(spec: DatasetSpec) -> tuple[float, float]:
+    """The smallest and largest feature value over the train and test splits, as loaded."""
+    split = _split(spec)
+    values = [a for a in (split.train.x, split.test.x) if a.size]
+    return float(min(a.min() for a in values)), float(max(a.max() for a in values))
 
 
 def load_partition(spec: DatasetSpec, partition_id: int, num_partitions: int) -> XY:
@@ -71,22 +92,22 @@ def load_partition(spec: DatasetSpec, partition_id: int, num_partitions: int) ->
         raise ValueError(f"partition_id must be in [0, {num_partitions}), got {partition_id}")
     train = _split(spec).train
     idx = _partitions(spec.model_dump_json(), num_partitions)[partition_id]
-    return XY(x=train.x[idx], y=train.y[idx])
+    return XY(x=train.x[idx], y=train.y[idx], input_range=dataset_info(spec).input_range)
 
 
 def load_test(spec: DatasetSpec) -> XY:
     """The held-out test split; for server-side evaluation only, never for training."""
-    return _copy(_split(spec).test)
+    return _copy(_split(spec).test, spec)
 
 
 def load_train(spec: DatasetSpec) -> XY:
     """The whole training split (the union of all partitions), for centralized baselines."""
-    return _copy(_split(spec).train)
+    return _copy(_split(spec).train, spec)
 
 
-def _copy(data: XY) -> XY:
+def _copy(data: XY, spec: DatasetSpec) -> XY:
     # Callers get their own arrays: the cached ones are read-only and shared.
-    return XY(x=data.x.copy(), y=data.y.copy())
+    return XY(x=data.x.copy(), y=data.y.copy(), input_range=dataset_info(spec).input_range)
 
 
 def _split(spec: DatasetSpec) -> _Split:

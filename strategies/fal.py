@@ -6,24 +6,32 @@ Convergence Analysis").
 Client i runs the K local SGD steps of plain FedAvg (same batches, optimizer and learning rate),
 each taken on the loss at x̃ = PGD(x) instead of x: an inner loop of ``pgd_steps`` sign-gradient
 ascent steps of size α (default ε/4), each projected onto the L∞ ball B(x, ε) intersected with
-the input domain [clip_min, clip_max]. The server is FedAvg of the returned models, and evaluates
-the global model every round on clean and on PGD-perturbed held-out data.
+the input domain. The domain is the dataset's valid input range (digits: [0, 1]; ``synthetic``:
+none, so only the ε-ball), or an explicit ``clip_min``/``clip_max`` that must contain every
+input, so the projection never moves a clean input. The server is FedAvg of the returned models,
+and evaluates the global model every round on clean and on PGD-perturbed held-out data.
 
 Variant followed: the paper's framework (its analysis is of a two-layer network; we apply the
 same loop to every model). Where it is silent: the attack runs with the model in eval mode and
 no gradient reaches the parameters; the random start is off by default (Madry's PGD has it, the
-paper's algorithm starts at x); the server's robust evaluation uses its own deterministic attack
-(no random start) on the first ``eval_max_examples`` test examples to stay cheap each round.
-Clients report ``train-accuracy`` (clean) and ``train-robust-accuracy`` (on their attacked
-batches). ε = 0 or ``pgd_steps`` = 0 is FedAvg exactly.
+paper's algorithm starts at x). The server reports two attacks on the same seeded random subset
+of ``eval_max_examples`` test examples: ``robust-*``, the training attack's kind (ε_eval,
+``eval_pgd_steps`` steps of ε_eval/4 from x, deterministic), and ``robust-*-strong``, per example
+the worst of that attack, a longer PGD run from x and ``strong_restarts`` runs from random points
+of the ball (so it is never weaker). Clients report ``train-accuracy`` (clean) and
+``train-robust-accuracy`` (on their attacked batches). ε = 0 or ``pgd_steps`` = 0 is FedAvg
+exactly.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from typing import TYPE_CHECKING, Any, Self
 
+import numpy as np
 import torch
 from flwr.serverapp.strategy import FedAvg
 from pydantic import Field, model_validator
@@ -39,17 +47,20 @@ from florist.client.training import (
     round_seed,
     train_local,
 )
+from florist.datasets import data_extent
 
 from .base import ServerSetup, StrategyConfig, StrategyPlugin
 from .fedavg import sampling_kwargs
 
 if TYPE_CHECKING:
-    from florist.datasets import XY
+    from florist.datasets import XY, DatasetSpec, InputRange
 
 # Keeps the server's per-round PGD evaluation cheap on large test splits.
 DEFAULT_EVAL_MAX_EXAMPLES = 500
 # Random-start noise has its own stream, so turning it on never changes the batches.
 _NOISE_STREAM = 0x5EED_0000_0000
+# Madry et al.'s rule for a step size: the steps together can cross the ball 2.5 times.
+_STRONG_STEP_SPAN = 2.5
 
 
 class FalConfig(StrategyConfig):
@@ -65,14 +76,24 @@ class FalConfig(StrategyConfig):
         Step α of the training attack; None means ε/4.
     random_start : bool, default False
         Start the training attack from a uniform point in the ε-ball instead of x.
-    clip_min, clip_max : float, default 0.0, 1.0
-        Input domain every adversarial example is clipped to.
+    clip_min, clip_max : float | None, default None
+        Input domain adversarial examples are clipped to; None takes the dataset's bound on that
+        side (digits: 0 and 1; ``synthetic`` has none). An explicit bound must hold for all the
+        dataset's inputs: the API refuses one that does not (422), and the attack raises.
     eval_epsilon : float | None, default None
         ε of the server's robust evaluation; None means ``epsilon``.
     eval_pgd_steps : int, default 10
         Steps of the server's attack (step eval_ε/4, no random start, so it is deterministic).
     eval_max_examples : int, default 500
-        Robust metrics use only the first this-many test examples.
+        Robust metrics use a random subset of this many test examples (all if fewer).
+    eval_seed : int, default 0
+        Seeds that subset (the same every round) and the strong attack's random starts.
+    strong_pgd_steps : int, default 50
+        Steps of each run of the strong evaluation attack.
+    strong_restarts : int, default 5
+        Runs of the strong attack from uniform random points of the ball, besides one from x.
+    strong_step_size : float | None, default None
+        Step of the strong attack; None means 2.5·eval_ε / ``strong_pgd_steps``.
     """
 
     epsilon: float = Field(
@@ -87,8 +108,16 @@ class FalConfig(StrategyConfig):
     random_start: bool = Field(
         default=False, description="Start PGD at a uniform point of the ε-ball (default false)."
     )
-    clip_min: float = Field(default=0.0, description="Lower bound of the input domain (0.0).")
-    clip_max: float = Field(default=1.0, description="Upper bound of the input domain (1.0).")
+    clip_min: float | None = Field(
+        default=None,
+        description="Lower bound of the input domain (default None: the dataset's, if any); "
+        "must not exceed any input.",
+    )
+    clip_max: float | None = Field(
+        default=None,
+        description="Upper bound of the input domain (default None: the dataset's, if any); "
+        "must not be below any input.",
+    )
     eval_epsilon: float | None = Field(
         default=None, ge=0, description="ε of the server's robust evaluation (None: epsilon)."
     )
@@ -98,13 +127,26 @@ class FalConfig(StrategyConfig):
     eval_max_examples: int = Field(
         default=DEFAULT_EVAL_MAX_EXAMPLES,
         ge=1,
-        description="Robust metrics on the first this-many test examples (default 500).",
+        description="Robust metrics on a seeded random subset of this many test examples (500).",
+    )
+    eval_seed: int = Field(
+        default=0, ge=0, description="Seed of that subset and of the strong attack's starts (0)."
+    )
+    strong_pgd_steps: int = Field(
+        default=50, ge=0, le=1000, description="PGD steps per run of the strong attack (50)."
+    )
+    strong_restarts: int = Field(
+        default=5, ge=0, le=100, description="Random-start runs of the strong attack (5)."
+    )
+    strong_step_size: float | None = Field(
+        default=None, gt=0, description="Step of the strong attack (None: 2.5·eval ε / steps)."
     )
 
     @model_validator(mode="after")
     def _domain_not_empty(self) -> Self:
-        if not self.clip_min < self.clip_max:
-            raise ValueError(f"clip_min ({self.clip_min}) must be below clip_max ({self.clip_max})")
+        low, high = self.clip_min, self.clip_max
+        if low is not None and high is not None and not low < high:
+            raise ValueError(f"clip_min ({low}) must be below clip_max ({high})")
         return self
 
     @property
@@ -114,6 +156,45 @@ class FalConfig(StrategyConfig):
     @property
     def robust_epsilon(self) -> float:
         return self.eval_epsilon if self.eval_epsilon is not None else self.epsilon
+
+    @property
+    def strong_step(self) -> float:
+        if self.strong_step_size is not None:
+            return self.strong_step_size
+        return _STRONG_STEP_SPAN * self.robust_epsilon / max(self.strong_pgd_steps, 1)
+
+
+def input_bounds(config: FalConfig, input_range: InputRange) -> tuple[float, float]:
+    """The attack's domain: an explicit ``clip_min``/``clip_max``, else the data's range on that
+    side, else unbounded (±inf)."""
+    low, high = input_range if input_range is not None else (-math.inf, math.inf)
+    return (
+        config.clip_min if config.clip_min is not None else low,
+        config.clip_max if config.clip_max is not None else high,
+    )
+
+
+def clip_range_errors(config: FalConfig, dataset: DatasetSpec) -> list[dict[str, Any]]:
+    """Pydantic-style errors (``loc`` under the experiment spec) for an explicit clip bound that
+    some input of ``dataset`` violates: the ε-ball around such an input misses the domain."""
+    if config.clip_min is None and config.clip_max is None:
+        return []  # the dataset's own range: nothing to load
+    low, high = data_extent(dataset)
+    errors = []
+    if config.clip_min is not None and config.clip_min > low:
+        errors.append((("clip_min", config.clip_min), f"the data go down to {low:g}"))
+    if config.clip_max is not None and config.clip_max < high:
+        errors.append((("clip_max", config.clip_max), f"the data go up to {high:g}"))
+    return [
+        {
+            "loc": ("strategy", "config", field),
+            "msg": f"{field} = {value:g} cuts off {dataset.name} inputs ({why}); leave it unset "
+            "to use the dataset's own range",
+            "type": "clip_range_excludes_data",
+            "input": value,
+        }
+        for (field, value), why in errors
+    ]
 
 
 @contextmanager
@@ -136,20 +217,28 @@ def pgd_attack(
     steps: int,
     step_size: float,
     random_start: bool = False,
-    clip_min: float = 0.0,
-    clip_max: float = 1.0,
+    clip_min: float = -math.inf,
+    clip_max: float = math.inf,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """L∞ PGD (Madry et al.): ``steps`` sign-gradient ascent steps on the mean cross-entropy, each
-    projected onto the ε-ball around ``x`` intersected with [clip_min, clip_max].
+    projected onto the ε-ball around ``x`` intersected with [clip_min, clip_max] (unbounded by
+    default).
 
     Returns ``x`` itself when ε = 0 or steps = 0, without drawing any random numbers. The model runs
     in eval mode during the attack (its mode is restored) and no gradient reaches its parameters.
-    ``generator`` draws the random start (a CPU generator; torch's global one if None).
+    ``generator`` draws the random start (a CPU generator; torch's global one if None). Raises
+    ValueError if ``x`` lies outside [clip_min, clip_max]: the projection would move it further
+    than ε (x = 3 clipped to [0, 1] becomes 1).
     """
     if epsilon == 0 or steps == 0:
         return x
     x = x.detach()
+    if x.numel() and (float(x.min()) < clip_min or float(x.max()) > clip_max):
+        raise ValueError(
+            f"inputs in [{float(x.min()):g}, {float(x.max()):g}] lie outside the attack's domain "
+            f"[{clip_min:g}, {clip_max:g}]"
+        )
     lower = torch.clamp(x - epsilon, min=clip_min)
     upper = torch.clamp(x + epsilon, max=clip_max)
     x_adv = x.clone()
@@ -167,6 +256,37 @@ def pgd_attack(
     return x_adv.detach()
 
 
+def worst_case(
+    model: nn.Module, y: torch.Tensor, candidates: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """Per example, the candidate input the model gets wrong, or failing that the one with the
+    highest loss (misclassification first: a higher loss need not flip the label)."""
+    best = candidates[0].clone()
+    with torch.no_grad(), eval_mode(model):
+        logits = model(best)
+        best_wrong = logits.argmax(1) != y
+        best_loss = F.cross_entropy(logits, y, reduction="none")
+        for x_adv in candidates[1:]:
+            logits = model(x_adv)
+            wrong = logits.argmax(1) != y
+            loss = F.cross_entropy(logits, y, reduction="none")
+            better = (wrong & ~best_wrong) | ((wrong == best_wrong) & (loss > best_loss))
+            best[better] = x_adv[better]
+            best_wrong = torch.where(better, wrong, best_wrong)
+            best_loss = torch.where(better, loss, best_loss)
+    return best
+
+
+def eval_subset(num_examples: int, max_examples: int, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded uniform random subset of ``max_examples`` rows (all rows if
+    there are no more): the first rows of a split can be unrepresentative (``synthetic`` stores
+    its test split device by device)."""
+    if num_examples <= max_examples:
+        return np.arange(num_examples)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_examples, size=max_examples, replace=False))
+
+
 def build_server(config: FalConfig, setup: ServerSetup) -> FedAvg:
     return FedAvg(**sampling_kwargs(setup))  # type: ignore[arg-type]
 
@@ -178,11 +298,13 @@ class AdversarialHooks(TrainerHooks):
         self.config = config
         self.noise = torch.Generator()
         self.clean_correct = 0
+        self.bounds = input_bounds(config, None)
 
     def start(self, task: TrainTask[Any], model: nn.Module) -> None:
         # Its own stream: random starts never shift the batches, so ε = 0 is FedAvg exactly.
         self.noise = torch.Generator().manual_seed(round_seed(task) + _NOISE_STREAM)
         self.clean_correct = 0
+        self.bounds = input_bounds(self.config, task.data.input_range)
 
     def transform_batch(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Batch:
         config = self.config
@@ -194,8 +316,8 @@ class AdversarialHooks(TrainerHooks):
             steps=config.pgd_steps,
             step_size=config.train_step_size,
             random_start=config.random_start,
-            clip_min=config.clip_min,
-            clip_max=config.clip_max,
+            clip_min=self.bounds[0],
+            clip_max=self.bounds[1],
             generator=self.noise,
         )
         with torch.no_grad(), eval_mode(model):
@@ -222,29 +344,40 @@ def train(task: TrainTask[FalConfig]) -> TrainResult:
 
 
 def server_metrics(model: nn.Module, test: XY, config: FalConfig) -> dict[str, float]:
-    """PGD-robust accuracy and loss of the global model on the first ``eval_max_examples`` test
-    examples (ε = ``eval_epsilon``, ``eval_pgd_steps`` steps of ε/4, no random start)."""
+    """PGD-robust accuracy and loss of the global model on a seeded random subset of
+    ``eval_max_examples`` test examples, under two attacks at ε = ``eval_epsilon``:
+
+    - ``robust-accuracy``, ``robust-loss``: ``eval_pgd_steps`` steps of ε/4 from x, the training
+      attack's kind;
+    - ``robust-accuracy-strong``, ``robust-loss-strong``: per example the worst of that attack, a
+      ``strong_pgd_steps`` run from x and ``strong_restarts`` runs from random starts.
+    """
     device = next(model.parameters()).device
-    x = torch.from_numpy(test.x[: config.eval_max_examples]).to(device)
-    y = torch.from_numpy(test.y[: config.eval_max_examples]).to(device)
+    idx = eval_subset(len(test), config.eval_max_examples, config.eval_seed)
+    x = torch.from_numpy(test.x[idx]).to(device)
+    y = torch.from_numpy(test.y[idx]).to(device)
     if len(y) == 0:
         return {}
     epsilon = config.robust_epsilon
-    x_adv = pgd_attack(
-        model,
-        x,
-        y,
-        epsilon=epsilon,
-        steps=config.eval_pgd_steps,
-        step_size=epsilon / 4,
-        clip_min=config.clip_min,
-        clip_max=config.clip_max,
-    )
+    clip_min, clip_max = input_bounds(config, test.input_range)
+    attack = partial(pgd_attack, model, x, y, epsilon=epsilon, clip_min=clip_min, clip_max=clip_max)
+    x_adv = attack(steps=config.eval_pgd_steps, step_size=epsilon / 4)
+    strong = partial(attack, steps=config.strong_pgd_steps, step_size=config.strong_step)
+    # Seeded per call: every round's strong attack draws the same starts, as reruns must.
+    noise = torch.Generator().manual_seed(config.eval_seed + _NOISE_STREAM)
+    candidates = [
+        x_adv,
+        strong(),
+        *(strong(random_start=True, generator=noise) for _ in range(config.strong_restarts)),
+    ]
+    x_strong = worst_case(model, y, candidates)
+    metrics: dict[str, float] = {}
     with torch.no_grad(), eval_mode(model):
-        logits = model(x_adv)
-        loss = float(F.cross_entropy(logits, y))
-        accuracy = float((logits.argmax(1) == y).float().mean())
-    return {"robust-accuracy": accuracy, "robust-loss": loss}
+        for suffix, inputs in (("", x_adv), ("-strong", x_strong)):
+            logits = model(inputs)
+            metrics[f"robust-accuracy{suffix}"] = float((logits.argmax(1) == y).float().mean())
+            metrics[f"robust-loss{suffix}"] = float(F.cross_entropy(logits, y))
+    return metrics
 
 
 plugin = StrategyPlugin(

@@ -35,6 +35,7 @@ from florist.server.spec import (
 )
 from florist.strategies import default_registry
 from florist.strategies.events import DropoutPolicyError
+from florist.strategies.fal import FalConfig, clip_range_errors
 from florist.strategies.flower_adapter import as_scheduler
 from florist.strategies.registry import StrategyRegistryError
 
@@ -130,6 +131,9 @@ def check_spec(spec: ExperimentSpec) -> None:
         raise _body_errors(
             [{"loc": ("strategy", "config"), "msg": str(exc), "type": "strategy_refused"}]
         ) from exc
+    # An explicit clip range that cuts off some inputs would move them by more than ε.
+    if isinstance(config, FalConfig) and (errors := clip_range_errors(config, spec.dataset)):
+        raise _body_errors(errors)
     # Refused now rather than when the run starts: e.g. FedAsync has no rounds to police.
     try:
         scheduler.use_dropout_policy(spec.dropout)
