@@ -1,4 +1,4 @@
-"""Curriculum client selection: one common scorer, a pool that keeps changing, pacing over the run."""
+"""Curriculum client selection: one common scorer, a pool that keeps changing, run-long pacing."""
 
 from __future__ import annotations
 
