@@ -389,6 +389,7 @@ class CurriculumHooks(TrainerHooks):
         cfg = self.config
         if cfg.client_selection != "all":
             # Before any local step: ``model`` is still the global model every node received.
+            # One forward pass, so every round reports it; the server ranks by round W's only.
             self.common = common_difficulty(model, task.data, task.device)
         self.scores = cached_scores(task)
         steps_per_round = num_local_steps(task.training, len(task.data))
