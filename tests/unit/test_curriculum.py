@@ -21,10 +21,14 @@ from florist.server.spec import ExperimentSpec
 from florist.strategies.curriculum import (
     SCORES_KEY,
     CurriculumConfig,
+    fold_ids,
     order_indices,
+    out_of_fold_scores,
     pacing_fraction,
     plugin,
+    pool_size,
     prefix_size,
+    rank_nodes,
     sample_prefix_batch,
     select_clients,
     train,
@@ -155,15 +159,55 @@ def test_scores_are_computed_once_per_run_from_local_data() -> None:
     np.testing.assert_array_equal(state.array_records[SCORES_KEY]["scores"].numpy(), first)
 
 
-def test_select_clients_easy_hard_and_pool() -> None:
+def test_rank_nodes_and_pool_size_by_hand() -> None:
     difficulty = {1: 0.5, 2: 0.1, 3: 0.9, 4: 0.3}
+    ties = {1: 0.4, 2: 0.3, 3: 0.2, 4: 0.1, 5: 0.0}
+    nodes = [1, 2, 3, 4, 5]  # node 5 has no score: last in every order
+    assert rank_nodes(difficulty, nodes, "easy_first", ties) == [2, 4, 1, 3, 5]
+    assert rank_nodes(difficulty, nodes, "hard_first", ties) == [3, 1, 4, 2, 5]
+    assert rank_nodes(difficulty, nodes, "random", ties) == [4, 3, 2, 1, 5]
+    # Equal difficulty: the random tie rank decides, not the node id.
+    assert rank_nodes({1: 0.2, 2: 0.2}, [1, 2], "easy_first", {1: 0.9, 2: 0.1}) == [2, 1]
+    # Pool = k + ⌈g·(N − k)⌉: with N = 10, k = 5, b = 0.2 it starts at 5 + 1 = 6 (⌈g·N⌉ = 2
+    # would force the same 5 nodes), is 5 + ⌈0.6·5⌉ = 8 at g = 0.6 and all 10 at g = 1.
+    assert pool_size(0.2, 10, 5) == 6
+    assert pool_size(0.6, 10, 5) == 8
+    assert pool_size(1.0, 10, 5) == 10
+    assert pool_size(0.2, 4, 4) == 4
+    assert pool_size(0.2, 3, 5) == 3
+
+
+def test_select_clients_draws_k_from_the_pool() -> None:
+    ranked = [7, 3, 9, 1, 5, 2]
     rng = random.Random(0)
-    nodes = [1, 2, 3, 4]
-    assert select_clients(difficulty, nodes, "easy_first", 2, 0.5, rng) == [2, 4]
-    assert select_clients(difficulty, nodes, "hard_first", 2, 0.5, rng) == [1, 3]
-    # The pool is never smaller than k, and grows with the fraction.
-    assert select_clients(difficulty, nodes, "easy_first", 3, 0.1, rng) == [1, 2, 4]
-    assert select_clients(difficulty, nodes, "easy_first", 4, 1.0, rng) == nodes
+    for _ in range(50):
+        chosen = select_clients(ranked, 2, 0.2, rng)  # pool 2 + ⌈0.2·4⌉ = 3
+        assert len(chosen) == 2 and set(chosen) <= {7, 3, 9}
+    assert select_clients(ranked, 6, 0.2, rng) == sorted(ranked)
+    assert select_clients(ranked, 9, 0.2, rng) == sorted(ranked)
+
+
+def test_out_of_fold_scores_never_score_with_a_model_that_saw_the_example() -> None:
+    # Prepare: the "model" fitted on a subset is that subset's set of x values; scoring gives
+    # 1 to an example the model saw, 0 otherwise. Out-of-fold, every score must be 0.
+    data = XY(x=np.arange(9, dtype=np.float32)[:, None], y=np.zeros(9, dtype=np.int64))
+    folds = fold_ids(9, 3, np.random.default_rng(0))
+    fitted: list[set[float]] = []
+
+    def fit(train: XY) -> Any:
+        fitted.append(set(train.x[:, 0].tolist()))
+        return fitted[-1]
+
+    def score(model: Any, held_out: XY) -> np.ndarray:
+        return np.array([float(v in model) for v in held_out.x[:, 0]])
+
+    # Execute
+    scores = out_of_fold_scores(data, folds, fit, score)
+
+    # Assert: three folds of three, each scorer trained on the six others.
+    assert sorted(np.bincount(folds).tolist()) == [3, 3, 3]
+    assert [len(f) for f in fitted] == [6, 6, 6]
+    np.testing.assert_array_equal(scores, np.zeros(9))
 
 
 def make_spec(strategy: dict[str, Any], **overrides: Any) -> ExperimentSpec:
@@ -206,23 +250,28 @@ def test_paced_curriculum_differs_from_fedavg_and_learns() -> None:
     assert recorder.rounds(1)[-1].metrics["accuracy"] > 0.5
 
 
-def test_easy_first_selects_the_lowest_difficulty_nodes() -> None:
-    # Step pacing with a = 1 over 10 rounds keeps the pool at ⌈0.5·4⌉ = 2 nodes for rounds 2-3.
+def test_easy_first_selects_from_the_easiest_under_the_common_model() -> None:
+    # 4 nodes, k = 2, warm-up 2 rounds, step pacing with a = 1 keeps g = b = 0.5 after it, so
+    # the pool is 2 + ⌈0.5·2⌉ = 3 nodes: the hardest node under the common model never trains.
     config = {
         "client_selection": "easy_first",
         "clients_per_round": 2,
+        "warmup_rounds": 2,
         "selection_pacing": "step",
         "a": 1.0,
         "b": 0.5,
     }
-    strategy, recorder = run_local(make_spec({"name": "curriculum", "config": config}, rounds=3), 4)
+    strategy, recorder = run_local(make_spec({"name": "curriculum", "config": config}, rounds=6), 4)
     rounds = recorder.rounds(1)
-    first = {u.node_id: u.metrics["mean-difficulty"] for u in rounds[0].updates}
-    assert set(first) == {1000, 1001, 1002, 1003}
-    easiest = set(sorted(first, key=first.__getitem__)[:2])
-    for r in rounds[1:]:
-        assert {u.node_id for u in r.updates} == easiest
+    assert [len(r.updates) for r in rounds] == [4, 4, 2, 2, 2, 2]
+    # The scores are those of round 2, measured under its global model by every node.
+    common = {u.node_id: u.metrics["common-difficulty"] for u in rounds[1].updates}
+    assert set(common) == {1000, 1001, 1002, 1003}
+    server = strategy.server.aggregator.strategy  # type: ignore[attr-defined]
+    assert server.difficulty == common
+    hardest = max(common, key=common.__getitem__)
+    for r in rounds[2:]:
+        assert hardest not in {u.node_id for u in r.updates}
         assert r.train_metrics["selected-clients"] == 2
     assert rounds[0].train_metrics["selected-clients"] == 4
-    # The curriculum strategy, a Flower Strategy, runs as the aggregator of synchronous rounds.
-    assert strategy.server.aggregator.strategy.selected[2] == sorted(easiest)  # type: ignore[attr-defined]
+    assert server.ranking[3] == sorted(common, key=common.__getitem__)
