@@ -247,8 +247,9 @@ def test_fedbuff_aggregates_every_k_arrivals() -> None:
 
 def test_updates_handled_since_the_last_aggregation_are_recorded_at_the_end() -> None:
     # Prepare: K = 3 on the virtual clock, tasks of 10, 10, 30 and 60 s, a 25 s budget. The
-    # third update (node 1000 at 20 s) aggregates; 1001 at 20 s and 1000 at 30 s wait in the
-    # buffer when the budget runs out; 1002 and 1003 would report after it.
+    # third update (node 1000 at 20 s) aggregates; 1001 at 20 s waits in the buffer, and at 30 s
+    # 1002 (sent at 0 s, first of the three replies ending then) joins it, when the budget has
+    # run out; 1000 and 1001 (sent at 20 s) and 1003 would report after it.
     grid = LocalGrid(4, report_virtual_duration)
     s = async_spec(strategy={"name": "fedbuff", "config": {"buffer_size": 3}}, time_budget_s=25.0)
 
@@ -259,9 +260,9 @@ def test_updates_handled_since_the_last_aggregation_are_recorded_at_the_end() ->
     (only,) = recorder.rounds(1)
     assert only.num_updates == 3
     left = [(u.node_id, u.status, u.reason) for r, u in recorder.updates(1) if r == 2]
-    assert left[:2] == [(1001, "rejected", NOT_AGGREGATED), (1000, "rejected", NOT_AGGREGATED)]
-    # 1001 got a task again at 20 s; 1000 none at 30 s, when the budget was spent.
-    assert sorted(left[2:]) == [(n, "failed", NO_REPLY) for n in (1001, 1002, 1003)]
+    assert left[:2] == [(1001, "rejected", NOT_AGGREGATED), (1002, "rejected", NOT_AGGREGATED)]
+    # 1002 got no task at 30 s, when the budget was spent.
+    assert sorted(left[2:]) == [(n, "failed", NO_REPLY) for n in (1000, 1001, 1003)]
     assert_every_task_recorded_once(recorder, grid)
 
 
