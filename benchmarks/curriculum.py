@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from florist.server.localgrid import run_local
+from florist.server.runtime.localgrid import run_local
 from florist.server.spec import ExperimentSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"

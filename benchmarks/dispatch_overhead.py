@@ -181,7 +181,7 @@ class TimedGrid:
 
 
 class ShortPollGrid:
-    """Pulls replies every 0.1 s, as Florist's one loop does (server/runtime.py), instead of
+    """Pulls replies every 0.1 s, as Florist's one loop does (server/runtime/loop.py), instead of
     HttpGrid's 3 s; the rounds stay Flower's, so both sides run the same strategy code."""
 
     def __init__(self, inner):

@@ -28,7 +28,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-from florist.server.localgrid import run_local
+from florist.server.runtime.localgrid import run_local
 from florist.server.spec import ExperimentSpec
 
 TAIL = 5

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from florist.server.localgrid import run_local
+from florist.server.runtime.localgrid import run_local
 from florist.server.spec import ExperimentSpec
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -16,7 +16,7 @@ from florist.client.models import build_model
 from florist.client.task import task_to_config
 from florist.client.training import evaluate, pick_device
 from florist.datasets import dataset_info, load_test
-from florist.server.recorder import RoundRecord, RunRecorder
+from florist.server.recording import RoundRecord, RunRecorder
 from florist.server.runtime import EventLoop
 from florist.server.spec import ExperimentSpec, resolve_strategy, server_setup
 from florist.strategies import StrategyConfig, StrategyPlugin
@@ -107,7 +107,7 @@ def main(grid: Grid, context: Context) -> None:
     from florist.client.flower_tuning import tune_object_pulls
     from florist.server.db.engine import make_engine, make_session_factory
     from florist.server.db.repository import get_experiment
-    from florist.server.recorder import SqlRunRecorder
+    from florist.server.recording import SqlRunRecorder
     from florist.server.settings import get_settings
 
     # Replies are pulled as objects: skip Flower's 1 s initial back-off (version-checked).

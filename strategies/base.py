@@ -51,7 +51,7 @@ class StrategyPlugin:
     The server half is ``build_server``: an :class:`~florist.strategies.events.EventStrategy`
     (a Florist scheduler, e.g. FedAsync's), or a Flower ``Strategy``, which runs as synchronous
     rounds of its own ``configure_*``/``aggregate_*`` hooks (strategies/flower_adapter.py). Both
-    run on Florist's one loop (server/runtime.py). ``train`` is the client half, run by the
+    run on Florist's one loop (server/runtime/loop.py). ``train`` is the client half, run by the
     ClientApp on each training message.
     """
 

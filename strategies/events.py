@@ -2,7 +2,7 @@
 
 Every plugin's server half is an :class:`EventStrategy` (a scheduler: whom to send work, when to
 aggregate) driving pure aggregation maths on numpy weights; Florist's one loop
-(server/runtime.py) does the I/O. Synchronous rounds are the scheduler in strategies/rounds.py;
+(server/runtime/loop.py) does the I/O. Synchronous rounds are the scheduler in strategies/rounds.py;
 Flower's own strategies plug into it through strategies/flower_adapter.py.
 """
 

@@ -20,7 +20,7 @@ import uvicorn
 from florist.server.api.app import create_app
 from florist.server.api.routes import events as events_route
 from florist.server.db.models import utcnow
-from florist.server.recorder import RoundRecord, SqlRunRecorder, UpdateRecord
+from florist.server.recording import RoundRecord, SqlRunRecorder, UpdateRecord
 from florist.server.settings import Settings
 
 BODY: dict[str, Any] = {

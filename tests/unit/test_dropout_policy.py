@@ -13,8 +13,8 @@ from flwr.app import Message
 from flwr.supercore.task_identity import TaskIdentity
 from pydantic import ValidationError
 
-from florist.server.localgrid import LocalGrid
-from florist.server.recorder import InMemoryRunRecorder, RoundRecord, UpdateRecord
+from florist.server.recording import InMemoryRunRecorder, RoundRecord, UpdateRecord
+from florist.server.runtime.localgrid import LocalGrid
 from florist.server.serverapp import RunResult, run_experiment
 from florist.server.spec import ExperimentSpec
 from florist.strategies.events import (

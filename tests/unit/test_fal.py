@@ -22,7 +22,7 @@ from florist.datasets import (
     load_test,
     load_train,
 )
-from florist.server.localgrid import run_local
+from florist.server.runtime.localgrid import run_local
 from florist.server.spec import ExperimentSpec
 from florist.strategies.fal import (
     AdversarialHooks,

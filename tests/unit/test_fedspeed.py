@@ -13,7 +13,7 @@ from torch import nn
 
 from florist.client.training import TrainingConfig, TrainTask
 from florist.datasets import XY
-from florist.server.localgrid import run_local
+from florist.server.runtime.localgrid import run_local
 from florist.server.spec import ExperimentSpec
 from florist.strategies.fedspeed import G_HAT_KEY, FedSpeedConfig, plugin
 

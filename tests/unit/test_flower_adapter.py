@@ -9,8 +9,8 @@ import pytest
 from flwr.serverapp.strategy import FedAvg, FedMedian
 from flwr.supercore.task_identity import TaskIdentity
 
-from florist.server.localgrid import LocalGrid, run_local
-from florist.server.recorder import InMemoryRunRecorder
+from florist.server.recording import InMemoryRunRecorder
+from florist.server.runtime.localgrid import LocalGrid, run_local
 from florist.server.serverapp import run_experiment
 from florist.server.spec import ExperimentSpec
 from florist.strategies.events import Arrival, DropoutPolicyError, Evaluation

@@ -33,8 +33,8 @@ from florist.client.profiles import (
     profile_mod,
 )
 from florist.client.protocol import Dropout
-from florist.server.localgrid import LocalGrid
-from florist.server.recorder import InMemoryRunRecorder
+from florist.server.recording import InMemoryRunRecorder
+from florist.server.runtime.localgrid import LocalGrid
 from florist.server.serverapp import run_experiment
 from florist.server.spec import ExperimentSpec
 

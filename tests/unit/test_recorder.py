@@ -14,12 +14,13 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import StatementError
 from sqlalchemy.orm import Session, sessionmaker
 
-import florist.server.recorder as recorder_module
+import florist.server.recording as recorder_module
+import florist.server.recording.sql as recording_sql
 from florist.server.db import repository
 from florist.server.db.engine import make_engine, make_session_factory
 from florist.server.db.models import ClientUpdate, Round, Run, utcnow
 from florist.server.db.status import ExperimentStatus, IllegalTransition
-from florist.server.recorder import (
+from florist.server.recording import (
     DuplicateRoundError,
     InMemoryExperiment,
     InMemoryRunRecorder,
@@ -200,7 +201,7 @@ class SqlHarness(Harness):
         def fail(*args: object, **kwargs: object) -> None:
             raise RuntimeError("injected failure")
 
-        monkeypatch.setattr(recorder_module, "touch_nodes", fail)
+        monkeypatch.setattr(recording_sql, "touch_nodes", fail)
 
 
 class RunRecorderContract:

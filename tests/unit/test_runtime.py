@@ -19,9 +19,9 @@ from florist.client.models import build_model
 from florist.client.task import task_to_config
 from florist.client.training import evaluate
 from florist.datasets import dataset_info
-from florist.server.localgrid import LocalGrid, run_local
-from florist.server.recorder import InMemoryRunRecorder
+from florist.server.recording import InMemoryRunRecorder
 from florist.server.runtime import NO_REPLY, NOT_AGGREGATED
+from florist.server.runtime.localgrid import LocalGrid, run_local
 from florist.server.serverapp import RunResult, initial_arrays, run_experiment
 from florist.server.spec import ExperimentSpec, server_setup
 from florist.strategies.events import (

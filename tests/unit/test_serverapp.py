@@ -12,9 +12,9 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from florist.server.localgrid import LocalGrid
-from florist.server.recorder import InMemoryRunRecorder
+from florist.server.recording import InMemoryRunRecorder
 from florist.server.runtime import NO_REPLY_BY_DEADLINE, PUSH_REFUSED, PushRefusedError
+from florist.server.runtime.localgrid import LocalGrid
 from florist.server.serverapp import run_experiment
 from florist.server.spec import ExperimentSpec
 

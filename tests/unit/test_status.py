@@ -139,7 +139,7 @@ def test_the_check_finds_each_kind_of_write() -> None:
         "session.execute(text('UPDATE experiments SET status = 1'))\n"
     )
     assert len(experiment_writes(bad)) == 5
-    # Without the model imported, a run's status may be set (recorder.py does).
+    # Without the model imported, a run's status may be set (the SQL recorder does).
     assert experiment_writes("run.status = 'failed'\n") == []
 
 

@@ -16,7 +16,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from florist.client import clientapp
-from florist.server.recorder import InMemoryRunRecorder
+from florist.server.recording import InMemoryRunRecorder
 from florist.server.serverapp import RunResult, run_experiment
 from florist.server.spec import ExperimentSpec
 

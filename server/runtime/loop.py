@@ -55,7 +55,7 @@ from florist.client.protocol import (
 )
 from florist.client.task import flatten
 from florist.server.db.models import utcnow
-from florist.server.recorder import RoundRecord, RunRecorder, UpdateRecord
+from florist.server.recording import RoundRecord, RunRecorder, UpdateRecord
 from florist.server.spec import ExperimentSpec
 from florist.strategies.events import (
     Arrival,

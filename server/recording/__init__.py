@@ -1,0 +1,39 @@
+"""The run recorder: the ServerApp's single writer of runs, rounds, client updates and events.
+
+One interface (base.py), an in-memory and a SQL implementation, one contract test for both.
+"""
+
+from .base import (
+    FINISH_REFUSED,
+    DuplicateRoundError,
+    RecorderError,
+    RoundRecord,
+    RunFinishedError,
+    RunOutcome,
+    RunRecorder,
+    UnknownExperimentError,
+    UnknownRunError,
+    UpdateRecord,
+    UpdateStatus,
+)
+from .memory import InMemoryEvent, InMemoryExperiment, InMemoryRun, InMemoryRunRecorder
+from .sql import SqlRunRecorder
+
+__all__ = [
+    "FINISH_REFUSED",
+    "DuplicateRoundError",
+    "InMemoryEvent",
+    "InMemoryExperiment",
+    "InMemoryRun",
+    "InMemoryRunRecorder",
+    "RecorderError",
+    "RoundRecord",
+    "RunFinishedError",
+    "RunOutcome",
+    "RunRecorder",
+    "SqlRunRecorder",
+    "UnknownExperimentError",
+    "UnknownRunError",
+    "UpdateRecord",
+    "UpdateStatus",
+]

@@ -1,0 +1,298 @@
+"""The SQL run recorder: writes runs, rounds, client updates and events, one transaction a call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.engine import URL, Engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from florist.server.db.engine import make_engine, make_session_factory
+from florist.server.db.models import ClientUpdate, Round, Run, utcnow
+from florist.server.db.repository import (
+    ExperimentNotFoundError,
+    add_event,
+    finish_experiment,
+    start_experiment,
+    touch_nodes,
+)
+from florist.server.db.status import (
+    IllegalTransition,
+)
+
+from .base import (
+    _EXPERIMENT_STATUS_FOR,
+    FINISH_REFUSED,
+    DuplicateRoundError,
+    RoundRecord,
+    RunFinishedError,
+    RunOutcome,
+    RunRecorder,
+    UnknownExperimentError,
+    UnknownRunError,
+    UpdateRecord,
+    _node_configs,
+    _refused_finish,
+    _seen_node_ids,
+)
+
+
+class SqlRunRecorder(RunRecorder):
+    """A recorder writing through SQLAlchemy; each call is its own transaction.
+
+    A failing call rolls back everything it wrote and re-raises.
+    """
+
+    def __init__(self, session_factory: sessionmaker[Session]) -> None:
+        self._session_factory = session_factory
+        self._owned_engine: Engine | None = None
+
+    @classmethod
+    def from_url(cls, url: str | URL) -> SqlRunRecorder:
+        """Build a recorder with its own engine; the caller migrates the database first."""
+        engine = make_engine(url)
+        recorder = cls(make_session_factory(engine))
+        recorder._owned_engine = engine
+        return recorder
+
+    def close(self) -> None:
+        """Release the connections of an engine built by ``from_url``."""
+        if self._owned_engine is not None:
+            self._owned_engine.dispose()
+
+    @staticmethod
+    def _open_run(session: Session, run_id: int) -> Run:
+        run = session.get(Run, run_id)
+        if run is None:
+            raise UnknownRunError(f"run {run_id} does not exist")
+        if run.finished_at is not None:
+            raise RunFinishedError(f"run {run_id} has already finished")
+        return run
+
+    def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
+        now = utcnow()
+        with self._session_factory() as session, session.begin():
+            try:
+                start_experiment(
+                    session, experiment_id=experiment_id, flwr_run_id=flwr_run_id, started_at=now
+                )
+            except ExperimentNotFoundError as exc:
+                raise UnknownExperimentError(str(exc)) from exc
+            run = Run(
+                experiment_id=experiment_id,
+                flwr_run_id=flwr_run_id,
+                status="running",
+                started_at=now,
+            )
+            session.add(run)
+            session.flush()
+            return run.id
+
+    @staticmethod
+    def _round_exists(session: Session, run_id: int, server_round: int) -> bool:
+        found = session.scalar(
+            select(Round.id).where(Round.run_id == run_id, Round.server_round == server_round)
+        )
+        return found is not None
+
+    def record_round(self, run_id: int, record: RoundRecord) -> None:
+        duplicate = DuplicateRoundError(
+            f"round {record.server_round} of run {run_id} is already recorded"
+        )
+        try:
+            with self._session_factory() as session, session.begin():
+                run = self._open_run(session, run_id)
+                if self._round_exists(session, run_id, record.server_round):
+                    raise duplicate
+                session.add(
+                    Round(
+                        run_id=run_id,
+                        experiment_id=run.experiment_id,
+                        server_round=record.server_round,
+                        started_at=record.started_at,
+                        finished_at=record.finished_at,
+                        duration_s=(record.finished_at - record.started_at).total_seconds(),
+                        metrics=dict(record.metrics),
+                        train_metrics=dict(record.train_metrics),
+                        evaluate_metrics=dict(record.evaluate_metrics),
+                        num_updates=record.num_updates,
+                        num_rejected=record.num_rejected,
+                        num_failures=record.num_failures,
+                        virtual_time_s=record.virtual_time_s,
+                    )
+                )
+                # The round goes first, so a concurrent duplicate fails here on the unique
+                # constraint before any update row is written.
+                session.flush()
+                session.add_all(
+                    _update_rows(run, record.server_round, record.updates, created_at=utcnow())
+                )
+                session.flush()
+                touch_nodes(
+                    session,
+                    node_ids=record.seen_node_ids,
+                    seen_at=record.finished_at,
+                    node_configs=_node_configs(record.updates),
+                )
+        except IntegrityError as error:
+            # Another writer may have stored the same round between our check and insert.
+            with self._session_factory() as session:
+                if self._round_exists(session, run_id, record.server_round):
+                    raise duplicate from error
+            raise
+
+    def record_updates(
+        self, run_id: int, server_round: int, updates: Sequence[UpdateRecord]
+    ) -> None:
+        now = utcnow()
+        with self._session_factory() as session, session.begin():
+            run = self._open_run(session, run_id)
+            if self._round_exists(session, run_id, server_round):
+                raise DuplicateRoundError(f"round {server_round} of run {run_id} is recorded")
+            session.add_all(_update_rows(run, server_round, updates, created_at=now))
+            session.flush()
+            touch_nodes(
+                session,
+                node_ids=_seen_node_ids(updates),
+                seen_at=now,
+                node_configs=_node_configs(updates),
+            )
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: RunOutcome,
+        error: str | None = None,
+        final_metrics: dict[str, float] | None = None,
+    ) -> None:
+        now = utcnow()
+        with self._session_factory() as session, session.begin():
+            run = self._open_run(session, run_id)
+            run.status = status
+            run.finished_at = now
+            run.error = error
+            run.final_metrics = dict(final_metrics) if final_metrics is not None else None
+            session.flush()
+            try:
+                # The status is decided inside one UPDATE, so that a cancellation the API
+                # commits meanwhile is never overwritten by a stale read.
+                finish_experiment(
+                    session,
+                    experiment_id=run.experiment_id,
+                    status=_EXPERIMENT_STATUS_FOR[status],
+                    finished_at=now,
+                    error=error,
+                )
+            except IllegalTransition as exc:
+                # Nothing was written to the experiment; the run still closes.
+                add_event(
+                    session,
+                    kind=FINISH_REFUSED,
+                    message=_refused_finish(exc, status, error),
+                    experiment_id=run.experiment_id,
+                    run_id=run_id,
+                )
+
+    def record_event(
+        self, *, run_id: int | None, kind: str, message: str, data: dict[str, Any] | None = None
+    ) -> None:
+        with self._session_factory() as session, session.begin():
+            experiment_id = None
+            if run_id is not None:
+                run = session.get(Run, run_id)
+                if run is None:
+                    raise UnknownRunError(f"run {run_id} does not exist")
+                experiment_id = run.experiment_id
+            add_event(
+                session,
+                kind=kind,
+                message=message,
+                experiment_id=experiment_id,
+                run_id=run_id,
+                data=data,
+            )
+
+    def rounds(self, run_id: int) -> list[RoundRecord]:
+        with self._session_factory() as session:
+            if session.get(Run, run_id) is None:
+                raise UnknownRunError(f"run {run_id} does not exist")
+            rows = session.scalars(
+                select(Round).where(Round.run_id == run_id).order_by(Round.server_round)
+            ).all()
+            updates: dict[int, list[UpdateRecord]] = {row.server_round: [] for row in rows}
+            for server_round, update in self._updates(session, run_id):
+                updates.setdefault(server_round, []).append(update)
+            return [
+                RoundRecord(
+                    server_round=row.server_round,
+                    started_at=row.started_at,
+                    finished_at=row.finished_at,
+                    metrics=dict(row.metrics),
+                    train_metrics=dict(row.train_metrics),
+                    evaluate_metrics=dict(row.evaluate_metrics),
+                    updates=tuple(updates[row.server_round]),
+                    virtual_time_s=row.virtual_time_s,
+                )
+                for row in rows
+            ]
+
+    def updates(self, run_id: int) -> list[tuple[int, UpdateRecord]]:
+        with self._session_factory() as session:
+            if session.get(Run, run_id) is None:
+                raise UnknownRunError(f"run {run_id} does not exist")
+            return self._updates(session, run_id)
+
+    @staticmethod
+    def _updates(session: Session, run_id: int) -> list[tuple[int, UpdateRecord]]:
+        rows = session.scalars(
+            select(ClientUpdate).where(ClientUpdate.run_id == run_id).order_by(ClientUpdate.id)
+        )
+        return [
+            (
+                row.server_round,
+                UpdateRecord(metrics=dict(row.metrics), **{f: getattr(row, f) for f in _COLUMNS}),
+            )
+            for row in rows
+        ]
+
+
+# The UpdateRecord fields stored as client_updates columns of the same name (metrics aside: it is
+# copied, and node_config goes to the nodes table), so writing and reading back stay in step.
+_COLUMNS = (
+    "node_id",
+    "status",
+    "reason",
+    "num_examples",
+    "train_time_s",
+    "bytes_up",
+    "bytes_down",
+    "staleness",
+    "model_version",
+    "arrival_version",
+    "local_steps",
+    "dispatched_at",
+    "arrived_at",
+    "wall_duration_s",
+    "virtual_duration_s",
+)
+
+
+def _update_rows(
+    run: Run, server_round: int, updates: Sequence[UpdateRecord], *, created_at: datetime
+) -> list[ClientUpdate]:
+    return [
+        ClientUpdate(
+            run_id=run.id,
+            experiment_id=run.experiment_id,
+            server_round=server_round,
+            created_at=created_at,
+            metrics=dict(update.metrics),
+            **{f: getattr(update, f) for f in _COLUMNS},
+        )
+        for update in updates
+    ]
