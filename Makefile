@@ -32,7 +32,7 @@ test: $(STAMP) browser
 	$(BIN)/ruff format --check .
 	tools/typecheck
 	$(BIN)/lint-imports
-	FLORIST_REQUIRE_POSTGRES=$${FLORIST_REQUIRE_POSTGRES:-0} $(BIN)/pytest -q
+	FLORIST_REQUIRE_POSTGRES=$${FLORIST_REQUIRE_POSTGRES:-0} $(BIN)/pytest -q --durations=10
 
 # The quick loop: no real Flower processes, no browser.
 test-fast: $(STAMP)
