@@ -1,5 +1,5 @@
 """FedAsync (Xie, Koyejo, Gupta, 2019): the server mixes in every update as it arrives,
-weighted down by its staleness. Client half: plain local SGD.
+weighted down by its staleness.
 
 Server update on each arrival from client i, trained from version τ while the server is at t:
 x ← (1 − α_t)·x + α_t·x_i with α_t = α·s(t − τ). Staleness functions (the paper's):
@@ -14,8 +14,9 @@ Option beyond the paper: ``client_weighting`` multiplies α_t by a per-client we
 the bias toward fast clients (Fraboni et al., JMLR 2023; see ``client_weights.py``), with α_t
 capped at 1 so that the update stays a mix of the two models. Its default, ``none``, is the paper.
 
-Not implemented: the worker's proximal term (ρ/2)·‖x − x_τ‖² toward the model it was sent; the
-client half is plain local SGD.
+Client half: local SGD; with ``rho`` > 0 the worker minimises f_i(x) + (ρ/2)·‖x − x_τ‖², the
+paper's proximal term toward the model it was sent (FedProx's hook on the one local loop). Its
+default, 0, is plain local SGD, as before the option existed.
 """
 
 from __future__ import annotations
@@ -25,9 +26,12 @@ from typing import Literal
 
 from pydantic import Field
 
+from florist.client.training import TrainResult, TrainTask, train_local, train_sgd
+
 from .base import ServerSetup, StrategyConfig, StrategyPlugin
 from .client_weights import CLIENT_WEIGHTING_DOC, ArrivalWeights, ClientWeighting
 from .events import Arrival, Decision, EventStrategy, Retries, Weights, mix
+from .fedprox import ProximalTerm
 
 Staleness = Literal["constant", "polynomial", "hinge"]
 
@@ -60,6 +64,14 @@ class FedAsyncConfig(StrategyConfig):
         ge=0,
         le=10_000,
         description="Lost tasks in a row after which a node gets no more work (0: never).",
+    )
+    rho: float = Field(
+        default=0.0,
+        ge=0,
+        le=100,
+        allow_inf_nan=False,
+        description="The worker's proximal term ρ/2·‖x − x_τ‖² toward the model it was sent "
+        "(Xie et al.; their experiments use about 0.005 to 0.01). 0: plain local SGD.",
     )
 
     @property
@@ -111,11 +123,18 @@ def build_server(config: FedAsyncConfig, setup: ServerSetup) -> FedAsync:
     return FedAsync(config)
 
 
+def train(task: TrainTask[FedAsyncConfig]) -> TrainResult:
+    """Local SGD, with the proximal term toward the model sent when ``rho`` > 0."""
+    rho = task.config.rho
+    return train_local(task, ProximalTerm(rho)) if rho > 0 else train_sgd(task)
+
+
 plugin = StrategyPlugin(
     name="fedasync",
     summary="FedAsync: mix each update into the global model as it arrives, by staleness.",
     config_model=FedAsyncConfig,
     build_server=build_server,
+    train=train,
     paper="https://arxiv.org/abs/1903.03934",
     tags=("async",),
 )

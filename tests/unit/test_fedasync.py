@@ -118,3 +118,41 @@ def test_weighted_alpha_is_capped_at_one() -> None:
         x = step(server, arrival(node, vec(1.0), vec(0.0), 0, 0, n=n), x)
     new = step(server, arrival(2, vec(5.0), vec(0.0), 0, 0, n=30), x)
     np.testing.assert_allclose(new["w"], [5.0])
+
+
+def _client_round(rho: float, via: str = "fedasync") -> tuple[np.ndarray, np.ndarray]:
+    """One round of a client half from one start model: (start, end) weights of the layer."""
+    import torch
+    from torch import nn
+
+    from florist.client.training import TrainingConfig, TrainTask
+    from florist.datasets import XY
+    from florist.strategies import fedasync, fedprox
+
+    rng = np.random.default_rng(0)
+    data = XY(x=rng.normal(size=(64, 4)).astype(np.float32), y=rng.integers(0, 3, 64))
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    start = model.weight.detach().clone().numpy()
+    training = TrainingConfig(local_steps=20, batch_size=16, lr=0.5, momentum=0.0)
+    if via == "fedasync":
+        task = TrainTask(model, data, training, FedAsyncConfig(rho=rho), server_round=2, seed=3)
+        fedasync.plugin.train(task)
+    else:
+        config = fedprox.FedProxConfig(proximal_mu=rho)
+        fedprox.plugin.train(TrainTask(model, data, training, config, server_round=2, seed=3))
+    return start, model.weight.detach().numpy()
+
+
+def test_the_workers_proximal_term_is_fedprox_s_and_pulls_toward_the_model_sent() -> None:
+    # ρ = 0 is plain local SGD; ρ > 0 is exactly FedProx's term μ/2·‖x − x_τ‖² with μ = ρ.
+    start, plain = _client_round(0.0)
+    _, prox = _client_round(0.5)
+    _, fedprox_end = _client_round(0.5, via="fedprox")
+    _, sgd_end = _client_round(0.0, via="fedprox")
+    np.testing.assert_array_equal(plain, sgd_end)
+    np.testing.assert_array_equal(prox, fedprox_end)
+    # The term pulls toward x_τ: a stronger ρ ends nearer the model sent (a sign error would not).
+    _, strong = _client_round(1.5)
+    distances = [np.linalg.norm(w - start) for w in (plain, prox, strong)]
+    assert distances[0] > distances[1] > distances[2]
