@@ -9,8 +9,9 @@ from florist.datasets.loaders import (
     load_partition,
     load_test,
     load_train,
+    load_validation,
 )
-from florist.datasets.partition import partition_indices
+from florist.datasets.partition import holdout_indices, partition_indices
 from florist.datasets.spec import (
     DatasetSpec,
     DigitsSpec,
@@ -38,8 +39,10 @@ __all__ = [
     "SyntheticSpec",
     "data_extent",
     "dataset_info",
+    "holdout_indices",
     "load_partition",
     "load_test",
     "load_train",
+    "load_validation",
     "partition_indices",
 ]

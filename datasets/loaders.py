@@ -1,4 +1,4 @@
-"""Load a dataset spec's train/test splits and client partitions as numpy arrays, cached."""
+"""Load a dataset spec's train, validation and test splits and client partitions, cached."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from typing import assert_never
 import numpy as np
 from pydantic import TypeAdapter
 
-from florist.datasets.partition import partition_indices
+from florist.datasets.partition import holdout_indices, partition_indices
+from florist.datasets.seeds import derive_seed
 from florist.datasets.spec import DatasetSpec, DigitsSpec, SyntheticSpec
 
 _DATASET_ADAPTER: TypeAdapter[DigitsSpec | SyntheticSpec] = TypeAdapter(DatasetSpec)
@@ -17,6 +18,8 @@ _DATASET_ADAPTER: TypeAdapter[DigitsSpec | SyntheticSpec] = TypeAdapter(DatasetS
 # One user seed drives both data generation and partitioning; separate streams keep the two
 # draws independent of each other.
 _DATA_STREAM = 0
+# Names the validation split's stream: derive_seed(spec.seed, VALIDATION_STREAM).
+VALIDATION_STREAM = "validation"
 _SPLIT_CACHE_SIZE = 16
 _PARTITION_CACHE_SIZE = 64
 
@@ -58,7 +61,10 @@ class XY:
 
 @dataclass(frozen=True)
 class _Split:
+    # train: what the clients' partitions are cut from; validation: carved from the training
+    # side before that, so no client ever trains on it; test: held out, for reporting only.
     train: XY
+    validation: XY
     test: XY
     # Device id of each training example, for the natural partitioner; None if the dataset has none.
     train_groups: np.ndarray | None
@@ -78,9 +84,9 @@ def dataset_info(spec: DatasetSpec) -> DatasetInfo:
 
 
 def data_extent(spec: DatasetSpec) -> tuple[float, float]:
-    """The smallest and largest feature value over the train and test splits, as loaded."""
+    """The smallest and largest feature value over the train, validation and test splits."""
     split = _split(spec)
-    values = [a for a in (split.train.x, split.test.x) if a.size]
+    values = [a for a in (split.train.x, split.validation.x, split.test.x) if a.size]
     return float(min(a.min() for a in values)), float(max(a.max() for a in values))
 
 
@@ -100,8 +106,15 @@ def load_test(spec: DatasetSpec) -> XY:
     return _copy(_split(spec).test, spec)
 
 
+def load_validation(spec: DatasetSpec) -> XY:
+    """The validation split, carved from the training side (``validation_fraction``) and in no
+    partition: rounds and settings are chosen on it. Empty if ``validation_fraction`` is 0."""
+    return _copy(_split(spec).validation, spec)
+
+
 def load_train(spec: DatasetSpec) -> XY:
-    """The whole training split (the union of all partitions), for centralized baselines."""
+    """The training split the clients share (the union of all partitions; the validation split
+    is not part of it), for centralized baselines."""
     return _copy(_split(spec).train, spec)
 
 
@@ -125,10 +138,34 @@ def _split_cached(data_key: str) -> _Split:
             split = _synthetic(spec)
         case _:
             assert_never(spec)
-    for arr in (split.train.x, split.train.y, split.test.x, split.test.y, split.train_groups):
+    split = _carve_validation(split, spec)
+    arrays = (split.train, split.validation, split.test)
+    for arr in [a for xy in arrays for a in (xy.x, xy.y)] + [split.train_groups]:
         if arr is not None:
             arr.flags.writeable = False
     return split
+
+
+def _carve_validation(split: _Split, spec: DigitsSpec | SyntheticSpec) -> _Split:
+    """Move ``validation_fraction`` of each stratum of the training side into the validation
+    split: strata are devices where the dataset has them (so that validation covers every
+    device, as the test split does), labels otherwise. Every stratum keeps at least one training
+    example (see :func:`holdout_indices`), so no device or class the partitioners rely on
+    disappears."""
+    train = split.train
+    strata = split.train_groups if split.train_groups is not None else train.y
+    # Its own stream: the test split and the data are drawn exactly as before validation existed.
+    seed = derive_seed(spec.seed, VALIDATION_STREAM)
+    val_idx = holdout_indices(strata, spec.validation_fraction, seed)
+    keep = np.ones(len(train), dtype=bool)
+    keep[val_idx] = False
+    groups = split.train_groups[keep] if split.train_groups is not None else None
+    return _Split(
+        train=XY(train.x[keep], train.y[keep]),
+        validation=XY(train.x[val_idx], train.y[val_idx]),
+        test=split.test,
+        train_groups=groups,
+    )
 
 
 @lru_cache(maxsize=_PARTITION_CACHE_SIZE)
@@ -154,7 +191,10 @@ def _digits(spec: DigitsSpec) -> _Split:
     x_train, x_test, y_train, y_test = train_test_split(
         x, y, test_size=spec.test_fraction, random_state=spec.seed, stratify=y
     )
-    return _Split(train=XY(x_train, y_train), test=XY(x_test, y_test), train_groups=None)
+    empty = XY(x_train[:0], y_train[:0])
+    return _Split(
+        train=XY(x_train, y_train), validation=empty, test=XY(x_test, y_test), train_groups=None
+    )
 
 
 def _synthetic(spec: SyntheticSpec) -> _Split:
@@ -185,6 +225,7 @@ def _synthetic(spec: SyntheticSpec) -> _Split:
         train=XY(
             np.concatenate(train_x).astype(np.float32), np.concatenate(train_y).astype(np.int64)
         ),
+        validation=XY(np.empty((0, d), np.float32), np.empty(0, np.int64)),
         test=XY(np.concatenate(test_x).astype(np.float32), np.concatenate(test_y).astype(np.int64)),
         train_groups=np.concatenate(train_g),
     )

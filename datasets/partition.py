@@ -1,4 +1,4 @@
-"""Pure functions that cut an array of labels into client partitions of example indices."""
+"""Pure functions that cut an array of labels into client partitions (or a hold-out) of indices."""
 
 from __future__ import annotations
 
@@ -66,6 +66,24 @@ def partition_indices(
         case _:
             assert_never(spec)
     return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def holdout_indices(strata: np.ndarray, fraction: float, seed: int) -> Indices:
+    """The sorted indices of a seeded, stratified hold-out: ``round(n * fraction)`` examples
+    drawn at random from each stratum of ``n`` examples, but never all of them, so that every
+    stratum (a device, a class) keeps at least one example on the other side."""
+    strata = np.asarray(strata)
+    if strata.ndim != 1:
+        raise ValueError(f"strata must be 1-D, got shape {strata.shape}")
+    if not 0 <= fraction < 1:
+        raise ValueError(f"fraction must be in [0, 1), got {fraction}")
+    rng = np.random.default_rng(seed)
+    held = [np.empty(0, dtype=np.int64)]
+    for stratum in np.unique(strata):
+        idx = np.flatnonzero(strata == stratum)
+        size = min(round(len(idx) * fraction), len(idx) - 1)
+        held.append(rng.permutation(idx)[:size])
+    return np.sort(np.concatenate(held)).astype(np.int64)
 
 
 def _dirichlet(

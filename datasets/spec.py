@@ -6,6 +6,9 @@ from typing import Annotated, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Default share of the training side kept back as the validation split.
+VALIDATION_FRACTION = 0.1
+
 
 class _Spec(BaseModel):
     # Specs are values: refuse unknown keys (a typo must not fall back to a default) and mutation.
@@ -93,12 +96,18 @@ class DigitsSpec(_Spec):
         Seeds the train/test split and the partitioner.
     test_fraction : float, default 0.2
         Share of the examples held out (stratified by label) for server-side evaluation.
+    validation_fraction : float, default 0.1
+        Share of the *training* side (what is left after the test split) held out, stratified by
+        label and seeded, as the validation split: rounds and settings are chosen on it, never
+        on the test split. The clients' partitions are cut from the rest. 0 means no validation
+        split (nothing is then chosen on held-out data).
     """
 
     name: Literal["digits"] = "digits"
     partitioner: PartitionerSpec = Field(default_factory=IidPartitioner)
     seed: int = Field(default=0, ge=0)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    validation_fraction: float = Field(default=VALIDATION_FRACTION, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _no_natural_split(self) -> Self:
@@ -143,6 +152,10 @@ class SyntheticSpec(_Spec):
         Seeds generation, the train/test split and the partitioner.
     test_fraction : float, default 0.2
         Share of each device's samples held out; the held-out samples are pooled into one test set.
+    validation_fraction : float, default 0.1
+        Share of each device's *training* samples (what is left after the test split) held out,
+        seeded, and pooled into the validation split; every device keeps at least one training
+        sample. The clients' partitions are cut from the rest. 0 means no validation split.
     """
 
     name: Literal["synthetic"] = "synthetic"
@@ -158,6 +171,7 @@ class SyntheticSpec(_Spec):
     partitioner: PartitionerSpec = Field(default_factory=NaturalPartitioner)
     seed: int = Field(default=0, ge=0)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
+    validation_fraction: float = Field(default=VALIDATION_FRACTION, ge=0, lt=1)
 
     @model_validator(mode="after")
     def _sample_bounds(self) -> Self:

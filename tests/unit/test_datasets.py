@@ -10,6 +10,7 @@ import pytest
 from pydantic import TypeAdapter, ValidationError
 
 from florist.datasets import (
+    XY,
     DatasetSpec,
     DigitsSpec,
     DirichletPartitioner,
@@ -20,11 +21,15 @@ from florist.datasets import (
     ShardsPartitioner,
     SyntheticSpec,
     dataset_info,
+    holdout_indices,
     load_partition,
     load_test,
     load_train,
+    load_validation,
     partition_indices,
 )
+from florist.datasets.loaders import VALIDATION_STREAM
+from florist.datasets.seeds import derive_seed
 
 PARTITIONERS: list[PartitionerSpec] = [
     IidPartitioner(),
@@ -308,16 +313,21 @@ def test_digits_test_split_is_disjoint_from_train() -> None:
             seen[h] = seen.get(h, 0) + 1
         return out
 
-    spec = DigitsSpec(test_fraction=0.25)
+    spec = DigitsSpec(test_fraction=0.25, validation_fraction=0.1)
 
     # Execute
     train = origins(load_train(spec).x)
+    validation = origins(load_validation(spec).x)
     test = origins(load_test(spec).x)
 
-    # Assert
+    # Assert: three disjoint splits that together are the dataset.
     assert set(train).isdisjoint(test)
-    assert sorted(train + test) == list(range(len(original)))
+    assert set(validation).isdisjoint(test)
+    assert set(validation).isdisjoint(train)
+    assert sorted(train + validation + test) == list(range(len(original)))
     assert len(test) == pytest.approx(0.25 * len(original), abs=1)
+    # 10% of the training side, rounded per class (10 classes).
+    assert len(validation) == pytest.approx(0.1 * (len(train) + len(validation)), abs=5)
 
 
 def test_digits_test_split_is_stratified() -> None:
@@ -378,9 +388,9 @@ def test_synthetic_sample_counts_respect_bounds() -> None:
 
     sizes = [len(load_partition(spec, p, 40)) for p in range(40)]
 
-    # Each device keeps 80% of its samples for training.
-    assert min(sizes) >= 40
-    assert max(sizes) <= 160
+    # Each device keeps 80% of its samples on the training side, and 90% of those for training.
+    assert min(sizes) >= 36
+    assert max(sizes) <= 144
 
 
 def test_synthetic_beta_drives_heterogeneity() -> None:
@@ -418,3 +428,154 @@ def test_synthetic_alpha_does_not_change_labels() -> None:
 def test_synthetic_spec_rejects_inverted_sample_bounds() -> None:
     with pytest.raises(ValidationError, match="max_samples"):
         SyntheticSpec(min_samples=100, max_samples=60)
+
+
+def _rows(data: XY) -> list[bytes]:
+    # Features are continuous (synthetic) or compared with their label (digits), so a row's
+    # bytes identify the example well enough to compare splits.
+    return [x.tobytes() + bytes([int(y)]) for x, y in zip(data.x, data.y, strict=True)]
+
+
+VALIDATION_SPECS = [
+    DigitsSpec(partitioner=DirichletPartitioner(alpha=0.5)),
+    SyntheticSpec(),
+    SyntheticSpec(partitioner=IidPartitioner(), seed=3, validation_fraction=0.25),
+]
+
+
+@pytest.mark.parametrize("spec", VALIDATION_SPECS, ids=["digits", "synthetic", "synthetic-iid"])
+def test_validation_is_disjoint_from_test_and_from_every_partition(
+    spec: DigitsSpec | SyntheticSpec,
+) -> None:
+    # Execute
+    validation = set(_rows(load_validation(spec)))
+    test = set(_rows(load_test(spec)))
+    partitions = [set(_rows(load_partition(spec, p, 5))) for p in range(5)]
+
+    # Assert
+    assert validation
+    assert validation.isdisjoint(test)
+    for rows in partitions:
+        assert validation.isdisjoint(rows)
+
+
+@pytest.mark.parametrize("spec", VALIDATION_SPECS, ids=["digits", "synthetic", "synthetic-iid"])
+def test_partitions_plus_validation_are_the_old_training_side(
+    spec: DigitsSpec | SyntheticSpec,
+) -> None:
+    # Prepare: the same data without a validation split.
+    no_validation = spec.model_copy(update={"validation_fraction": 0.0})
+
+    # Execute
+    partitions = [row for p in range(5) for row in _rows(load_partition(spec, p, 5))]
+    validation = _rows(load_validation(spec))
+
+    # Assert: the validation rows moved out of the partitions, nothing else changed.
+    assert sorted(partitions + validation) == sorted(_rows(load_train(no_validation)))
+    assert sorted(partitions) == sorted(_rows(load_train(spec)))
+    np.testing.assert_array_equal(load_test(spec).x, load_test(no_validation).x)
+
+
+def test_holdout_is_deterministic_and_seeded() -> None:
+    # Prepare
+    strata = np.repeat(np.arange(5), 40)
+
+    # Execute
+    first = holdout_indices(strata, 0.25, seed=4)
+    again = holdout_indices(strata, 0.25, seed=4)
+    other = holdout_indices(strata, 0.25, seed=5)
+
+    # Assert
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    np.testing.assert_array_equal(np.bincount(strata[first]), [10] * 5)
+    assert np.all(np.diff(first) > 0)
+
+
+def test_holdout_never_empties_a_stratum() -> None:
+    strata = np.array([0, 1, 1, 2, 2, 2])
+
+    held = holdout_indices(strata, 0.9, seed=0)
+
+    # round(1 * 0.9) = 1 would take stratum 0's only example; round(2 * 0.9) = 2 all of 1's.
+    np.testing.assert_array_equal(np.bincount(strata[held], minlength=3), [0, 1, 2])
+    assert len(holdout_indices(strata, 0.0, seed=0)) == 0
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_validation_split_is_the_seeded_holdout_of_the_training_side(seed: int) -> None:
+    # Prepare: the training side as it is without a validation split.
+    spec = DigitsSpec(seed=seed)
+    training_side = load_train(spec.model_copy(update={"validation_fraction": 0.0}))
+    expected = holdout_indices(training_side.y, 0.1, derive_seed(seed, VALIDATION_STREAM))
+
+    # Execute
+    validation = load_validation(spec)
+    again = load_validation(DigitsSpec(seed=seed))
+
+    # Assert
+    np.testing.assert_array_equal(validation.x, training_side.x[expected])
+    np.testing.assert_array_equal(validation.y, again.y)
+    np.testing.assert_array_equal(validation.x, again.x)
+
+
+def test_validation_does_not_depend_on_partitioner() -> None:
+    a = load_validation(DigitsSpec(partitioner=IidPartitioner()))
+    b = load_validation(DigitsSpec(partitioner=ShardsPartitioner()))
+
+    np.testing.assert_array_equal(a.x, b.x)
+
+
+def test_validation_sizes_per_stratum() -> None:
+    # Prepare
+    digits = DigitsSpec(validation_fraction=0.2)
+    synthetic = SyntheticSpec(num_devices=10, validation_fraction=0.2)
+    no_validation = synthetic.model_copy(update={"validation_fraction": 0.0})
+
+    # Execute
+    digit_counts = np.bincount(load_validation(digits).y, minlength=10)
+    train_counts = np.bincount(load_train(digits).y, minlength=10)
+    device_sizes = [len(load_partition(no_validation, d, 10)) for d in range(10)]
+    kept = [len(load_partition(synthetic, d, 10)) for d in range(10)]
+
+    # Assert: a fifth of every class (digits) and of every device (synthetic), rounded.
+    np.testing.assert_array_equal(
+        digit_counts, np.round((digit_counts + train_counts) * 0.2).astype(int)
+    )
+    np.testing.assert_array_equal(
+        np.array(device_sizes) - np.array(kept), np.round(np.array(device_sizes) * 0.2)
+    )
+    assert len(load_validation(synthetic)) == sum(device_sizes) - sum(kept)
+
+
+def test_validation_keeps_one_training_example_per_device() -> None:
+    # min_samples 2 and test_fraction 0.5 leave a single training example on many devices.
+    spec = SyntheticSpec(
+        num_devices=20, samples_mean=0.0, samples_sigma=0.0, min_samples=2, validation_fraction=0.9
+    )
+
+    sizes = [len(load_partition(spec, d, 20)) for d in range(20)]
+
+    assert min(sizes) >= 1
+
+
+@pytest.mark.parametrize(
+    "spec", [DigitsSpec(validation_fraction=0), SyntheticSpec(validation_fraction=0)]
+)
+def test_zero_validation_fraction_gives_an_empty_split(spec: DigitsSpec | SyntheticSpec) -> None:
+    validation = load_validation(spec)
+
+    assert len(validation) == 0
+    assert validation.x.shape[1:] == dataset_info(spec).input_shape
+    assert validation.input_range == dataset_info(spec).input_range
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0])
+def test_validation_fraction_out_of_range_is_refused(value: float) -> None:
+    with pytest.raises(ValidationError, match="validation_fraction"):
+        DigitsSpec(validation_fraction=value)
+
+
+def test_validation_carries_the_input_range() -> None:
+    assert load_validation(DigitsSpec()).input_range == (0.0, 1.0)
+    assert load_validation(SyntheticSpec()).input_range is None
