@@ -375,7 +375,10 @@ def server_metrics(model: nn.Module, test: XY, config: FalConfig) -> dict[str, f
     with torch.no_grad(), eval_mode(model):
         for suffix, inputs in (("", x_adv), ("-strong", x_strong)):
             logits = model(inputs)
-            metrics[f"robust-accuracy{suffix}"] = float((logits.argmax(1) == y).float().mean())
+            # A count over n, as evaluate() computes clean accuracy: a float32 mean can round
+            # above it (0.4000000059604645 > 0.4) when every attack fails.
+            correct = int((logits.argmax(1) == y).sum())
+            metrics[f"robust-accuracy{suffix}"] = correct / len(y) if len(y) else 0.0
             metrics[f"robust-loss{suffix}"] = float(F.cross_entropy(logits, y))
     return metrics
 
