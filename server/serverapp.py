@@ -15,7 +15,8 @@ from flwr.serverapp import Grid, ServerApp
 from florist.client.models import build_model
 from florist.client.task import task_to_config
 from florist.client.training import evaluate, pick_device
-from florist.datasets import dataset_info, load_test
+from florist.datasets import dataset_info, load_test, load_validation
+from florist.server.metrics import ACCURACY, LOSS, VAL_ACCURACY, VAL_LOSS
 from florist.server.recording import RoundRecord, RunRecorder
 from florist.server.runtime import EventLoop
 from florist.server.spec import ExperimentSpec, resolve_strategy, server_setup
@@ -37,15 +38,22 @@ def initial_arrays(spec: ExperimentSpec) -> ArrayRecord:
 def centralized_evaluator(
     spec: ExperimentSpec, plugin: StrategyPlugin, config: StrategyConfig
 ) -> Callable[[int, ArrayRecord], dict[str, float]]:
-    """Evaluates a global model on the dataset's held-out test split (never used for training),
-    plus whatever extra metrics the strategy defines (``plugin.server_metrics``)."""
+    """Evaluates a global model on the dataset's held-out test split (``accuracy``, ``loss``;
+    reported, never used to choose anything) and on its validation split (``val-accuracy``,
+    ``val-loss``; what the best round is chosen on, absent if the dataset's
+    ``validation_fraction`` is 0), plus whatever extra metrics the strategy defines on the test
+    split (``plugin.server_metrics``)."""
     test = load_test(spec.dataset)
+    validation = load_validation(spec.dataset)
     model = build_model(spec.model, dataset_info(spec.dataset)).to(pick_device())
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
         result = evaluate(model, test)
-        metrics = {"accuracy": result.accuracy, "loss": result.loss}
+        metrics = {ACCURACY: result.accuracy, LOSS: result.loss}
+        if len(validation):
+            on_validation = evaluate(model, validation)
+            metrics |= {VAL_ACCURACY: on_validation.accuracy, VAL_LOSS: on_validation.loss}
         if plugin.server_metrics is not None:
             metrics.update(plugin.server_metrics(model, test, config))
         return metrics

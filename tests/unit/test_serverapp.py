@@ -12,11 +12,14 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
+from florist.client.models import build_model
+from florist.client.training import evaluate
+from florist.datasets import dataset_info, load_test, load_validation
 from florist.server.recording import InMemoryRunRecorder
 from florist.server.runtime import NO_REPLY_BY_DEADLINE, PUSH_REFUSED, PushRefusedError
 from florist.server.runtime.localgrid import LocalGrid
-from florist.server.serverapp import run_experiment
-from florist.server.spec import ExperimentSpec
+from florist.server.serverapp import centralized_evaluator, initial_arrays, run_experiment
+from florist.server.spec import ExperimentSpec, resolve_strategy
 
 
 @pytest.fixture(autouse=True)
@@ -158,6 +161,48 @@ def test_a_node_without_reply_by_the_timeout_is_recorded_as_a_dropout() -> None:
         assert lost.model_version == r.server_round - 1 and lost.bytes_down > 0
         assert 1002 not in r.seen_node_ids
     assert recorder.experiments[1].status == "completed"
+
+
+def test_every_round_is_evaluated_on_validation_and_test() -> None:
+    # Execute
+    _, recorder = run(make_spec(rounds=2))
+
+    # Assert: test metrics keep their names, validation ones sit beside them.
+    for record in recorder.rounds(1):
+        assert set(record.metrics) >= {"accuracy", "loss", "val-accuracy", "val-loss"}
+        assert 0.0 <= record.metrics["val-accuracy"] <= 1.0
+
+
+def test_centralized_evaluator_scores_each_split_on_its_own_data() -> None:
+    # Prepare: the model the run starts from, and the two splits scored by hand.
+    spec = make_spec()
+    plugin, config = resolve_strategy(spec.strategy)
+    arrays = initial_arrays(spec)
+    model = build_model(spec.model, dataset_info(spec.dataset))
+    model.load_state_dict(arrays.to_torch_state_dict())
+    on_test = evaluate(model, load_test(spec.dataset))
+    on_validation = evaluate(model, load_validation(spec.dataset))
+
+    # Execute
+    metrics = centralized_evaluator(spec, plugin, config)(1, arrays)
+
+    # Assert: "accuracy"/"loss" stay the test split's; a swap of the splits fails here.
+    assert on_test.loss != pytest.approx(on_validation.loss)
+    assert metrics["accuracy"] == pytest.approx(on_test.accuracy)
+    assert metrics["loss"] == pytest.approx(on_test.loss)
+    assert metrics["val-accuracy"] == pytest.approx(on_validation.accuracy)
+    assert metrics["val-loss"] == pytest.approx(on_validation.loss)
+
+
+def test_without_a_validation_split_rounds_carry_test_metrics_only() -> None:
+    spec = make_spec(
+        dataset={"name": "digits", "partitioner": {"name": "iid"}, "validation_fraction": 0}
+    )
+    plugin, config = resolve_strategy(spec.strategy)
+
+    metrics = centralized_evaluator(spec, plugin, config)(1, initial_arrays(spec))
+
+    assert set(metrics) == {"accuracy", "loss"}
 
 
 def test_same_seed_same_weights_and_other_seed_differs() -> None:
