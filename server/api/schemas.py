@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 
 from florist.client.task import StrategyRef
 from florist.server.db.status import ExperimentStatus
+from florist.server.metrics import BestBy
 from florist.server.spec import ClientsConfig, ExperimentSpec
 
 
@@ -52,7 +53,26 @@ class ExperimentPublic(BaseModel):
         "and accepted_updates is the measure of progress.",
     )
     accepted_updates: int = Field(default=0, description="Client updates aggregated so far.")
-    best_accuracy: float | None = None
+    best_accuracy: float | None = Field(
+        default=None,
+        description="Test accuracy of the best round (best_round). The best round is chosen on "
+        "the validation split, never on the test split: the round with the highest val-accuracy, "
+        "the earliest on a tie. For rounds recorded without val-accuracy (before validation "
+        "splits existed, or a dataset with validation_fraction 0) the last round stands in, and "
+        "best_by says so.",
+    )
+    best_round: int | None = Field(
+        default=None, description="The round best_accuracy and best_val_accuracy come from."
+    )
+    best_val_accuracy: float | None = Field(
+        default=None,
+        description="Validation accuracy of best_round; null if it recorded none.",
+    )
+    best_by: BestBy | None = Field(
+        default=None,
+        description="How best_round was chosen: 'validation' (highest val-accuracy) or "
+        "'last-round' (no round has a val-accuracy).",
+    )
     # Flower's run ids are uint64: sent as a string so JavaScript keeps every digit.
     flwr_run_id: str | None = None
     error: str | None = None

@@ -8,9 +8,8 @@ enforces florist.server.db.status.TRANSITIONS in the UPDATE itself.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, cast
 
@@ -37,6 +36,7 @@ from florist.server.db.status import (
     start_plan,
     to_status,
 )
+from florist.server.metrics import ACCURACY, VAL_ACCURACY, BestBy, best_round, metric
 
 # Columns a caller may change after creation besides the status, which has its own argument.
 _UPDATABLE_EXPERIMENT_FIELDS = frozenset(Experiment.__table__.columns.keys()) - {"id", "status"}
@@ -53,7 +53,10 @@ class Progress:
     """Where an experiment stands, for list views.
 
     ``current_round`` and ``last_metrics`` come from the latest run's newest round;
-    ``best_accuracy`` is the highest centralized ``accuracy`` over all its rounds;
+    ``best_round`` is the round chosen by :func:`florist.server.metrics.best_round` over all its
+    rounds (the highest ``val-accuracy``; rounds recorded without one: the last round), ``best_by``
+    the rule that chose it, and ``best_accuracy`` and ``best_val_accuracy`` that round's test and
+    validation accuracy: the test split is reported, never chosen on;
     ``accepted_updates`` counts the client updates aggregated over all its runs (the progress
     measure of an asynchronous run, whose "rounds" are aggregations).
     """
@@ -62,6 +65,9 @@ class Progress:
     best_accuracy: float | None = None
     last_metrics: dict[str, Any] = field(default_factory=dict)
     accepted_updates: int = 0
+    best_round: int | None = None
+    best_val_accuracy: float | None = None
+    best_by: BestBy | None = None
 
 
 def create_experiment(
@@ -272,14 +278,6 @@ def list_updates(
     return list(session.scalars(query).all())
 
 
-def _accuracy(metrics: Mapping[str, Any] | None) -> float | None:
-    value = (metrics or {}).get("accuracy")
-    # bool is an int; NaN never compares as best.
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def experiment_progress(session: Session, *, experiment_ids: Sequence[int]) -> dict[int, Progress]:
     """Return the progress of each requested experiment; those without rounds get Progress()."""
     ids = list(dict.fromkeys(experiment_ids))
@@ -307,14 +305,26 @@ def experiment_progress(session: Session, *, experiment_ids: Sequence[int]) -> d
     ).all()
 
     # Metrics are JSON, and extracting a float from it differs per backend and fails on odd
-    # values in PostgreSQL, so the best accuracy is picked here.
-    best: dict[int, float] = {}
-    for experiment_id, metrics in session.execute(
-        select(Round.experiment_id, Round.metrics).where(Round.experiment_id.in_(ids))
+    # values in PostgreSQL, so the best round is picked here, oldest round first.
+    history: dict[int, list[tuple[int, dict[str, Any] | None]]] = {}
+    for experiment_id, server_round, metrics in session.execute(
+        select(Round.experiment_id, Round.server_round, Round.metrics)
+        .where(Round.experiment_id.in_(ids))
+        .order_by(Round.experiment_id, Round.run_id, Round.server_round)
     ):
-        accuracy = _accuracy(metrics)
-        if accuracy is not None and accuracy > best.get(experiment_id, -math.inf):
-            best[experiment_id] = accuracy
+        history.setdefault(experiment_id, []).append((server_round, metrics))
+    best: dict[int, Progress] = {}
+    for experiment_id, rounds in history.items():
+        chosen = best_round([metrics for _, metrics in rounds])
+        if chosen is not None:
+            index, rule = chosen
+            server_round, metrics = rounds[index]
+            best[experiment_id] = Progress(
+                best_round=server_round,
+                best_accuracy=metric(metrics, ACCURACY),
+                best_val_accuracy=metric(metrics, VAL_ACCURACY),
+                best_by=rule,
+            )
 
     accepted = dict(
         session.execute(
@@ -326,9 +336,9 @@ def experiment_progress(session: Session, *, experiment_ids: Sequence[int]) -> d
         .all()
     )
     for experiment_id, server_round, metrics in latest:
-        progress[experiment_id] = Progress(
+        progress[experiment_id] = replace(
+            best.get(experiment_id, Progress()),
             current_round=server_round,
-            best_accuracy=best.get(experiment_id),
             last_metrics=dict(metrics or {}),
             accepted_updates=accepted.get(experiment_id, 0),
         )

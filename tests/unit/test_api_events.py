@@ -129,7 +129,9 @@ def recorder(migrated_url: str) -> Iterator[SqlRunRecorder]:
     rec.close()
 
 
-def make_round(server_round: int, accuracy: float) -> RoundRecord:
+def make_round(
+    server_round: int, accuracy: float, val_accuracy: float | None = None
+) -> RoundRecord:
     now = utcnow()
     updates = tuple(
         UpdateRecord(
@@ -150,7 +152,8 @@ def make_round(server_round: int, accuracy: float) -> RoundRecord:
         server_round=server_round,
         started_at=now - timedelta(seconds=1),
         finished_at=now,
-        metrics={"accuracy": accuracy, "loss": 1 - accuracy, "robust-accuracy": accuracy / 2},
+        metrics={"accuracy": accuracy, "loss": 1 - accuracy, "robust-accuracy": accuracy / 2}
+        | ({} if val_accuracy is None else {"val-accuracy": val_accuracy}),
         train_metrics={"train-loss": 1.0},
         evaluate_metrics={},
         updates=updates,
@@ -176,10 +179,11 @@ def test_rounds_arrive_live_and_the_stream_ends_with_the_experiment(
 
     # Execute / Assert: each round shows up while the stream is open.
     assert reader.next("status").data["status"] == "running"
-    recorder.record_round(run_id, make_round(1, 0.5))
+    # Round 1 is the best on validation, round 2 on test: the test figure reported is round 1's.
+    recorder.record_round(run_id, make_round(1, 0.5, val_accuracy=0.9))
     updates = [reader.next("update"), reader.next("update")]
     round_1 = reader.next("round")
-    recorder.record_round(run_id, make_round(2, 0.7))
+    recorder.record_round(run_id, make_round(2, 0.7, val_accuracy=0.6))
     round_2 = reader.next("round")
     assert not reader.done.is_set()
     recorder.finish_run(run_id, status="completed")
@@ -193,7 +197,10 @@ def test_rounds_arrive_live_and_the_stream_ends_with_the_experiment(
     statuses = [e for e in rest if e.event == "status"]
     assert statuses[-1].data["status"] == "completed"
     assert statuses[-1].data["current_round"] == 2
-    assert statuses[-1].data["best_accuracy"] == pytest.approx(0.7)
+    assert statuses[-1].data["best_accuracy"] == pytest.approx(0.5)
+    assert statuses[-1].data["best_round"] == 1
+    assert statuses[-1].data["best_val_accuracy"] == pytest.approx(0.9)
+    assert statuses[-1].data["best_by"] == "validation"
     assert rest[-1].event == "end" and rest[-1].data["status"] == "completed"
     assert [e.event for e in rest].count("round") == 0  # nothing sent twice
 

@@ -599,13 +599,41 @@ def test_experiment_progress(session_factory: sessionmaker[Session]) -> None:
         progress = repository.experiment_progress(session, experiment_ids=ids)
         empty = repository.experiment_progress(session, experiment_ids=[])
 
-    # Assert
+    # Assert: these rounds have no val-accuracy, so the last round (of the latest run) stands in
+    # for the best one, not the round with the highest test accuracy (0.9).
     assert progress == {
-        restarted.id: repository.Progress(1, 0.9, {"accuracy": 0.7, "loss": 0.4}, 3),
+        restarted.id: repository.Progress(
+            1, 0.7, {"accuracy": 0.7, "loss": 0.4}, 3, best_round=1, best_by="last-round"
+        ),
         no_accuracy.id: repository.Progress(4, None, {"loss": 0.2}),
         fresh.id: repository.Progress(0, None, {}),
     }
     assert empty == {}
+
+
+def test_experiment_progress_reports_test_accuracy_of_the_best_validation_round(
+    session_factory: sessionmaker[Session],
+) -> None:
+    # Prepare: the highest test accuracy (0.95) is not in the round with the best validation.
+    with session_factory.begin() as session:
+        experiment = _experiment(session)
+        run = _run(session, experiment)
+        _round(session, run, 1, {"accuracy": 0.9, "val-accuracy": 0.7})
+        _round(session, run, 2, {"accuracy": 0.8, "val-accuracy": 0.85})
+        _round(session, run, 3, {"accuracy": 0.95, "val-accuracy": 0.8})
+        # Stored as null: never the best.
+        _round(session, run, 4, {"accuracy": 0.99, "val-accuracy": float("nan")})
+
+    # Execute
+    with session_factory() as session:
+        progress = repository.experiment_progress(session, experiment_ids=[experiment.id])
+
+    # Assert
+    got = progress[experiment.id]
+    assert (got.best_round, got.best_by) == (2, "validation")
+    assert got.best_accuracy == 0.8
+    assert got.best_val_accuracy == 0.85
+    assert got.current_round == 4
 
 
 def test_upsert_node_refreshes_config_and_keeps_first_seen(
