@@ -100,7 +100,8 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
             window.__seen = [];
             const note = () => {
                 const counter = document.querySelector('#round-counter');
-                const points = document.querySelectorAll('#accuracy-chart circle').length;
+                const points = document.querySelectorAll(
+                    '#accuracy-chart circle[data-series="accuracy"]').length;
                 const status = document.querySelector('#detail-status');
                 const entry = [
                     counter ? counter.textContent : '', points, status ? status.textContent : '',
@@ -115,7 +116,10 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
     expect(page.locator("#round-counter")).to_have_text("Round 3 / 3", timeout=RUN_TIMEOUT_MS)
     expect(page.locator("#detail-status")).to_have_text("completed", timeout=60_000)
     expect(page.locator("#stream-state")).to_have_text("finished")
-    expect(page.locator("#accuracy-chart circle")).to_have_count(3)
+    expect(page.locator('#accuracy-chart circle[data-series="accuracy"]')).to_have_count(3)
+    # Every dataset has a validation split now: its curve sits beside the test one.
+    expect(page.locator('#accuracy-chart circle[data-series="val-accuracy"]')).to_have_count(3)
+    expect(page.get_by_test_id("detail-best-round")).to_contain_text("best validation accuracy")
     expect(page.get_by_test_id("round-row")).to_have_count(3)
     expect(page.locator("#client-timeline [data-testid=task-bar]")).to_have_count(9)
     expect(page.get_by_test_id("client-row")).to_have_count(3)
@@ -137,7 +141,7 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
     shot(page, "dashboard-experiment")
     page.locator('#x-axis-toggle button[data-x="time"]').click()
     expect(page.locator("#accuracy-chart")).to_contain_text("wall time")
-    expect(page.locator("#accuracy-chart circle")).to_have_count(3)
+    expect(page.locator('#accuracy-chart circle[data-series="accuracy"]')).to_have_count(3)
 
     # Prepare: one more experiment to compare with.
     other = api.submit(SECOND)

@@ -108,6 +108,7 @@ def _experiment(
     num_rounds: int,
     best_accuracy: float | None,
     error: str | None = None,
+    best: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": experiment_id,
@@ -119,6 +120,10 @@ def _experiment(
         "num_rounds": num_rounds,
         "current_round": current_round,
         "best_accuracy": best_accuracy,
+        "best_round": None,
+        "best_val_accuracy": None,
+        "best_by": None,
+        **(best or {}),
         "error": error,
         "created_at": "2025-01-10T09:59:00Z",
         "started_at": "2025-01-10T10:00:00Z",
@@ -130,11 +135,25 @@ FAILED_ERROR = "dataset 'cifar100' is not installed on client 2"
 
 
 def _initial_experiments() -> dict[int, dict[str, Any]]:
+    # Experiment 1's rounds predate validation splits: the API's best round is its last one.
     running = _experiment(
-        1, "mnist-fedprox", "running", current_round=2, num_rounds=5, best_accuracy=0.81
+        1,
+        "mnist-fedprox",
+        "running",
+        current_round=2,
+        num_rounds=5,
+        best_accuracy=0.81,
+        best={"best_round": 2, "best_by": "last-round"},
     )
+    # Experiment 2's best round on validation (round 2) is not its best on test (round 3).
     completed = _experiment(
-        2, "mnist-baseline", "completed", current_round=3, num_rounds=3, best_accuracy=0.9
+        2,
+        "mnist-baseline",
+        "completed",
+        current_round=3,
+        num_rounds=3,
+        best_accuracy=0.6,
+        best={"best_round": 2, "best_val_accuracy": 0.7, "best_by": "validation"},
     )
     failed = _experiment(
         3,
@@ -158,7 +177,7 @@ def _initial_rounds() -> dict[int, list[dict[str, Any]]]:
                 0.3 * r,
                 2.0 - 0.5 * r,
                 2.1 - 0.5 * r,
-                extra={"robust-accuracy": 0.2 * r},
+                extra={"robust-accuracy": 0.2 * r, "val-accuracy": [0.1, 0.5, 0.7, 0.65][r]},
                 train_extra={"pacing-fraction": 0.25 * (r + 1)},
             )
             for r in range(4)
@@ -306,8 +325,10 @@ class FakeApi:
     def add_round(self, experiment_id: int, new_round: dict[str, Any]) -> None:
         experiment = copy.deepcopy(self.experiments[experiment_id])
         experiment["current_round"] = new_round["server_round"]
-        accuracies = [experiment["best_accuracy"] or 0.0, new_round["metrics"]["accuracy"]]
-        experiment["best_accuracy"] = max(accuracies)
+        # These rounds carry no val-accuracy: the API's best round is then the last one.
+        experiment["best_accuracy"] = new_round["metrics"]["accuracy"]
+        experiment["best_round"] = new_round["server_round"]
+        experiment["best_by"] = "last-round"
         # Replace, never mutate in place: the server thread may be serialising the old values.
         self.updates[experiment_id] = [
             *self.updates[experiment_id],
@@ -613,6 +634,12 @@ def test_table_lists_experiments(session: PageSession) -> None:
     expect(running.get_by_test_id("status-badge")).to_have_text("running")
     expect(running.get_by_test_id("progress")).to_have_text("round 2 / 5")
     expect(running.get_by_test_id("best-accuracy")).to_have_text("81.0%")
+    expect(running.get_by_test_id("best-accuracy")).to_have_attribute(
+        "title", "round 2, the last round: no validation metrics recorded"
+    )
+    expect(session.page.locator("#experiments-table thead")).to_contain_text(
+        "best round (by validation)"
+    )
     expect(running).to_contain_text("fedprox")
     expect(running).to_contain_text("mnist")
     failed = session.page.locator('#experiments-table tr[data-experiment-id="3"]')
@@ -636,7 +663,20 @@ def test_clicking_a_row_shows_charts_with_one_point_per_round(session: PageSessi
     expect(session.page).to_have_url(f"{session.server.url}/experiments/2")
     expect(session.page.locator("#detail-title")).to_have_text("#2 · mnist-baseline")
     expect(session.page.locator("#round-counter")).to_have_text("Round 3 / 3")
-    expect(session.page.locator("#accuracy-chart circle")).to_have_count(4)
+    accuracy_chart = session.page.locator("#accuracy-chart")
+    expect(accuracy_chart.locator('circle[data-series="accuracy"]')).to_have_count(4)
+    expect(accuracy_chart.locator('circle[data-series="val-accuracy"]')).to_have_count(4)
+    expect(accuracy_chart.get_by_test_id("chart-legend")).to_contain_text("Validation accuracy")
+    # The best round is chosen on validation and the figure shown is its test accuracy.
+    expect(session.page.get_by_test_id("detail-best-round")).to_have_text(
+        "round 2, best validation accuracy (70.0%)"
+    )
+    expect(session.page.get_by_test_id("detail-best-accuracy")).to_have_text("60.0%")
+    expect(session.page.locator("#experiment-detail")).to_contain_text("Best round (by validation)")
+    # Validation is on the main charts, not among the strategy's own metrics.
+    expect(
+        session.page.locator('[data-testid=strategy-chart][data-metric="val-accuracy"]')
+    ).to_have_count(0)
     loss_chart = session.page.locator("#loss-chart")
     expect(loss_chart.locator('circle[data-series="loss"]')).to_have_count(4)
     expect(loss_chart.locator('circle[data-series="train-loss"]')).to_have_count(4)
@@ -672,6 +712,9 @@ def test_a_new_round_updates_counter_and_chart_without_reload(session: PageSessi
     expect(page.locator("#client-timeline [data-testid=task-bar]")).to_have_count(9)
     expect(page.get_by_test_id("client-row").first.locator("td").nth(1)).to_have_text("3")
     expect(page.get_by_test_id("detail-best-accuracy")).to_have_text("88.0%")
+    expect(page.get_by_test_id("detail-best-round")).to_have_text(
+        "round 3, the last round: no validation metrics recorded"
+    )
     # Absent values (finished_at, round 0's train loss) read as a dash, never "null".
     expect(page.locator("#experiment-detail")).not_to_contain_text("null")
     assert page.evaluate("window.__sameDocument") is True

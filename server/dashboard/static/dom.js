@@ -20,6 +20,20 @@ export function h(tag, attrs = {}, ...children) {
   return node;
 }
 
+/**
+ * How an experiment's best round was chosen (the API's best_round and best_by), for a tooltip or
+ * a note: the round is chosen on the validation split, and its test accuracy is what is shown.
+ */
+export function bestRoundNote(experiment) {
+  const round = experiment?.best_round;
+  if (typeof round !== "number") return "";
+  if (experiment.best_by === "validation") {
+    return `round ${round}, best validation accuracy (${formatPercent(experiment.best_val_accuracy)})`;
+  }
+  // Rounds recorded before validation splits existed: the API falls back to the last round.
+  return `round ${round}, the last round: no validation metrics recorded`;
+}
+
 export function formatPercent(value, digits = 1) {
   return typeof value === "number" ? `${(value * 100).toFixed(digits)}%` : dash;
 }

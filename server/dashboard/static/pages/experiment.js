@@ -6,6 +6,7 @@ import {
   ACTIVE_STATUSES,
   CANCELLABLE_STATUSES,
   PALETTE,
+  bestRoundNote,
   axisToggle,
   dash,
   experimentDuration,
@@ -33,9 +34,10 @@ import { renderTimeline, taskSpan } from "../timeline.js";
 const NODES_POLL_MS = 10000;
 // The log's kinds this page reads: work sent (for "training") and the policies' decisions.
 const LOG_KINDS = ["dispatch", "policy"];
-const COLORS = { accuracy: "#2563eb", loss: "#dc2626", trainLoss: "#d97706" };
-// Round metrics every run has; anything else a strategy recorded gets its own chart.
-const CORE_METRICS = new Set(["accuracy", "loss"]);
+const COLORS = { accuracy: "#2563eb", valAccuracy: "#16a34a", loss: "#dc2626", valLoss: "#9333ea", trainLoss: "#d97706" };
+// Round metrics the server records (test split, and validation split where the dataset has one);
+// anything else a strategy recorded gets its own chart.
+const CORE_METRICS = new Set(["accuracy", "loss", "val-accuracy", "val-loss"]);
 // Train metrics every client reports, and the runtime's own timing: not the strategy's.
 const CORE_TRAIN_METRICS = new Set([
   "train-loss", "train-accuracy", "num-examples", "train-time", "local-steps", "virtual-duration", "wall-duration",
@@ -263,7 +265,8 @@ export function mountExperimentPage(id) {
       ["Dataset", e.dataset?.name, formatParams(e.dataset)],
       ["Model", e.model?.name, formatParams(e.model)],
       ["Clients", e.clients ? `min ${e.clients.min}` : dash],
-      ["Best accuracy", formatPercent(e.best_accuracy), "", "best-accuracy"],
+      ["Best round (by validation)", bestRoundNote(e) || dash, "", "best-round"],
+      ["Test accuracy, best round", formatPercent(e.best_accuracy), "", "best-accuracy"],
       ["Created", formatTime(e.created_at)],
       ["Started", formatTime(e.started_at)],
       ["Finished", formatTime(e.finished_at)],
@@ -310,6 +313,12 @@ export function mountExperimentPage(id) {
       .filter((p) => typeof p.x === "number" && typeof p.y === "number" && Number.isFinite(p.y));
   }
 
+  /** The validation curve of `key`, or nothing for runs recorded without a validation split. */
+  function validationSeries(rounds, axis, key, label, color) {
+    const found = points(rounds, axis.t0, (r) => r.metrics?.[key]);
+    return found.length ? [{ name: key, label, color, points: found }] : [];
+  }
+
   function chartsPanel(e, rounds) {
     const axis = axisSpec(e, rounds);
     const accuracyChart = h("div", { id: "accuracy-chart", class: "chart-box", "data-testid": "accuracy-chart" });
@@ -325,10 +334,11 @@ export function mountExperimentPage(id) {
       series: [
         {
           name: "accuracy",
-          label: "Accuracy (server eval)",
+          label: "Test accuracy (server eval)",
           color: COLORS.accuracy,
           points: points(rounds, axis.t0, (r) => r.metrics?.accuracy),
         },
+        ...validationSeries(rounds, axis, "val-accuracy", "Validation accuracy (server eval)", COLORS.valAccuracy),
       ],
     });
     renderLineChart(lossChart, {
@@ -340,7 +350,8 @@ export function mountExperimentPage(id) {
       formatTick: (y) => String(y),
       emptyText: "No evaluated rounds yet",
       series: [
-        { name: "loss", label: "Loss (server eval)", color: COLORS.loss, points: points(rounds, axis.t0, (r) => r.metrics?.loss) },
+        { name: "loss", label: "Test loss (server eval)", color: COLORS.loss, points: points(rounds, axis.t0, (r) => r.metrics?.loss) },
+        ...validationSeries(rounds, axis, "val-loss", "Validation loss (server eval)", COLORS.valLoss),
         {
           name: "train-loss",
           label: "Train loss (clients)",
@@ -528,7 +539,7 @@ export function mountExperimentPage(id) {
   }
 
   function roundsTable(rounds) {
-    const columns = ["Round", "Accuracy", "Loss", "Train loss", "Duration", "Updates", "Rejected", "Failures"];
+    const columns = ["Round", "Test accuracy", "Val. accuracy", "Test loss", "Train loss", "Duration", "Updates", "Rejected", "Failures"];
     const head = h("thead", {}, h("tr", {}, ...columns.map((label) => h("th", { scope: "col", class: "num" }, label))));
     const body = h("tbody");
     if (rounds.length === 0) {
@@ -541,6 +552,7 @@ export function mountExperimentPage(id) {
           { "data-testid": "round-row", "data-round": r.server_round },
           h("td", { class: "num" }, String(r.server_round)),
           h("td", { class: "num" }, formatPercent(r.metrics?.accuracy)),
+          h("td", { class: "num" }, formatPercent(r.metrics?.["val-accuracy"])),
           h("td", { class: "num" }, formatNumber(r.metrics?.loss)),
           h("td", { class: "num" }, formatNumber(r.train_metrics?.["train-loss"])),
           h("td", { class: "num" }, formatDuration(r.duration_s)),

@@ -4,6 +4,7 @@ import { cancelExperiment, listExperiments, listStrategies } from "../api.js";
 import {
   ACTIVE_STATUSES,
   CANCELLABLE_STATUSES,
+  bestRoundNote,
   dash,
   experimentDuration,
   formatDuration,
@@ -157,7 +158,7 @@ export function mountExperimentsPage() {
       h("td", {}, e.strategy?.name ?? dash),
       h("td", {}, e.dataset?.name ?? dash),
       h("td", { "data-testid": "progress" }, ...progress(e)),
-      h("td", { class: "num", "data-testid": "best-accuracy" }, formatPercent(e.best_accuracy)),
+      h("td", { class: "num", "data-testid": "best-accuracy", title: bestRoundNote(e) || null }, formatPercent(e.best_accuracy)),
       h("td", { class: "time" }, formatShortTime(e.started_at ?? e.created_at)),
       h("td", { class: "num", "data-testid": "duration" }, formatDuration(experimentDuration(e))),
       h("td", { class: "error-cell", title: e.error ?? "" }, e.status === "failed" && e.error ? "⚠" : ""),
