@@ -100,11 +100,11 @@ export function mountComparePage() {
     });
     const maxRounds = Math.max(1, ...state.loaded.map((r) => r.experiment.num_rounds));
     renderLineChart(chart, {
-      title: "Accuracy of the compared experiments",
+      title: "Test accuracy of the compared experiments",
       xLabel: { round: "round", time: "wall time since start", virtual: "virtual time since start" }[
         state.xAxis
       ],
-      yLabel: "accuracy",
+      yLabel: "test accuracy",
       xDomain: state.xAxis === "round" ? [0, maxRounds] : [0, 1],
       xInteger: state.xAxis === "round",
       formatX: state.xAxis === "round" ? String : formatAxisSeconds,
@@ -165,7 +165,7 @@ export function mountComparePage() {
     body.replaceChildren(
       ...[
         missing,
-        h("div", { class: "panel-head" }, h("h3", {}, "Accuracy"), toggle),
+        h("div", { class: "panel-head" }, h("h3", {}, "Test accuracy"), toggle),
         h("figure", { class: "wide-figure" }, chart),
         h("div", { class: "table-scroll" }, table),
       ].filter(Boolean),
