@@ -17,7 +17,7 @@ BestBy = Literal["validation", "last-round"]
 
 
 def metric(metrics: Mapping[str, Any] | None, name: str) -> float | None:
-    """``metrics[name]`` as a finite float, or None if it is missing, not a number, or NaN."""
+    """``metrics[name]`` as a float, or None if it is missing or not a finite number."""
     value = (metrics or {}).get(name)
     # bool is an int; NaN and infinities never compare as best.
     if isinstance(value, bool) or not isinstance(value, int | float):
