@@ -99,6 +99,10 @@ def test_asynchronous_strategies_are_marked(
         (with_("dataset.name", "imagenet"), ["body", "dataset"]),
         (with_("dataset.partitioner.alpha", 0), ["body", "dataset", "digits", "partitioner"]),
         (
+            with_("dataset.validation_fraction", 1.0),
+            ["body", "dataset", "digits", "validation_fraction"],
+        ),
+        (
             with_("model", {"name": "cnn"}) | {"dataset": {"name": "synthetic"}},
             ["body", "model", "name"],
         ),
