@@ -853,7 +853,8 @@ def test_experiment_page_shows_timeline_clients_and_strategy_panels(session: Pag
         "aria-pressed", "true"
     )
     expect(page.locator("#accuracy-chart")).to_contain_text("wall time")
-    expect(page.locator("#accuracy-chart circle")).to_have_count(4)
+    expect(page.locator('#accuracy-chart circle[data-series="accuracy"]')).to_have_count(4)
+    expect(page.locator('#accuracy-chart circle[data-series="val-accuracy"]')).to_have_count(4)
     session.screenshot("experiment-timeline")
     assert session.errors == []
 
