@@ -79,6 +79,7 @@ def run_experiment(
     experiment_id: int,
     flwr_run_id: int,
     poll_interval: float = 0.1,
+    node_poll_s: float = 5.0,
 ) -> RunResult:
     """Run ``spec`` on the Grid's nodes on Florist's one loop; every round is committed as it
     completes."""
@@ -96,6 +97,7 @@ def run_experiment(
             centralized_evaluator(spec, plugin, config),
             task_to_config(spec.task()),
             poll_interval=poll_interval,
+            node_poll_s=node_poll_s,
         )
         final = loop.run(initial_arrays(spec))
         result = RunResult(final, loop.history, loop.initial_metrics, loop.strategy)

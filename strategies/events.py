@@ -188,6 +188,10 @@ class EventStrategy(ABC):
         """The timer a decision asked for came due; ``now`` is on the experiment's clock."""
         return Decision()
 
+    def on_nodes_joined(self, nodes: Sequence[int], weights: Weights) -> Decision:
+        """SuperNodes connected after :meth:`begin`. Default: each gets work at once."""
+        return Decision(dispatch=tuple(nodes))
+
     def configure_evaluate(
         self, version: int, weights: Weights, idle: Sequence[int]
     ) -> Mapping[int, NodeConfig]:

@@ -121,6 +121,13 @@ class SyncRounds(EventStrategy):
         self.nodes = sorted(nodes)
         return self._next_round(weights)
 
+    def on_nodes_joined(self, nodes: Sequence[int], weights: Weights) -> Decision:
+        # A round under way keeps its sample; the next ones sample from the new nodes too. A node
+        # that left stays in the pool: its task fails at once (Flower answers for it), and the
+        # dropout policy decides what that means for the round.
+        self.nodes = sorted(set(self.nodes) | set(nodes))
+        return Decision()
+
     def _sample(self, weights: Weights) -> list[int]:
         self.config = self.aggregator.select(self.round, weights, self.nodes)
         chosen = sorted(self.config)

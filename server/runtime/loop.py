@@ -193,6 +193,7 @@ class EventLoop:
         task_config: Mapping[str, Any],
         *,
         poll_interval: float = 0.05,
+        node_poll_s: float = 5.0,
     ) -> None:
         self.grid = grid
         self.spec = spec
@@ -202,6 +203,9 @@ class EventLoop:
         self.evaluate = evaluate
         self.task_config = dict(task_config)
         self.poll_interval = poll_interval
+        self.node_poll_s = node_poll_s  # how often to look for SuperNodes that joined
+        self.known: set[int] = set()
+        self.nodes_checked = time.monotonic()
         self.virtual = spec.clock == "virtual"
         self.version = 0
         self.vtime = 0.0
@@ -241,6 +245,7 @@ class EventLoop:
     def _run(self, initial: ArrayRecord) -> None:
         self.weights = {k: v.numpy() for k, v in initial.items()}
         nodes = self._wait_for_nodes()
+        self.known, self.nodes_checked = set(nodes), time.monotonic()
         self.initial_metrics = self.evaluate(0, initial)
         self.recorder.record_event(
             run_id=self.run_id,
@@ -394,6 +399,7 @@ class EventLoop:
 
     def _next_events(self) -> list[Event | Tick]:
         while True:
+            self._look_for_new_nodes()
             events = self._pull()
             if not self.virtual:
                 due: list[Event | Tick] = []
@@ -414,6 +420,18 @@ class EventLoop:
                         self.vtime = max(self.vtime, event.virtual_end)
                         return [event]
             time.sleep(self.poll_interval)
+
+    def _look_for_new_nodes(self) -> None:
+        """A SuperNode that connected since (a new client, or one restarted under a new id) is
+        offered to the strategy, as Flower's own loop samples from the nodes of the moment."""
+        if time.monotonic() - self.nodes_checked < self.node_poll_s:
+            return
+        self.nodes_checked = time.monotonic()
+        joined = sorted(set(self.grid.get_node_ids()) - self.known)
+        if joined:
+            self.known.update(joined)
+            log.info("nodes joined: %s", joined)
+            self._apply(self.strategy.on_nodes_joined(joined, self.weights))
 
     def _tick(self, tick: Tick) -> None:
         if self.wake_at is None or self.wake_at > tick.at:

@@ -442,3 +442,33 @@ def test_mixing_and_weighted_mean() -> None:
     np.testing.assert_allclose(mix(a, b, 0.25)["w"], [1.0, 2.0])
     np.testing.assert_allclose(weighted_mean([a, b], [3, 1])["w"], [1.0, 2.0])
     np.testing.assert_allclose(apply_delta(a, b, 0.5)["w"], [2.0, 3.0])
+
+
+class JoiningGrid(LocalGrid):
+    """Node 1002 connects only after the first two tasks were pushed."""
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.node_ids if self.pushed >= 2 else self.node_ids[:2]
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedasync"])
+def test_a_node_that_joins_later_gets_work(strategy: str) -> None:
+    # Prepare: the run starts with the 2 nodes it needs; a third connects during round 1.
+    s = spec(strategy={"name": strategy, "config": {}}, rounds=3, clients={"min": 2})
+    grid = JoiningGrid(3)
+
+    # Execute
+    recorder = InMemoryRunRecorder()
+    run_experiment(
+        grid, s, recorder, experiment_id=1, flwr_run_id=1, poll_interval=0, node_poll_s=0
+    )
+
+    # Assert: it trains from then on, as on Flower's own loop, which samples each round anew.
+    rounds = recorder.rounds(1)
+    first_of_joiner = min(r.server_round for r in rounds for u in r.updates if u.node_id == 1002)
+    if strategy == "fedavg":
+        assert [r.num_updates for r in rounds] == [2, 3, 3]
+        assert first_of_joiner == 2
+    else:
+        assert first_of_joiner <= 3
+    assert_every_task_recorded_once(recorder, grid)
