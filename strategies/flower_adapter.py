@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 _LOOP_KEYS = frozenset(TrainInstruction.key(name) for name in TrainInstruction.model_fields)
 
 
+_MAX_LOOKS = 10
+
+
 class TooFewNodes(Exception):
     """The strategy waits for more nodes than it was offered (Flower's ``sample_nodes``)."""
 
@@ -50,7 +53,8 @@ class NodeList(Grid):
     """The Grid a strategy's ``configure_*`` hook sees: only the nodes it may pick from.
 
     Flower's sampling waits, one second at a time, until enough nodes are connected; offered a
-    fixed list, a strategy asking for more would wait forever, so the third look refuses.
+    fixed list, a strategy asking for more would wait forever. Flower's FedAvg looks twice per
+    hook; the tenth look in one hook (about ten seconds of such waiting) refuses.
     """
 
     def __init__(self, nodes: Sequence[int]) -> None:
@@ -59,7 +63,7 @@ class NodeList(Grid):
 
     def get_node_ids(self) -> Iterable[int]:
         self._looks += 1
-        if self._looks > 2:
+        if self._looks >= _MAX_LOOKS:
             raise TooFewNodes(f"only {len(self._nodes)} nodes to pick from")
         return list(self._nodes)
 

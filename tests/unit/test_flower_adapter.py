@@ -130,3 +130,14 @@ def test_a_round_without_any_sound_update_is_retried_then_fails_the_run() -> Non
     updates = [u for _, u in recorder.updates(1)]
     assert len(updates) == grid.pushed == 9
     assert all(u.status == "rejected" for u in updates)
+
+
+@pytest.mark.slow  # Flower's sampling sleeps a second between looks
+def test_a_strategy_waiting_for_nodes_it_is_not_offered_gets_a_named_error() -> None:
+    # Flower's own sampling waits a second at a time for nodes; a third party's strategy that
+    # needs more than are offered (its minimum not declared where the pre-check looks) must not
+    # hang the run. FedAvg asked for 4 training nodes, offered 3, waits; the look limit ends it.
+    strategy = FedAvg(min_train_nodes=4)
+    strategy.min_available_nodes = 0  # hide the minimum from the pre-check
+    with pytest.raises(AggregationError, match="waits for more nodes"):
+        FlowerAggregator(strategy).select(1, {"w": np.zeros(1, np.float32)}, [1, 2, 3])
