@@ -25,7 +25,7 @@ export function latestDispatches(events) {
 
 /**
  * Whether a node's task is out: it was sent work after its latest recorded update ended. The
- * event runtime records an update with the aggregation it joins, so a reply waiting for one
+ * loop records an update with the aggregation it joins, so a reply waiting for one
  * still reads as training.
  */
 export function isTraining(lastDispatch, lastUpdateEnd) {
