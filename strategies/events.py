@@ -17,6 +17,8 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from .base import StrategyConfig
+
 Weights = dict[str, np.ndarray]
 # What a task may carry besides the experiment's settings (e.g. FedProx's ``proximal-mu``):
 # ConfigRecord scalars, kebab-case keys.
@@ -202,6 +204,17 @@ class EventStrategy(ABC):
     def aggregate_evaluate(self, version: int, results: Sequence[Evaluation]) -> dict[str, float]:
         """The round's federated-evaluation metrics from the nodes' replies. Default: none."""
         return {}
+
+
+class RetryingConfig(StrategyConfig):
+    """The config field of a strategy that re-sends lost tasks (:class:`Retries`)."""
+
+    max_failures: int = Field(
+        default=5,
+        ge=0,
+        le=10_000,
+        description="Lost tasks in a row after which a node gets no more work (0: never).",
+    )
 
 
 class Retries:

@@ -28,9 +28,9 @@ from pydantic import Field
 
 from florist.client.training import TrainResult, TrainTask, train_local, train_sgd
 
-from .base import ServerSetup, StrategyConfig, StrategyPlugin
+from .base import ServerSetup, StrategyPlugin
 from .client_weights import CLIENT_WEIGHTING_DOC, ArrivalWeights, ClientWeighting
-from .events import Arrival, Decision, EventStrategy, Retries, Weights, mix
+from .events import Arrival, Decision, EventStrategy, Retries, RetryingConfig, Weights, mix
 from .fedprox import ProximalTerm
 
 Staleness = Literal["constant", "polynomial", "hinge"]
@@ -40,7 +40,7 @@ Staleness = Literal["constant", "polynomial", "hinge"]
 PAPER_A: dict[Staleness, float] = {"constant": 0.0, "polynomial": 0.5, "hinge": 10.0}
 
 
-class FedAsyncConfig(StrategyConfig):
+class FedAsyncConfig(RetryingConfig):
     """FedAsync's server settings; the defaults are the paper's (see the module docstring)."""
 
     alpha: float = Field(default=0.6, gt=0, le=1, description="Mixing weight α (paper: 0.6).")
@@ -58,12 +58,6 @@ class FedAsyncConfig(StrategyConfig):
     client_weighting: ClientWeighting = Field(
         default="none",
         description=CLIENT_WEIGHTING_DOC + " FedAsync uses α_t = min(1, α·s(τ)·w_i).",
-    )
-    max_failures: int = Field(
-        default=5,
-        ge=0,
-        le=10_000,
-        description="Lost tasks in a row after which a node gets no more work (0: never).",
     )
     rho: float = Field(
         default=0.0,

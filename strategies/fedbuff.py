@@ -21,20 +21,21 @@ from collections.abc import Sequence
 
 from pydantic import Field
 
-from .base import ServerSetup, StrategyConfig, StrategyPlugin
+from .base import ServerSetup, StrategyPlugin
 from .client_weights import CLIENT_WEIGHTING_DOC, ArrivalWeights, ClientWeighting
 from .events import (
     Arrival,
     Decision,
     EventStrategy,
     Retries,
+    RetryingConfig,
     Weights,
     apply_delta,
     weighted_mean,
 )
 
 
-class FedBuffConfig(StrategyConfig):
+class FedBuffConfig(RetryingConfig):
     """FedBuff's server settings; the defaults are the paper's rule with a small buffer."""
 
     buffer_size: int = Field(default=3, ge=1, description="K: updates per aggregation.")
@@ -46,12 +47,6 @@ class FedBuffConfig(StrategyConfig):
         default="none",
         description=CLIENT_WEIGHTING_DOC
         + " FedBuff applies x ← x + η_g·(1/K)·Σ w_i·s(τ_i)·Δ_i over the buffer.",
-    )
-    max_failures: int = Field(
-        default=5,
-        ge=0,
-        le=10_000,
-        description="Lost tasks in a row after which a node gets no more work (0: never).",
     )
 
 

@@ -24,11 +24,11 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import ServerSetup, StrategyConfig, StrategyPlugin
-from .events import Arrival, Decision, EventStrategy, Note, Retries, Weights
+from .base import ServerSetup, StrategyPlugin
+from .events import Arrival, Decision, EventStrategy, Note, Retries, RetryingConfig, Weights
 
 
-class FedFixConfig(StrategyConfig):
+class FedFixConfig(RetryingConfig):
     period_s: float = Field(
         default=10.0,
         gt=0,
@@ -37,27 +37,15 @@ class FedFixConfig(StrategyConfig):
         "is 0.2 to 0.8 of the slowest client's time).",
     )
     server_lr: float = Field(default=1.0, gt=0, le=10, description="η_g, the server step size.")
-    max_failures: int = Field(
-        default=5,
-        ge=0,
-        le=10_000,
-        description="Lost tasks in a row after which a node gets no more work (0: never).",
-    )
 
 
-class AsyncFedAvgConfig(StrategyConfig):
+class AsyncFedAvgConfig(RetryingConfig):
     weighting: Literal["none", "time"] = Field(
         default="time",
         description="d_i = 1 (none), or (Σ_j 1/τ_j)·τ_i·p_i (time: corrects the bias toward fast "
         "clients, the paper's proposal).",
     )
     server_lr: float = Field(default=1.0, gt=0, le=10, description="η_g, the server step size.")
-    max_failures: int = Field(
-        default=5,
-        ge=0,
-        le=10_000,
-        description="Lost tasks in a row after which a node gets no more work (0: never).",
-    )
 
 
 def apply_differences(
