@@ -17,6 +17,12 @@ CLIENT_WEIGHTING_DOC = (
 )
 
 
+def data_shares(examples: dict[int, float]) -> dict[int, float]:
+    """p_i = n_i / Σ_j n_j over the clients that reported (all 0 when none holds data)."""
+    total = float(sum(examples.values()))
+    return {node: (n / total if total > 0 else 0.0) for node, n in examples.items()}
+
+
 class ArrivalWeights:
     """Counts what the server has seen of each client and weighs each new arrival.
 
@@ -41,11 +47,8 @@ class ArrivalWeights:
         self.total_arrivals += 1
         if self.mode == "none":
             return 1.0
-        total_examples = sum(self.examples.values())
-        if total_examples == 0:
-            # No client holds data: every update is the model it was sent, nothing to weigh in.
-            return 0.0
-        share = num_examples / total_examples  # p_i
+        # No client holds data: every share is 0, and so is every weight.
+        share = data_shares(self.examples)[node_id]  # p_i
         if self.mode == "data":
             return len(self.examples) * share
         frequency = self.arrivals[node_id] / self.total_arrivals  # q_i

@@ -19,12 +19,13 @@ https://arxiv.org/abs/2206.10189
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import Field
 
 from .base import ServerSetup, StrategyPlugin
+from .client_weights import data_shares
 from .events import Arrival, Decision, EventStrategy, Note, Retries, RetryingConfig, Weights
 
 
@@ -62,12 +63,6 @@ def apply_differences(
 def periods(duration_s: float, period_s: float) -> int:
     """⌈τ/Δt⌉, at least 1; a client of exactly Δt seconds (to rounding) is one period, not two."""
     return max(1, math.ceil(round(duration_s / period_s, 9)))
-
-
-def data_shares(examples: Mapping[int, float]) -> dict[int, float]:
-    """p_i = n_i / Σ_j n_j over the clients that reported."""
-    total = float(sum(examples.values()))
-    return {node: (n / total if total > 0 else 0.0) for node, n in examples.items()}
 
 
 class FedFix(EventStrategy):
