@@ -205,6 +205,9 @@ class EventLoop:
         self.poll_interval = poll_interval
         self.node_poll_s = node_poll_s  # how often to look for SuperNodes that joined
         self.known: set[int] = set()
+        # The global model as a record, made once per model: the evaluation, every task of the
+        # round and the federated evaluation send the same one.
+        self.record_of: tuple[Weights, ArrayRecord] | None = None
         self.nodes_checked = time.monotonic()
         self.virtual = spec.clock == "virtual"
         self.version = 0
@@ -320,7 +323,7 @@ class EventLoop:
         config = {**extra, **self.task_config, **instruction.to_record_dict()}
         if local_steps is not None:
             config.update(flatten({"training": {"local_steps": local_steps}}))
-        arrays = to_record(self.weights)
+        arrays = self._record(self.weights)
         message = Message(
             content=RecordDict({ARRAYS_KEY: arrays, "config": ConfigRecord(config)}),
             dst_node_id=node_id,
@@ -524,7 +527,7 @@ class EventLoop:
         # The version moves on only once the round is stored: if evaluating or recording it
         # fails, its updates are recorded at the end under the round they were meant for.
         version = self.version + 1
-        metrics = self.evaluate(version, to_record(weights))
+        metrics = self.evaluate(version, self._record(weights))
         federated = self._federated_evaluation(version, weights)
         record = RoundRecord(
             server_round=version,
@@ -549,10 +552,15 @@ class EventLoop:
         self.pending = []
         self.round_started = record.finished_at
 
+    def _record(self, weights: Weights) -> ArrayRecord:
+        if self.record_of is None or self.record_of[0] is not weights:
+            self.record_of = (weights, to_record(weights))
+        return self.record_of[1]
+
     def _federated_evaluation(self, version: int, weights: Weights) -> dict[str, float]:
         """The new model evaluated by the idle nodes the strategy picks, on their own held-out
         shards, before anything else is sent; it takes no time on the virtual clock."""
-        idle = [n for n in sorted(self.grid.get_node_ids()) if not self._busy(n)]
+        idle = [n for n in sorted(self.known) if not self._busy(n)]
         targets = self.strategy.configure_evaluate(version, weights, idle)
         if not targets:
             return {}
@@ -562,7 +570,7 @@ class EventLoop:
             config = {**extra, **self.task_config, **instruction.to_record_dict()}
             message = Message(
                 content=RecordDict(
-                    {ARRAYS_KEY: to_record(weights), "config": ConfigRecord(config)}
+                    {ARRAYS_KEY: self._record(weights), "config": ConfigRecord(config)}
                 ),
                 dst_node_id=node_id,
                 message_type=MessageType.EVALUATE,
