@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Path, Request
 from sqlalchemy.orm import Session
 
 from florist.server.follower import RunFollower
@@ -30,3 +30,11 @@ def get_follower(request: Request) -> RunFollower | None:
 SessionDep = Annotated[Session, Depends(get_session)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 FollowerDep = Annotated[RunFollower | None, Depends(get_follower)]
+
+# Row ids and round numbers are 32-bit INTEGER columns on PostgreSQL (and SQLite refuses anything
+# past 64 bits): a larger number names no row, so it is refused at the edge, never sent to the
+# database, where it would fail the request with a 500.
+DB_INT_MAX = 2**31 - 1
+ExperimentId = Annotated[
+    int, Path(ge=0, le=DB_INT_MAX, description="The experiment's id (404 if there is none).")
+]

@@ -388,3 +388,20 @@ def test_statuses_are_an_enum_in_the_schema_and_a_filter(client: TestClient) -> 
     refused = client.post(f"/api/v1/experiments/{failed['id']}/cancel")
     assert refused.status_code == 409 and "already failed" in refused.json()["detail"]
     assert client.get(f"/api/v1/experiments/{failed['id']}").json()["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/experiments/99999999999999999999999",
+        "/api/v1/experiments/3000000000/rounds",
+        "/api/v1/experiments/-5",
+        "/api/v1/experiments/1/updates?server_round=99999999999999999999",
+        "/api/v1/experiments/1/log?after=99999999999999999999",
+        "/api/v1/experiments?offset=99999999999999999999999",
+        "/api/v1/experiments/3000000000/events",
+    ],
+)
+def test_a_number_no_row_can_have_is_a_422_not_a_500(client: TestClient, path: str) -> None:
+    response = client.get(path)
+    assert response.status_code == 422, response.text

@@ -231,6 +231,11 @@ def test_resume_with_last_event_id_or_since(server: Server, recorder: SqlRunReco
     assert rounds(by_header) == [2, 3] and rounds(by_cursor) == [2, 3]
     assert rounds(by_round) == [3]
     assert [e.data["server_round"] for e in by_round if e.event == "update"] == [3, 3]
+    # A cursor past every row (larger than the database's integers) resumes after all of them.
+    huge = "9" * 30
+    for since in (huge, f"{huge}-{huge}"):
+        past = Reader(server.client, f"{path}?since={since}").rest()
+        assert rounds(past) == [] and past[-1].event == "end"
     for events in (everything, by_header, by_round):
         assert events[-1].event == "end"
 

@@ -21,6 +21,7 @@ from pydantic import BaseModel
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
+from florist.server.api.deps import DB_INT_MAX, ExperimentId
 from florist.server.api.routes.experiments import round_to_public, to_public, update_to_public
 from florist.server.api.schemas import ExperimentPublic, StreamEnd
 from florist.server.db import repository as repo
@@ -67,10 +68,12 @@ def _resolve_cursor(session: Session, experiment_id: int, since: str | None) -> 
             422,
             f"since/Last-Event-ID {since!r} is neither a server round nor an event id",
         )
+    # No row id or round is above DB_INT_MAX, so a larger number means "after all of them".
+    first = min(int(match.group(1)), DB_INT_MAX)
     if match.group(2) is not None:
-        return Cursor(int(match.group(1)), int(match.group(2)))
+        return Cursor(first, min(int(match.group(2)), DB_INT_MAX))
     round_id, update_id = repo.row_ids_through_round(
-        session, experiment_id=experiment_id, server_round=int(match.group(1))
+        session, experiment_id=experiment_id, server_round=first
     )
     return Cursor(round_id, update_id)
 
@@ -172,7 +175,7 @@ with `Last-Event-ID` (as EventSource does) or `?since=<id>` resumes after it, an
     },
 )
 async def experiment_events(
-    experiment_id: int,
+    experiment_id: ExperimentId,
     request: Request,
     since: Annotated[
         str | None,

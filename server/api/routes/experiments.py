@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 
 from florist.client.models import build_model
 from florist.datasets import dataset_info
-from florist.server.api.deps import FollowerDep, SessionDep
+from florist.server.api.deps import DB_INT_MAX, ExperimentId, FollowerDep, SessionDep
 from florist.server.api.schemas import (
     EventPublic,
     EventsPublic,
@@ -175,7 +175,7 @@ def create_experiment(
 @router.get("", response_model=ExperimentsPublic)
 def list_experiments(
     session: SessionDep,
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=DB_INT_MAX),
     limit: int = Query(100, ge=1, le=1000),
     status_: list[ExperimentStatus] | None = Query(
         None, alias="status", description="Only experiments in these statuses (repeatable)."
@@ -191,14 +191,14 @@ def list_experiments(
 
 
 @router.get("/{experiment_id}", response_model=ExperimentPublic)
-def get_experiment(experiment_id: int, session: SessionDep) -> ExperimentPublic:
+def get_experiment(experiment_id: ExperimentId, session: SessionDep) -> ExperimentPublic:
     exp = _get(session, experiment_id)
     progress = repo.experiment_progress(session, experiment_ids=[exp.id])
     return to_public(exp, progress.get(exp.id))
 
 
 @router.get("/{experiment_id}/rounds", response_model=RoundsPublic)
-def list_rounds(experiment_id: int, session: SessionDep) -> RoundsPublic:
+def list_rounds(experiment_id: ExperimentId, session: SessionDep) -> RoundsPublic:
     _get(session, experiment_id)
     rounds = repo.list_rounds(session, experiment_id=experiment_id)
     data = [round_to_public(r) for r in rounds]
@@ -207,7 +207,9 @@ def list_rounds(experiment_id: int, session: SessionDep) -> RoundsPublic:
 
 @router.get("/{experiment_id}/updates", response_model=UpdatesPublic)
 def list_updates(
-    experiment_id: int, session: SessionDep, server_round: int | None = Query(None, ge=0)
+    experiment_id: ExperimentId,
+    session: SessionDep,
+    server_round: int | None = Query(None, ge=0, le=DB_INT_MAX),
 ) -> UpdatesPublic:
     _get(session, experiment_id)
     updates = repo.list_updates(session, experiment_id=experiment_id, server_round=server_round)
@@ -226,10 +228,12 @@ def list_updates(
     "Filter with `kind` (repeatable) and read on from the last id seen with `after`.",
 )
 def list_log(
-    experiment_id: int,
+    experiment_id: ExperimentId,
     session: SessionDep,
     kind: list[str] | None = Query(None, description="Only events of these kinds."),
-    after: int = Query(0, ge=0, description="Only events whose id is above this one."),
+    after: int = Query(
+        0, ge=0, le=DB_INT_MAX, description="Only events whose id is above this one."
+    ),
 ) -> EventsPublic:
     _get(session, experiment_id)
     events = repo.events_after(session, experiment_id=experiment_id, after_id=after, kinds=kind)
@@ -239,7 +243,7 @@ def list_log(
 
 @router.post("/{experiment_id}/cancel", response_model=ExperimentPublic)
 def cancel_experiment(
-    experiment_id: int, session: SessionDep, follower: FollowerDep
+    experiment_id: ExperimentId, session: SessionDep, follower: FollowerDep
 ) -> ExperimentPublic:
     exp = _get(session, experiment_id)
     if exp.status.terminal:
