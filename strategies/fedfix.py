@@ -33,6 +33,7 @@ class FedFixConfig(RetryingConfig):
     period_s: float = Field(
         default=10.0,
         gt=0,
+        le=604_800,  # a week: past that no aggregation would ever come on the wall clock
         allow_inf_nan=False,
         description="Δt: seconds on the experiment's clock between aggregations (the paper's grid "
         "is 0.2 to 0.8 of the slowest client's time).",
