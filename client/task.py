@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from florist.client.models import MlpSpec, ModelSpec
+from florist.client.models import ModelSpec
 from florist.client.training import TrainingConfig
 from florist.datasets import DatasetSpec
 
@@ -28,14 +28,34 @@ class StrategyRef(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class WorkloadRef(BaseModel):
+    """A workload by registry name (client/workloads), with its (not yet validated) config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=100, examples=["digits"])
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
 class TaskSpec(BaseModel):
     """The part of an experiment a client needs to train: identical on every node and round."""
 
     model_config = ConfigDict(extra="forbid")
 
     strategy: StrategyRef
-    dataset: DatasetSpec
-    model: ModelSpec = Field(default_factory=lambda: MlpSpec(name="mlp"))
+    workload: WorkloadRef | None = Field(
+        default=None,
+        description="What is trained: a workload plugin and its config, e.g. "
+        '{"name": "digits", "config": {"partitioner": {"name": "iid"}, "model": {"name": "cnn"}}}.',
+    )
+    dataset: DatasetSpec | None = Field(
+        default=None,
+        description="The older spelling of a built-in workload (digits, synthetic): kept "
+        "working, stored as `workload` (the dataset's settings and `model` become its config).",
+    )
+    model: ModelSpec | None = Field(
+        default=None, description="With `dataset`: the model (logreg, mlp, cnn)."
+    )
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     seed: int = Field(
         default=0,
@@ -48,6 +68,38 @@ class TaskSpec(BaseModel):
         description="wall: clients really take their device profile's time; virtual: they report "
         "the simulated duration and the event-driven server orders updates by it.",
     )
+
+    @model_validator(mode="after")
+    def _one_workload(self) -> Self:
+        # Bodies written before workloads existed name a dataset and a model: they are the
+        # built-in workload of that name, so every later reader sees only `workload`.
+        if self.dataset is None and self.model is None:
+            if self.workload is None:
+                raise ValueError(
+                    "give a `workload` ({'name': ..., 'config': {...}}; GET /api/v1/workloads "
+                    "lists them), or the older `dataset` (and `model`)"
+                )
+            return self
+        if self.workload is not None:
+            raise ValueError(
+                "give either `workload` or the older `dataset` and `model`, not both: "
+                "put the dataset's settings and the model in `workload.config`"
+            )
+        if self.dataset is None:
+            raise ValueError("`model` needs a `dataset` (or use `workload`)")
+        config = self.dataset.model_dump(mode="json", exclude={"name"})
+        if self.model is not None:
+            config["model"] = self.model.model_dump(mode="json")
+        self.workload = WorkloadRef(name=self.dataset.name, config=config)
+        self.dataset = None
+        self.model = None
+        return self
+
+    @property
+    def workload_ref(self) -> WorkloadRef:
+        """The workload (always set once validated)."""
+        assert self.workload is not None
+        return self.workload
 
 
 def flatten(value: Mapping[str, Any], prefix: str = PREFIX) -> dict[str, Any]:

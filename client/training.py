@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 # strategies, never needs to know their base class.
 C = TypeVar("C", bound=BaseModel)
 Batch = tuple[torch.Tensor, torch.Tensor]
+# A workload's loss: (model outputs, targets) -> scalar tensor (the batch mean).
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class TrainingConfig(BaseModel):
@@ -58,6 +60,12 @@ class TrainTask(Generic[C]):
     # starts empty for every new run, i.e. every experiment: per-client algorithm state lives here.
     state: RecordDict = field(default_factory=RecordDict)
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    # The workload's loss and optimiser (client/workloads): cross-entropy and SGD unless the
+    # workload says otherwise; a strategy's hooks build on them, never around them.
+    loss: LossFn = F.cross_entropy
+    optimizer: Callable[[list[nn.Parameter], TrainingConfig], torch.optim.Optimizer] = field(
+        default_factory=lambda: sgd_optimizer
+    )
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,8 @@ class EvalResult:
     num_examples: int
     loss: float
     accuracy: float
+    # Every metric the workload computes (``accuracy`` among them for classifiers).
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 def pick_device() -> torch.device:
@@ -173,13 +183,21 @@ class TrainerHooks:
         finish(task, model, running)                 write state; extra metrics
     """
 
+    # The workload's loss and optimiser; train_local sets them from the task before start().
+    # Class attributes, so that a subclass needs no super().__init__().
+    workload_loss: LossFn = staticmethod(F.cross_entropy)
+    workload_optimizer: Callable[[list[nn.Parameter], TrainingConfig], torch.optim.Optimizer] = (
+        staticmethod(lambda params, training: sgd_optimizer(params, training))
+    )
+
     def start(self, task: TrainTask[Any], model: nn.Module) -> None:
         """Before the first step, with the round's global weights in ``model``."""
 
     def optimizer(
         self, params: list[nn.Parameter], training: TrainingConfig
     ) -> torch.optim.Optimizer:
-        return sgd_optimizer(params, training)
+        """The workload's optimiser (default: SGD with the experiment's settings)."""
+        return self.workload_optimizer(params, training)
 
     def minibatches(self, task: TrainTask[Any]) -> Iterable[Batch]:
         """The round's batches; the default is FedAvg's K seeded shuffled minibatches."""
@@ -190,8 +208,9 @@ class TrainerHooks:
         return x, y
 
     def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The data term of the local objective: mean cross-entropy."""
-        return F.cross_entropy(logits, y)
+        """The data term of the local objective: the workload's loss (mean cross-entropy by
+        default)."""
+        return self.workload_loss(logits, y)
 
     def extra_loss(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the loss before backward (a regulariser), or None."""
@@ -238,6 +257,8 @@ def train_local(task: TrainTask[Any], hooks: TrainerHooks | None = None) -> Trai
     num_examples = len(task.data)
     if num_examples == 0:
         return TrainResult(num_examples=0, steps=0, metrics={})
+    hooks.workload_loss = task.loss
+    hooks.workload_optimizer = task.optimizer
     hooks.start(task, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = hooks.optimizer(params, task.training)
@@ -257,23 +278,52 @@ def train_sgd(task: TrainTask[Any]) -> TrainResult:
     return train_local(task, TrainerHooks())
 
 
+def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Share of rows whose largest output is the label (0 for no rows)."""
+    n = len(y)
+    return int((logits.argmax(1) == y).sum()) / n if n else 0.0
+
+
+def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """The default evaluation metrics: accuracy."""
+    return {"accuracy": accuracy(logits, y)}
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: XY, batch_size: int = 512) -> EvalResult:
-    """Loss and accuracy of ``model`` on ``data``."""
+def evaluate(
+    model: nn.Module,
+    data: XY,
+    batch_size: int = 512,
+    *,
+    loss: LossFn = F.cross_entropy,
+    metrics: Callable[[torch.Tensor, torch.Tensor], dict[str, float]] = classification_metrics,
+) -> EvalResult:
+    """``model``'s mean loss on ``data`` and the workload's ``metrics`` over all of it.
+
+    ``loss`` is a batch mean (as in training), so it is weighted by batch size here; ``metrics``
+    sees every output and target at once (an F1 does not average over batches).
+    """
     device = next(model.parameters()).device
     model.eval()
     x = torch.from_numpy(data.x)
     y = torch.from_numpy(data.y)
-    loss_fn = nn.CrossEntropyLoss(reduction="sum")
-    loss_sum, correct = 0.0, 0
+    loss_sum = 0.0
+    outputs, targets = [], []
     for start in range(0, len(y), batch_size):
         xb, yb = x[start : start + batch_size].to(device), y[start : start + batch_size].to(device)
-        logits = model(xb)
-        loss_sum += float(loss_fn(logits, yb))
-        correct += int((logits.argmax(1) == yb).sum())
+        out = model(xb)
+        loss_sum += float(loss(out, yb)) * len(yb)
+        outputs.append(out.cpu())
+        targets.append(yb.cpu())
     n = len(y)
+    if n == 0:
+        return EvalResult(num_examples=0, loss=math.nan, accuracy=0.0, metrics={})
+    found = metrics(torch.cat(outputs), torch.cat(targets))
     return EvalResult(
-        num_examples=n, loss=loss_sum / n if n else math.nan, accuracy=correct / n if n else 0.0
+        num_examples=n,
+        loss=loss_sum / n,
+        accuracy=found.get("accuracy", math.nan),
+        metrics=found,
     )
 
 

@@ -10,8 +10,9 @@ from typing import Any, Literal
 ACCURACY = "accuracy"
 LOSS = "loss"
 # On the validation split (carved from the training side): what rounds and settings are chosen on.
-VAL_ACCURACY = "val-accuracy"
-VAL_LOSS = "val-loss"
+VAL_PREFIX = "val-"
+VAL_ACCURACY = VAL_PREFIX + ACCURACY
+VAL_LOSS = VAL_PREFIX + LOSS
 
 BestBy = Literal["validation", "last-round"]
 

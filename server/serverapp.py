@@ -8,18 +8,18 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
-from florist.client.models import build_model
 from florist.client.task import task_to_config
 from florist.client.training import evaluate, pick_device
-from florist.datasets import dataset_info, load_test, load_validation
-from florist.server.metrics import ACCURACY, LOSS, VAL_ACCURACY, VAL_LOSS
+from florist.datasets import XY
+from florist.server.metrics import LOSS, VAL_PREFIX
 from florist.server.recording import RoundRecord, RunRecorder
 from florist.server.runtime import EventLoop
-from florist.server.spec import ExperimentSpec, resolve_strategy, server_setup
+from florist.server.spec import ExperimentSpec, resolve_strategy, resolve_workload, server_setup
 from florist.strategies import StrategyConfig, StrategyPlugin
 from florist.strategies.events import EventStrategy
 from florist.strategies.flower_adapter import as_scheduler
@@ -31,31 +31,43 @@ app = ServerApp()
 
 def initial_arrays(spec: ExperimentSpec) -> ArrayRecord:
     """The global model before round 1, seeded so every run of a spec starts alike."""
+    workload, config = resolve_workload(spec.workload_ref)
     torch.manual_seed(spec.seed)
-    return ArrayRecord(build_model(spec.model, dataset_info(spec.dataset)).state_dict())
+    return ArrayRecord(workload.build_model(config).state_dict())
 
 
 def centralized_evaluator(
     spec: ExperimentSpec, plugin: StrategyPlugin, config: StrategyConfig
 ) -> Callable[[int, ArrayRecord], dict[str, float]]:
-    """Evaluates a global model on the dataset's held-out test split (``accuracy``, ``loss``;
-    reported, never used to choose anything) and on its validation split (``val-accuracy``,
-    ``val-loss``; what the best round is chosen on, absent if the dataset's
-    ``validation_fraction`` is 0), plus whatever extra metrics the strategy defines on the test
-    split (``plugin.server_metrics``)."""
-    test = load_test(spec.dataset)
-    validation = load_validation(spec.dataset)
-    model = build_model(spec.model, dataset_info(spec.dataset)).to(pick_device())
+    """Evaluates a global model on the workload's held-out test split (``loss`` and the
+    workload's metrics, e.g. ``accuracy``; reported, never used to choose anything) and on its
+    validation split (``val-loss``, ``val-accuracy``, …; what the best round is chosen on),
+    plus whatever extra metrics the strategy defines on the test split
+    (``plugin.server_metrics``). A workload without server-held data is not evaluated here
+    (federated evaluation, ``clients.fraction_evaluate``, still is)."""
+    workload, workload_config = resolve_workload(spec.workload_ref)
+    empty = XY(np.empty((0,), np.float32), np.empty((0,), np.int64))
+    test = workload.load_test(workload_config) if workload.load_test else empty
+    validation = workload.load_validation(workload_config) if workload.load_validation else empty
+    if test.input_range is None:
+        test = XY(test.x, test.y, input_range=workload.input_range(workload_config))
+    model = workload.build_model(workload_config).to(pick_device())
+
+    def measure(data: XY, prefix: str) -> dict[str, float]:
+        result = evaluate(model, data, loss=workload.loss, metrics=workload.metrics)
+        return {f"{prefix}{LOSS}": result.loss} | {
+            f"{prefix}{name}": value for name, value in result.metrics.items()
+        }
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
         model.load_state_dict(arrays.to_torch_state_dict())
-        result = evaluate(model, test)
-        metrics = {ACCURACY: result.accuracy, LOSS: result.loss}
+        metrics: dict[str, float] = {}
+        if len(test):
+            metrics |= measure(test, "")
+            if plugin.server_metrics is not None:
+                metrics.update(plugin.server_metrics(model, test, config))
         if len(validation):
-            on_validation = evaluate(model, validation)
-            metrics |= {VAL_ACCURACY: on_validation.accuracy, VAL_LOSS: on_validation.loss}
-        if plugin.server_metrics is not None:
-            metrics.update(plugin.server_metrics(model, test, config))
+            metrics |= measure(validation, VAL_PREFIX)
         return metrics
 
     return evaluate_global

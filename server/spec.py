@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import (
@@ -11,7 +12,14 @@ from pydantic import (
     ValidationError,
 )
 
-from florist.client.task import StrategyRef, TaskSpec
+from florist.client.plugins import PluginRegistryError
+from florist.client.task import StrategyRef, TaskSpec, WorkloadRef
+from florist.client.workloads import (
+    WorkloadConfig,
+    WorkloadPlugin,
+    WorkloadRegistry,
+    default_workloads,
+)
 from florist.strategies import (
     ServerSetup,
     StrategyConfig,
@@ -20,7 +28,6 @@ from florist.strategies import (
     default_registry,
 )
 from florist.strategies.events import DropoutPolicy
-from florist.strategies.registry import StrategyRegistryError
 
 
 class ClientsConfig(BaseModel):
@@ -71,7 +78,8 @@ class ExperimentSpec(TaskSpec):
 
 
 class StrategySpecError(ValueError):
-    """The strategy name or its config is wrong; ``errors`` are pydantic-style, loc-relative."""
+    """The strategy or workload name or its config is wrong; ``errors`` are pydantic-style, with
+    locs under the experiment spec."""
 
     def __init__(self, errors: list[dict[str, Any]]) -> None:
         super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
@@ -85,19 +93,34 @@ def resolve_strategy(
     registry = registry or default_registry()
     try:
         plugin = registry.get(ref.name)
-    except StrategyRegistryError as exc:
+    except PluginRegistryError as exc:
         raise StrategySpecError(
             [{"loc": ("strategy", "name"), "msg": str(exc), "type": "unknown_strategy"}]
         ) from exc
+    return plugin, _parse(plugin.parse_config, ref.config, "strategy")
+
+
+def resolve_workload(
+    ref: WorkloadRef, registry: WorkloadRegistry | None = None
+) -> tuple[WorkloadPlugin, WorkloadConfig]:
+    """The workload plugin and its validated config; errors carry locs like
+    ('workload', 'config', 'model', 'name')."""
+    registry = registry or default_workloads()
     try:
-        return plugin, plugin.parse_config(ref.config)
+        plugin = registry.get(ref.name)
+    except PluginRegistryError as exc:
+        raise StrategySpecError(
+            [{"loc": ("workload", "name"), "msg": str(exc), "type": "unknown_workload"}]
+        ) from exc
+    return plugin, _parse(plugin.parse_config, ref.config, "workload")
+
+
+def _parse(parse: Callable[[Any], Any], raw: dict[str, Any], field: str) -> Any:
+    try:
+        return parse(raw)
     except ValidationError as exc:
         errors = [
-            {
-                "loc": ("strategy", "config", *err["loc"]),
-                "msg": err["msg"],
-                "type": err["type"],
-            }
+            {"loc": (field, "config", *err["loc"]), "msg": err["msg"], "type": err["type"]}
             for err in exc.errors(include_url=False, include_context=False)
         ]
         raise StrategySpecError(errors) from exc
@@ -118,7 +141,8 @@ def experiment_row(spec: ExperimentSpec) -> dict[str, Any]:
     return {
         "name": spec.name,
         "strategy": spec.strategy.name,
-        "dataset": spec.dataset.name,
+        # The column predates workloads: it names the workload.
+        "dataset": spec.workload_ref.name,
         "num_rounds": spec.rounds,
         "spec": spec.model_dump(mode="json"),
     }

@@ -26,7 +26,7 @@ exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
 from typing import TYPE_CHECKING, Any, Self
@@ -47,13 +47,12 @@ from florist.client.training import (
     round_seed,
     train_local,
 )
-from florist.datasets import data_extent
 
 from .base import ServerSetup, StrategyConfig, StrategyPlugin
 from .fedavg import sampling_kwargs
 
 if TYPE_CHECKING:
-    from florist.datasets import XY, DatasetSpec, InputRange
+    from florist.datasets import XY, InputRange
 
 # Keeps the server's per-round PGD evaluation cheap on large test splits.
 DEFAULT_EVAL_MAX_EXAMPLES = 500
@@ -174,12 +173,18 @@ def input_bounds(config: FalConfig, input_range: InputRange) -> tuple[float, flo
     )
 
 
-def clip_range_errors(config: FalConfig, dataset: DatasetSpec) -> list[dict[str, Any]]:
+def clip_range_errors(
+    config: FalConfig, workload: str, extent: Callable[[], tuple[float, float] | None]
+) -> list[dict[str, Any]]:
     """Pydantic-style errors (``loc`` under the experiment spec) for an explicit clip bound that
-    some input of ``dataset`` violates: the ε-ball around such an input misses the domain."""
+    some input of ``workload`` violates: the ε-ball around such an input misses the domain.
+    ``extent`` gives the smallest and largest input value known (None: nothing known)."""
     if config.clip_min is None and config.clip_max is None:
         return []  # the dataset's own range: nothing to load
-    low, high = data_extent(dataset)
+    known = extent()
+    if known is None:
+        return []
+    low, high = known
     errors = []
     if config.clip_min is not None and config.clip_min > low:
         errors.append((("clip_min", config.clip_min), f"the data go down to {low:g}"))
@@ -188,7 +193,7 @@ def clip_range_errors(config: FalConfig, dataset: DatasetSpec) -> list[dict[str,
     return [
         {
             "loc": ("strategy", "config", field),
-            "msg": f"{field} = {value:g} cuts off {dataset.name} inputs ({why}); leave it unset "
+            "msg": f"{field} = {value:g} cuts off {workload} inputs ({why}); leave it unset "
             "to use the dataset's own range",
             "type": "clip_range_excludes_data",
             "input": value,

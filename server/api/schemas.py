@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from florist.client.task import StrategyRef
+from florist.client.task import StrategyRef, WorkloadRef
 from florist.server.db.status import ExperimentStatus
 from florist.server.metrics import BestBy
 from florist.server.spec import ClientsConfig, ExperimentSpec
@@ -22,12 +22,14 @@ class ExperimentCreate(ExperimentSpec):
                 {
                     "name": "digits-fedavg",
                     "strategy": {"name": "fedavg", "config": {}},
-                    "dataset": {
+                    "workload": {
                         "name": "digits",
-                        "partitioner": {"name": "dirichlet", "alpha": 0.5},
-                        "seed": 0,
+                        "config": {
+                            "partitioner": {"name": "dirichlet", "alpha": 0.5},
+                            "seed": 0,
+                            "model": {"name": "mlp"},
+                        },
                     },
-                    "model": {"name": "mlp"},
                     "rounds": 5,
                     "clients": {"min": 3},
                 }
@@ -41,8 +43,7 @@ class ExperimentPublic(BaseModel):
     name: str
     status: ExperimentStatus
     strategy: StrategyRef
-    dataset: dict[str, Any]
-    model: dict[str, Any]
+    workload: WorkloadRef
     training: dict[str, Any]
     clients: ClientsConfig
     num_rounds: int
@@ -171,6 +172,24 @@ class StrategyPublic(BaseModel):
 
 class StrategiesPublic(BaseModel):
     data: list[StrategyPublic]
+    count: int
+    errors: dict[str, str] = Field(
+        default_factory=dict, description="Plugins that failed to load, with the reason."
+    )
+
+
+class WorkloadPublic(BaseModel):
+    name: str
+    summary: str
+    tags: list[str]
+    config_schema: dict[str, Any]
+    server_evaluation: bool = Field(
+        description="Whether the server holds test data and evaluates every global model."
+    )
+
+
+class WorkloadsPublic(BaseModel):
+    data: list[WorkloadPublic]
     count: int
     errors: dict[str, str] = Field(
         default_factory=dict, description="Plugins that failed to load, with the reason."

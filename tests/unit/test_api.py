@@ -28,6 +28,13 @@ BODY: dict[str, Any] = {
     "rounds": 5,
     "clients": {"min": 3},
 }
+# The same experiment as a workload body.
+WORKLOAD_BODY: dict[str, Any] = {k: v for k, v in BODY.items() if k not in ("dataset", "model")} | {
+    "workload": {
+        "name": "digits",
+        "config": {"partitioner": {"name": "dirichlet", "alpha": 0.5}, "model": {"name": "mlp"}},
+    }
+}
 
 
 @pytest.fixture
@@ -50,6 +57,19 @@ def with_(path: str, value: Any) -> dict[str, Any]:
     return body
 
 
+def test_workload_body_and_older_dataset_body_store_the_same_experiment(
+    client: TestClient,
+) -> None:
+    older = client.post("/api/v1/experiments", json=BODY).json()
+    newer = client.post("/api/v1/experiments", json=WORKLOAD_BODY).json()
+    assert newer["workload"] == older["workload"]
+    listing = client.get("/api/v1/workloads").json()
+    names = {w["name"] for w in listing["data"]}
+    assert {"digits", "synthetic"} <= names
+    digits = next(w for w in listing["data"] if w["name"] == "digits")
+    assert "partitioner" in digits["config_schema"]["properties"]
+
+
 def count(client: TestClient) -> int:
     return int(client.get("/api/v1/experiments").json()["count"])
 
@@ -59,7 +79,10 @@ def test_create_then_read_back(client: TestClient) -> None:
     assert response.status_code == 201, response.text
     exp = response.json()
     assert exp["status"] == "pending" and exp["num_rounds"] == 5
-    assert exp["dataset"]["partitioner"] == {
+    # The older dataset + model body is stored as the built-in workload of that name.
+    assert exp["workload"]["name"] == "digits"
+    assert exp["workload"]["config"]["model"] == {"name": "mlp", "hidden": [64], "dropout": 0.0}
+    assert exp["workload"]["config"]["partitioner"] == {
         "name": "dirichlet",
         "alpha": 0.5,
         "min_partition_size": 10,
@@ -104,8 +127,29 @@ def test_asynchronous_strategies_are_marked(
         ),
         (
             with_("model", {"name": "cnn"}) | {"dataset": {"name": "synthetic"}},
-            ["body", "model", "name"],
+            ["body", "workload", "config", "model"],
         ),
+        (WORKLOAD_BODY | {"workload": {"name": "imagenet"}}, ["body", "workload", "name"]),
+        (
+            WORKLOAD_BODY
+            | {
+                "workload": {
+                    "name": "digits",
+                    "config": {"partitioner": {"name": "dirichlet", "alpha": 0}},
+                }
+            },
+            ["body", "workload", "config", "partitioner", "dirichlet", "alpha"],
+        ),
+        (
+            WORKLOAD_BODY | {"workload": {"name": "digits", "config": {"model": {"name": "vit"}}}},
+            ["body", "workload", "config", "model"],
+        ),
+        (
+            WORKLOAD_BODY | {"workload": {"name": "digits", "config": {"colour": "red"}}},
+            ["body", "workload", "config", "colour"],
+        ),
+        (WORKLOAD_BODY | {"dataset": {"name": "digits"}}, ["body"]),
+        ({k: v for k, v in BODY.items() if k not in ("dataset", "model")}, ["body"]),
         (with_("rounds", 0), ["body", "rounds"]),
         (with_("clients.min", 0), ["body", "clients", "min"]),
         (with_("training", {"lr": -1}), ["body", "training", "lr"]),

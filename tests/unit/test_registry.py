@@ -59,7 +59,7 @@ def _registry_with(monkeypatch: pytest.MonkeyPatch, eps: list[EntryPoint]) -> St
     def fake_entry_points(group: str) -> list[EntryPoint]:
         return eps if group == "test.group" else []
 
-    monkeypatch.setattr("florist.strategies.registry.entry_points", fake_entry_points)
+    monkeypatch.setattr("florist.client.plugins.entry_points", fake_entry_points)
     return StrategyRegistry("test.group")
 
 

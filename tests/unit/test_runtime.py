@@ -14,16 +14,14 @@ from flwr.app import ConfigRecord, Error, Message
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.task_identity import TaskIdentity
 
-from florist.client.clientapp import local_test_shard
-from florist.client.models import build_model
 from florist.client.task import task_to_config
 from florist.client.training import evaluate
-from florist.datasets import dataset_info
+from florist.datasets import XY, load_test
 from florist.server.recording import InMemoryRunRecorder
 from florist.server.runtime import NO_REPLY, NOT_AGGREGATED
 from florist.server.runtime.localgrid import LocalGrid, run_local
 from florist.server.serverapp import RunResult, initial_arrays, run_experiment
-from florist.server.spec import ExperimentSpec, server_setup
+from florist.server.spec import ExperimentSpec, resolve_workload, server_setup
 from florist.strategies.events import (
     Arrival,
     Decision,
@@ -160,9 +158,12 @@ def test_federated_evaluation_is_the_example_weighted_mean_over_the_nodes_shards
     result, recorder = run_local(s, 3)
 
     # By hand: the final model on each node's slice of the test split, weighted by its size.
-    model = build_model(s.model, dataset_info(s.dataset))
+    workload, config = resolve_workload(s.workload_ref)
+    model = workload.build_model(config)
     model.load_state_dict(weights_to_state(weights(result)))
-    shards = [evaluate(model, local_test_shard(s.task(), pid, 3)) for pid in range(3)]
+    test = load_test(config.dataset())  # type: ignore[attr-defined]
+    # Node pid evaluates every third example of the test split, starting at its own.
+    shards = [evaluate(model, XY(test.x[pid::3], test.y[pid::3])) for pid in range(3)]
     total = sum(r.num_examples for r in shards)
     expected = sum(r.accuracy * r.num_examples for r in shards) / total
     first, last = recorder.rounds(1)

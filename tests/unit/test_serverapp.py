@@ -12,14 +12,13 @@ import pytest
 from flwr.app import Array, ArrayRecord, Message, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 
-from florist.client.models import build_model
 from florist.client.training import evaluate
-from florist.datasets import dataset_info, load_test, load_validation
+from florist.datasets import load_test, load_validation
 from florist.server.recording import InMemoryRunRecorder
 from florist.server.runtime import NO_REPLY_BY_DEADLINE, PUSH_REFUSED, PushRefusedError
 from florist.server.runtime.localgrid import LocalGrid
 from florist.server.serverapp import centralized_evaluator, initial_arrays, run_experiment
-from florist.server.spec import ExperimentSpec, resolve_strategy
+from florist.server.spec import ExperimentSpec, resolve_strategy, resolve_workload
 
 
 @pytest.fixture(autouse=True)
@@ -178,10 +177,12 @@ def test_centralized_evaluator_scores_each_split_on_its_own_data() -> None:
     spec = make_spec()
     plugin, config = resolve_strategy(spec.strategy)
     arrays = initial_arrays(spec)
-    model = build_model(spec.model, dataset_info(spec.dataset))
+    workload, workload_config = resolve_workload(spec.workload_ref)
+    model = workload.build_model(workload_config)
     model.load_state_dict(arrays.to_torch_state_dict())
-    on_test = evaluate(model, load_test(spec.dataset))
-    on_validation = evaluate(model, load_validation(spec.dataset))
+    dataset = workload_config.dataset()  # type: ignore[attr-defined]
+    on_test = evaluate(model, load_test(dataset))
+    on_validation = evaluate(model, load_validation(dataset))
 
     # Execute
     metrics = centralized_evaluator(spec, plugin, config)(1, arrays)

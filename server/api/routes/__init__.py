@@ -2,11 +2,12 @@
 
 from fastapi import APIRouter
 
-from . import events, experiments, health, nodes, strategies
+from . import events, experiments, health, nodes, strategies, workloads
 
 api_router = APIRouter(prefix="/api/v1")
 api_router.include_router(experiments.router)
 api_router.include_router(events.router)
 api_router.include_router(nodes.router)
 api_router.include_router(strategies.router)
+api_router.include_router(workloads.router)
 api_router.include_router(health.router)

@@ -5,11 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+import torch
 from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 
-from florist.client.models import build_model
-from florist.datasets import dataset_info
+from florist.client.task import WorkloadRef
 from florist.server.api.deps import DB_INT_MAX, ExperimentId, FollowerDep, SessionDep
 from florist.server.api.schemas import (
     EventPublic,
@@ -31,8 +31,10 @@ from florist.server.spec import (
     StrategySpecError,
     experiment_row,
     resolve_strategy,
+    resolve_workload,
     server_setup,
 )
+from florist.server.workloads import known_extent
 from florist.strategies import default_registry
 from florist.strategies.events import DropoutPolicyError
 from florist.strategies.fal import FalConfig, clip_range_errors
@@ -57,8 +59,7 @@ def to_public(exp: Experiment, progress: Progress | None = None) -> ExperimentPu
         name=exp.name,
         status=exp.status,
         strategy=spec.strategy,
-        dataset=spec.dataset.model_dump(mode="json"),
-        model=spec.model.model_dump(mode="json"),
+        workload=spec.workload_ref,
         training=spec.training.model_dump(mode="json"),
         clients=spec.clients,
         num_rounds=exp.num_rounds,
@@ -123,9 +124,11 @@ def _body_errors(errors: list[dict[str, Any]]) -> RequestValidationError:
 
 
 def check_spec(spec: ExperimentSpec) -> None:
-    """What field validation cannot see: the strategy's own config, model/dataset fit."""
+    """What field validation cannot see: the strategy's and the workload's own configs, and
+    whether the workload's model can be built."""
     try:
         plugin, config = resolve_strategy(spec.strategy)
+        workload, workload_config = resolve_workload(spec.workload_ref)
     except StrategySpecError as exc:
         raise _body_errors(exc.errors) from exc
     try:
@@ -135,7 +138,11 @@ def check_spec(spec: ExperimentSpec) -> None:
             [{"loc": ("strategy", "config"), "msg": str(exc), "type": "strategy_refused"}]
         ) from exc
     # An explicit clip range that cuts off some inputs would move them by more than ε.
-    if isinstance(config, FalConfig) and (errors := clip_range_errors(config, spec.dataset)):
+    if isinstance(config, FalConfig) and (
+        errors := clip_range_errors(
+            config, workload.name, lambda: known_extent(workload, workload_config)
+        )
+    ):
         raise _body_errors(errors)
     # Refused now rather than when the run starts: e.g. FedAsync has no rounds to police.
     try:
@@ -145,10 +152,18 @@ def check_spec(spec: ExperimentSpec) -> None:
             [{"loc": ("dropout",), "msg": str(exc), "type": "dropout_unsupported"}]
         ) from exc
     try:
-        build_model(spec.model, dataset_info(spec.dataset))
-    except ValueError as exc:
+        # On the meta device: shapes are checked, no memory is taken, however big the model.
+        with torch.device("meta"):
+            workload.build_model(workload_config)
+    except (ValueError, TypeError, RuntimeError) as exc:
         raise _body_errors(
-            [{"loc": ("model", "name"), "msg": str(exc), "type": "model_dataset_mismatch"}]
+            [
+                {
+                    "loc": ("workload", "config", "model"),
+                    "msg": str(exc),
+                    "type": "model_dataset_mismatch",
+                }
+            ]
         ) from exc
 
 
@@ -165,6 +180,12 @@ def create_experiment(
 ) -> ExperimentPublic:
     check_spec(body)
     spec = ExperimentSpec.model_validate(body.model_dump())
+    # Stored with every default spelled out: a run reads the same settings even if a default
+    # changes in a later version.
+    _, workload_config = resolve_workload(spec.workload_ref)
+    spec.workload = WorkloadRef(
+        name=spec.workload_ref.name, config=workload_config.model_dump(mode="json")
+    )
     exp = repo.create_experiment(session, **experiment_row(spec))
     session.commit()
     if follower is not None:
