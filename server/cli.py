@@ -37,8 +37,14 @@ console = Console()
 DEMO_EXPERIMENT: dict[str, Any] = {
     "name": "demo-digits-fedavg",
     "strategy": {"name": "fedavg", "config": {}},
-    "dataset": {"name": "digits", "partitioner": {"name": "dirichlet", "alpha": 0.5}, "seed": 0},
-    "model": {"name": "mlp"},
+    "workload": {
+        "name": "digits",
+        "config": {
+            "partitioner": {"name": "dirichlet", "alpha": 0.5},
+            "seed": 0,
+            "model": {"name": "mlp"},
+        },
+    },
     "rounds": 5,
     "clients": {"min": 3},
 }
@@ -308,8 +314,20 @@ def server() -> None:
 
 @app.command()
 def client(
-    partition_id: Annotated[int, typer.Option(min=0)],
-    num_partitions: Annotated[int, typer.Option(min=1)],
+    partition_id: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="This node's slice of a simulated federation (with --num-partitions)"
+        ),
+    ] = None,
+    num_partitions: Annotated[int | None, typer.Option(min=1)] = None,
+    data_path: Annotated[
+        Path | None,
+        typer.Option(
+            help="This node's own data folder (node-config data-path): the workload reads it "
+            "here and nothing of it leaves the node"
+        ),
+    ] = None,
     superlink: Annotated[str | None, typer.Option(help="Fleet API host:port")] = None,
     port: Annotated[int, typer.Option(help="This node's ClientApp-side API port")] = 9094,
     profile: Annotated[
@@ -353,7 +371,26 @@ def client(
                     param_hint="--node-config",
                 )
             node_config[key] = value
-    node_config |= {"partition-id": partition_id, "num-partitions": num_partitions}
+    if (partition_id is None) != (num_partitions is None):
+        raise typer.BadParameter(
+            "give --partition-id and --num-partitions together", param_hint="--partition-id"
+        )
+    if partition_id is not None and num_partitions is not None:
+        if partition_id >= num_partitions:
+            raise typer.BadParameter(
+                f"{partition_id} is not in [0, {num_partitions})", param_hint="--partition-id"
+            )
+        node_config |= {"partition-id": partition_id, "num-partitions": num_partitions}
+    if data_path is not None:
+        if not data_path.is_dir():
+            raise typer.BadParameter(f"{data_path} is not a folder", param_hint="--data-path")
+        node_config["data-path"] = str(data_path.resolve())
+    if "partition-id" not in node_config and "data-path" not in node_config:
+        raise typer.BadParameter(
+            "say where this node's data is: --data-path FOLDER (its own data) or "
+            "--partition-id N --num-partitions M (a slice of a simulated federation)",
+            param_hint="--data-path / --partition-id",
+        )
     if profile:
         node_config["profile"] = profile
     try:
@@ -372,9 +409,13 @@ def client(
     settings.home = settings.home.resolve()
     sup = Supervisor()
     _add_supernode(sup, "supernode", settings, node_config, port, settings.home / "logs", warm)
+    data = (
+        f"data {node_config['data-path']}"
+        if "data-path" in node_config
+        else f"partition {partition_id} of {num_partitions}"
+    )
     console.print(
-        f"[green]client up[/green]: SuperNode for partition {partition_id} of "
-        f"{num_partitions}, connecting to {settings.superlink_fleet}"
+        f"[green]client up[/green]: SuperNode ({data}), connecting to {settings.superlink_fleet}"
     )
     _supervise(sup)
 

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from florist.client.task import task_to_config
 from florist.client.training import evaluate, pick_device
+from florist.client.workloads import WorkloadConfig, WorkloadDataError, WorkloadPlugin
 from florist.datasets import XY
 from florist.server.metrics import LOSS, VAL_PREFIX
 from florist.server.recording import RoundRecord, RunRecorder
@@ -36,6 +37,24 @@ def initial_arrays(spec: ExperimentSpec) -> ArrayRecord:
     return ArrayRecord(workload.build_model(config).state_dict())
 
 
+class NoServerData(Exception):
+    """The workload has held-out data, but the server cannot read its copy."""
+
+
+def server_splits(plugin: WorkloadPlugin, config: WorkloadConfig) -> tuple[XY, XY]:
+    """The workload's server-held test and validation splits (empty where it has none).
+
+    Raises NoServerData when the workload has them but the server's copy is missing or
+    unreadable: the run then goes on without centralized evaluation, and says so."""
+    empty = XY(np.empty((0,), np.float32), np.empty((0,), np.int64))
+    try:
+        test = plugin.load_test(config) if plugin.load_test else empty
+        validation = plugin.load_validation(config) if plugin.load_validation else empty
+    except (WorkloadDataError, OSError, ValueError) as exc:
+        raise NoServerData(str(exc)) from exc
+    return test, validation
+
+
 def centralized_evaluator(
     spec: ExperimentSpec, plugin: StrategyPlugin, config: StrategyConfig
 ) -> Callable[[int, ArrayRecord], dict[str, float]]:
@@ -46,9 +65,7 @@ def centralized_evaluator(
     (``plugin.server_metrics``). A workload without server-held data is not evaluated here
     (federated evaluation, ``clients.fraction_evaluate``, still is)."""
     workload, workload_config = resolve_workload(spec.workload_ref)
-    empty = XY(np.empty((0,), np.float32), np.empty((0,), np.int64))
-    test = workload.load_test(workload_config) if workload.load_test else empty
-    validation = workload.load_validation(workload_config) if workload.load_validation else empty
+    test, validation = server_splits(workload, workload_config)
     if test.input_range is None:
         test = XY(test.x, test.y, input_range=workload.input_range(workload_config))
     model = workload.build_model(workload_config).to(pick_device())
@@ -71,6 +88,10 @@ def centralized_evaluator(
         return metrics
 
     return evaluate_global
+
+
+def _no_evaluation(server_round: int, arrays: ArrayRecord) -> dict[str, float]:
+    return {}
 
 
 @dataclass
@@ -100,13 +121,23 @@ def run_experiment(
     random.seed(spec.seed)
     try:
         plugin, config = resolve_strategy(spec.strategy)
+        try:
+            evaluator = centralized_evaluator(spec, plugin, config)
+        except NoServerData as exc:
+            recorder.record_event(
+                run_id=run_id,
+                kind="no-server-evaluation",
+                message=f"the server cannot read the workload's held-out data ({exc}); "
+                "rounds are recorded without centralized accuracy",
+            )
+            evaluator = _no_evaluation
         loop = EventLoop(
             grid,
             spec,
             as_scheduler(plugin.build_server(config, server_setup(spec))),
             recorder,
             run_id,
-            centralized_evaluator(spec, plugin, config),
+            evaluator,
             task_to_config(spec.task()),
             poll_interval=poll_interval,
             node_poll_s=node_poll_s,

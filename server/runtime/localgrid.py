@@ -24,14 +24,28 @@ from florist.server.spec import ExperimentSpec
 Tamper = Callable[[int, Message, Message], Message]
 
 
+NodeConfig = dict[str, int | float | str | bool]
+
+
 class LocalGrid(Grid):
-    def __init__(self, num_nodes: int, tamper: Tamper | None = None) -> None:
+    """``num_nodes`` nodes with partition ids; ``node_configs[i]``, if given, is merged into node
+    i's node-config (a ``data-path``, a device profile), a None value removing the key."""
+
+    def __init__(
+        self,
+        num_nodes: int,
+        tamper: Tamper | None = None,
+        node_configs: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.node_ids = [1000 + i for i in range(num_nodes)]
+        extra = node_configs or [{} for _ in range(num_nodes)]
+        if len(extra) != num_nodes:
+            raise ValueError(f"{len(extra)} node configs for {num_nodes} nodes")
         self.contexts = {
             nid: Context(
                 run_id=1,
                 node_id=nid,
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config=_merged({"partition-id": i, "num-partitions": num_nodes}, extra[i]),
                 state=RecordDict(),
                 run_config={},
             )
@@ -84,13 +98,26 @@ class LocalGrid(Grid):
         return self.pull_messages(self.push_messages(messages))
 
 
+def _merged(base: NodeConfig, extra: dict[str, Any]) -> NodeConfig:
+    out = dict(base)
+    for key, value in extra.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
 def run_local(
-    spec: ExperimentSpec, num_nodes: int, tamper: Tamper | None = None
+    spec: ExperimentSpec,
+    num_nodes: int,
+    tamper: Tamper | None = None,
+    node_configs: list[dict[str, Any]] | None = None,
 ) -> tuple[RunResult, InMemoryRunRecorder]:
     """Run ``spec`` in this process on ``num_nodes`` simulated nodes; nothing touches a database."""
     # Flower stamps every Message with the process's run id; a SuperLink would set it.
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     recorder = InMemoryRunRecorder()
-    grid = LocalGrid(num_nodes, tamper)
+    grid = LocalGrid(num_nodes, tamper, node_configs)
     result = run_experiment(grid, spec, recorder, experiment_id=1, flwr_run_id=1, poll_interval=0.0)
     return result, recorder

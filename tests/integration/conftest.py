@@ -15,6 +15,7 @@ import httpx
 import pytest
 import uvicorn
 
+from florist.client.workloads import default_workloads
 from florist.server.api.app import create_app
 from florist.server.processes import (
     Managed,
@@ -141,6 +142,7 @@ def api(
     # The API validates strategy names too: the third-party plugin is "installed" here as well.
     monkeypatch.syspath_prepend(str(THIRD_PARTY))
     default_registry.cache_clear()
+    default_workloads.cache_clear()
     port = free_port()
     settings = Settings(
         home=tmp_path,
@@ -161,3 +163,4 @@ def api(
     server.should_exit = True
     thread.join(timeout=15)
     default_registry.cache_clear()
+    default_workloads.cache_clear()

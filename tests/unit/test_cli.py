@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from typer.testing import CliRunner
 
@@ -33,3 +35,41 @@ def test_client_refuses_a_bad_node_config_naming_the_key(
     # Assert
     assert result.exit_code == 2, result.output
     assert named in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        ([], "--data-path"),  # no data at all
+        (["--partition-id", "1"], "--partition-id"),  # half a partition
+        (["--partition-id", "2", "--num-partitions", "2"], "--partition-id"),
+        (["--data-path", "/nonexistent/site-3"], "--data-path"),
+    ],
+)
+def test_client_needs_to_know_where_its_data_is(
+    args: list[str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "Supervisor", None)
+    result = CliRunner().invoke(cli.app, ["client", *args])
+    assert result.exit_code == 2, result.output
+    assert named in result.output
+
+
+def test_client_with_its_own_data_folder_starts_a_supernode_reading_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: capture the SuperNode the command would supervise instead of starting it.
+    started: list[dict[str, object]] = []
+    monkeypatch.setattr(
+        cli,
+        "_add_supernode",
+        lambda sup, name, settings, node_config, *a: started.append(node_config),
+    )
+    monkeypatch.setattr(cli, "_supervise", lambda sup: None)
+
+    # Execute
+    result = CliRunner().invoke(cli.app, ["client", "--data-path", str(tmp_path)])
+
+    # Assert: the node-config carries the folder, resolved, and no partition.
+    assert result.exit_code == 0, result.output
+    assert started == [{"data-path": str(tmp_path.resolve())}]
