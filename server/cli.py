@@ -121,6 +121,40 @@ def submit(
         raise typer.Exit(1)
 
 
+@app.command("export")
+def export(
+    experiment_id: Annotated[int, typer.Argument(min=0, help="The experiment's id")],
+    server_round: Annotated[
+        int | None,
+        typer.Option("--round", min=1, help="A kept round's model (default: the latest, final)"),
+    ] = None,
+    format_: Annotated[
+        str, typer.Option("--format", help="safetensors, or pt (a torch state_dict)")
+    ] = "safetensors",
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="File to write (default: its name)")
+    ] = None,
+    api: Annotated[str | None, typer.Option(help="API base URL")] = None,
+) -> None:
+    """Download an experiment's trained model through the API."""
+    if format_ not in ("safetensors", "pt"):
+        raise typer.BadParameter("safetensors or pt", param_hint="--format")
+    params: dict[str, str | int] = {"format": format_}
+    if server_round is not None:
+        params["round"] = server_round
+    base = api or api_url(get_settings())
+    with httpx.Client(base_url=base, timeout=120) as client:
+        response = client.get(f"/api/v1/experiments/{experiment_id}/model", params=params)
+    if response.status_code == 404:
+        console.print(f"[red]{response.json()['detail']}[/red]")
+        raise typer.Exit(1)
+    response.raise_for_status()
+    kept_round = response.headers["X-Florist-Round"]
+    path = output or Path(f"experiment-{experiment_id}-round-{kept_round}.{format_}")
+    path.write_bytes(response.content)
+    console.print(f"round {kept_round}'s model → {path} ({len(response.content):,} bytes)")
+
+
 @app.command("api")
 def run_api(
     host: Annotated[str | None, typer.Option()] = None,

@@ -20,6 +20,7 @@ from florist.client.workloads import (
     WorkloadRegistry,
     default_workloads,
 )
+from florist.server.recording.artifacts import CheckpointPolicy
 from florist.strategies import (
     ServerSetup,
     StrategyConfig,
@@ -65,6 +66,11 @@ class ExperimentSpec(TaskSpec):
         gt=0,
         description="Stop at the first aggregation after this many seconds on the experiment's "
         "clock; `rounds` (aggregations) stays an upper bound.",
+    )
+    checkpoints: CheckpointPolicy = Field(
+        default_factory=CheckpointPolicy,
+        description="Which rounds' global models are kept (GET /experiments/{id}/model); the "
+        "latest is always kept.",
     )
     dropout: DropoutPolicy = Field(
         default_factory=DropoutPolicy,

@@ -178,6 +178,19 @@ class StrategiesPublic(BaseModel):
     )
 
 
+class CheckpointPublic(BaseModel):
+    server_round: int
+    run_id: int
+    sha256: str = Field(description="Content address of the safetensors file.")
+    num_bytes: int
+    created_at: datetime
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic]
+    count: int
+
+
 class WorkloadPublic(BaseModel):
     name: str
     summary: str

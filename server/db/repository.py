@@ -19,6 +19,7 @@ from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from florist.server.db.models import (
+    Checkpoint,
     ClientUpdate,
     Event,
     Experiment,
@@ -255,6 +256,28 @@ def finish_experiment(
     if error is not None:
         fields["error"] = error
     return _transition(session, experiment_id, plan, fields)
+
+
+def list_checkpoints(session: Session, *, experiment_id: int) -> list[Checkpoint]:
+    """The experiment's kept models, oldest round first (their bytes are not loaded)."""
+    stmt = (
+        select(Checkpoint)
+        .where(Checkpoint.experiment_id == experiment_id)
+        .order_by(Checkpoint.server_round)
+    )
+    return list(session.scalars(stmt))
+
+
+def get_checkpoint(
+    session: Session, *, experiment_id: int, server_round: int | None = None
+) -> Checkpoint | None:
+    """The kept model of ``server_round``, or the latest one (the final model of a finished
+    run); None if there is none."""
+    stmt = select(Checkpoint).where(Checkpoint.experiment_id == experiment_id)
+    if server_round is not None:
+        stmt = stmt.where(Checkpoint.server_round == server_round)
+    stmt = stmt.order_by(Checkpoint.server_round.desc()).limit(1)
+    return session.scalars(stmt).first()
 
 
 def list_rounds(session: Session, *, experiment_id: int) -> list[Round]:

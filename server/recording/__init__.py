@@ -6,6 +6,7 @@ One interface (base.py), an in-memory and a SQL implementation, one contract tes
 from .base import (
     FINISH_REFUSED,
     DuplicateRoundError,
+    ModelCheckpoint,
     RecorderError,
     RoundRecord,
     RunFinishedError,
@@ -26,6 +27,7 @@ __all__ = [
     "InMemoryExperiment",
     "InMemoryRun",
     "InMemoryRunRecorder",
+    "ModelCheckpoint",
     "RecorderError",
     "RoundRecord",
     "RunFinishedError",

@@ -90,6 +90,15 @@ class UpdateRecord:
 
 
 @dataclass(frozen=True)
+class ModelCheckpoint:
+    """The global model a round produced, stored in the round's transaction, and the earlier
+    checkpoints of the experiment the retention policy drops in that same transaction."""
+
+    safetensors: bytes
+    drop_rounds: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class RoundRecord:
     """One finished server round and every client update it handled."""
 
@@ -101,6 +110,7 @@ class RoundRecord:
     evaluate_metrics: dict[str, float]
     updates: tuple[UpdateRecord, ...]
     virtual_time_s: float | None = None
+    checkpoint: ModelCheckpoint | None = None
 
     def __post_init__(self) -> None:
         _require_aware("started_at", self.started_at)
@@ -178,6 +188,10 @@ class RunRecorder(ABC):
         self, *, run_id: int | None, kind: str, message: str, data: dict[str, Any] | None = None
     ) -> None:
         """Append an event, tied to the run's experiment when a run is given."""
+
+    @abstractmethod
+    def checkpoints(self, run_id: int) -> dict[int, bytes]:
+        """The stored global models of the run's experiment (safetensors), by round."""
 
     @abstractmethod
     def record_updates(

@@ -87,6 +87,8 @@ class InMemoryRunRecorder(RunRecorder):
         self.events: list[InMemoryEvent] = []
         self.nodes_last_seen: dict[int, datetime] = {}
         self.node_configs: dict[int, dict[str, Any]] = {}
+        # experiment id -> round -> the global model (safetensors)
+        self.models: dict[int, dict[int, bytes]] = {}
         # The async runtime may record from several threads.
         self._lock = threading.Lock()
 
@@ -129,6 +131,18 @@ class InMemoryRunRecorder(RunRecorder):
             self._touch_nodes(record.updates, record.finished_at)
             run.rounds[record.server_round] = record
             run.updates.extend((record.server_round, update) for update in record.updates)
+            if record.checkpoint is not None:
+                models = self.models.setdefault(run.experiment_id, {})
+                models[record.server_round] = record.checkpoint.safetensors
+                for old in record.checkpoint.drop_rounds:
+                    models.pop(old, None)
+
+    def checkpoints(self, run_id: int) -> dict[int, bytes]:
+        with self._lock:
+            run = self.runs.get(run_id)
+            if run is None:
+                raise UnknownRunError(f"run {run_id} does not exist")
+            return dict(sorted(self.models.get(run.experiment_id, {}).items()))
 
     def record_updates(
         self, run_id: int, server_round: int, updates: Sequence[UpdateRecord]

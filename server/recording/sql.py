@@ -6,13 +6,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import delete, select
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from florist.server.db.engine import make_engine, make_session_factory
-from florist.server.db.models import ClientUpdate, Round, Run, utcnow
+from florist.server.db.models import Checkpoint, ClientUpdate, Round, Run, utcnow
 from florist.server.db.repository import (
     ExperimentNotFoundError,
     add_event,
@@ -24,10 +24,12 @@ from florist.server.db.status import (
     IllegalTransition,
 )
 
+from .artifacts import digest
 from .base import (
     _EXPERIMENT_STATUS_FOR,
     FINISH_REFUSED,
     DuplicateRoundError,
+    ModelCheckpoint,
     RoundRecord,
     RunFinishedError,
     RunOutcome,
@@ -138,12 +140,26 @@ class SqlRunRecorder(RunRecorder):
                     seen_at=record.finished_at,
                     node_configs=_node_configs(record.updates),
                 )
+                if record.checkpoint is not None:
+                    _store_checkpoint(session, run, record.server_round, record.checkpoint)
         except IntegrityError as error:
             # Another writer may have stored the same round between our check and insert.
             with self._session_factory() as session:
                 if self._round_exists(session, run_id, record.server_round):
                     raise duplicate from error
             raise
+
+    def checkpoints(self, run_id: int) -> dict[int, bytes]:
+        with self._session_factory() as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise UnknownRunError(f"run {run_id} does not exist")
+            rows = session.execute(
+                select(Checkpoint.server_round, Checkpoint.data)
+                .where(Checkpoint.experiment_id == run.experiment_id)
+                .order_by(Checkpoint.server_round)
+            ).all()
+            return {r: bytes(data) for r, data in rows}
 
     def record_updates(
         self, run_id: int, server_round: int, updates: Sequence[UpdateRecord]
@@ -296,3 +312,35 @@ def _update_rows(
         )
         for update in updates
     ]
+
+
+def _store_checkpoint(
+    session: Session, run: Run, server_round: int, checkpoint: ModelCheckpoint
+) -> None:
+    # In the round's transaction: a committed round always has its model, and what the
+    # retention policy drops goes in the same commit.
+    if checkpoint.drop_rounds:
+        session.execute(
+            delete(Checkpoint).where(
+                Checkpoint.experiment_id == run.experiment_id,
+                Checkpoint.server_round.in_(checkpoint.drop_rounds),
+            )
+        )
+    # A resumed run may aggregate a round again: its model replaces the earlier one.
+    session.execute(
+        delete(Checkpoint).where(
+            Checkpoint.experiment_id == run.experiment_id,
+            Checkpoint.server_round == server_round,
+        )
+    )
+    data = checkpoint.safetensors
+    session.add(
+        Checkpoint(
+            experiment_id=run.experiment_id,
+            run_id=run.id,
+            server_round=server_round,
+            sha256=digest(data),
+            num_bytes=len(data),
+            data=data,
+        )
+    )

@@ -55,7 +55,8 @@ from florist.client.protocol import (
 )
 from florist.client.task import flatten
 from florist.server.db.models import utcnow
-from florist.server.recording import RoundRecord, RunRecorder, UpdateRecord
+from florist.server.recording import ModelCheckpoint, RoundRecord, RunRecorder, UpdateRecord
+from florist.server.recording.artifacts import rounds_to_drop, to_safetensors
 from florist.server.spec import ExperimentSpec
 from florist.strategies.events import (
     Arrival,
@@ -213,6 +214,7 @@ class EventLoop:
         self.version = 0
         self.vtime = 0.0
         self.weights: Weights = {}
+        self.kept_checkpoints: list[int] = []  # rounds whose models this run has stored
         self.inflight: dict[str, Task] = {}
         self.refused: list[Event] = []  # tasks the SuperLink would not take, not handled yet
         self.refusals_in_a_row = 0
@@ -545,12 +547,24 @@ class EventLoop:
             evaluate_metrics=federated,
             updates=tuple(self.pending),
             virtual_time_s=self.vtime if self.virtual else None,
+            checkpoint=self._checkpoint(version, weights),
         )
         self.recorder.record_round(self.run_id, record)
+        if record.checkpoint is not None:
+            dropped = set(record.checkpoint.drop_rounds)
+            self.kept_checkpoints = [r for r in self.kept_checkpoints if r not in dropped]
+            self.kept_checkpoints.append(version)
         self.version, self.weights = version, weights
-        self.history.append(record)
+        # The history holds no model bytes: a long run of a large model would pile them up.
+        self.history.append(replace(record, checkpoint=None))
         self.pending = []
         self.round_started = record.finished_at
+
+    def _checkpoint(self, version: int, weights: Weights) -> ModelCheckpoint:
+        """This round's model, and the kept ones the retention policy now drops."""
+        drop = rounds_to_drop(self.kept_checkpoints, version, self.spec.checkpoints)
+        metadata = {"florist-round": str(version), "florist-workload": self.spec.workload_ref.name}
+        return ModelCheckpoint(to_safetensors(weights, metadata), tuple(drop))
 
     def _record(self, weights: Weights) -> ArrayRecord:
         if self.record_of is None or self.record_of[0] is not weights:

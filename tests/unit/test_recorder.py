@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -24,6 +24,7 @@ from florist.server.recording import (
     DuplicateRoundError,
     InMemoryExperiment,
     InMemoryRunRecorder,
+    ModelCheckpoint,
     RoundRecord,
     RunFinishedError,
     RunRecorder,
@@ -273,6 +274,29 @@ class RunRecorderContract:
         # Assert
         assert after_failure == []
         assert harness.recorder.rounds(run_id) == [make_round(1)]
+
+    def test_checkpoints_are_kept_and_dropped_with_their_round(
+        self, harness: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Prepare: three rounds, the third dropping the first's model.
+        run_id = harness.recorder.start_run(experiment_id=harness.new_experiment(), flwr_run_id=1)
+        models = {r: f"model-{r}".encode() for r in (1, 2, 3)}
+        for r, drop in ((1, ()), (2, ())):
+            with_model = replace(make_round(r), checkpoint=ModelCheckpoint(models[r], drop))
+            harness.recorder.record_round(run_id, with_model)
+        harness.break_node_tracking(monkeypatch)
+
+        # Execute: the third round fails after writing its row, then succeeds.
+        third = replace(make_round(3), checkpoint=ModelCheckpoint(models[3], (1,)))
+        with pytest.raises(RuntimeError, match="injected failure"):
+            harness.recorder.record_round(run_id, third)
+        after_failure = harness.recorder.checkpoints(run_id)
+        monkeypatch.undo()
+        harness.recorder.record_round(run_id, third)
+
+        # Assert: a failed round neither stores its model nor drops any; a stored one does both.
+        assert after_failure == {1: models[1], 2: models[2]}
+        assert harness.recorder.checkpoints(run_id) == {2: models[2], 3: models[3]}
 
     def test_finish_run_completes_the_experiment(self, harness: Harness) -> None:
         # Prepare

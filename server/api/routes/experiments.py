@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import torch
-from fastapi import APIRouter, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.exceptions import RequestValidationError
 
 from florist.client.task import WorkloadRef
 from florist.server.api.deps import DB_INT_MAX, ExperimentId, FollowerDep, SessionDep
 from florist.server.api.schemas import (
+    CheckpointPublic,
+    CheckpointsPublic,
     EventPublic,
     EventsPublic,
     ExperimentCreate,
@@ -26,6 +28,7 @@ from florist.server.db import repository as repo
 from florist.server.db.models import ClientUpdate, Event, Experiment, Round
 from florist.server.db.repository import Progress
 from florist.server.db.status import ExperimentStatus, IllegalTransition
+from florist.server.recording.artifacts import to_torch_file
 from florist.server.spec import (
     ExperimentSpec,
     StrategySpecError,
@@ -224,6 +227,66 @@ def list_rounds(experiment_id: ExperimentId, session: SessionDep) -> RoundsPubli
     rounds = repo.list_rounds(session, experiment_id=experiment_id)
     data = [round_to_public(r) for r in rounds]
     return RoundsPublic(data=data, count=len(data))
+
+
+@router.get("/{experiment_id}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(experiment_id: ExperimentId, session: SessionDep) -> CheckpointsPublic:
+    """The global models the experiment kept (its `checkpoints` policy), oldest first."""
+    _get(session, experiment_id)
+    rows = repo.list_checkpoints(session, experiment_id=experiment_id)
+    data = [CheckpointPublic.model_validate(r, from_attributes=True) for r in rows]
+    return CheckpointsPublic(data=data, count=len(data))
+
+
+ModelFormat = Literal["safetensors", "pt"]
+
+
+@router.get(
+    "/{experiment_id}/model",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "The model: safetensors (keys as in the model's state_dict), or a "
+            "torch state_dict for `format=pt`.",
+        },
+        404: {"description": "No such experiment, or no model kept for that round (yet)."},
+    },
+)
+def download_model(
+    experiment_id: ExperimentId,
+    session: SessionDep,
+    server_round: int | None = Query(
+        None,
+        alias="round",
+        ge=1,
+        le=DB_INT_MAX,
+        description="A kept round's model; the latest (the final model of a finished run) if "
+        "absent.",
+    ),
+    format_: ModelFormat = Query("safetensors", alias="format"),
+) -> Response:
+    exp = _get(session, experiment_id)
+    row = repo.get_checkpoint(session, experiment_id=experiment_id, server_round=server_round)
+    if row is None:
+        kept = [c.server_round for c in repo.list_checkpoints(session, experiment_id=exp.id)]
+        what = "no model yet" if server_round is None else f"no model kept for round {server_round}"
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"experiment {experiment_id}: {what} (kept rounds: {kept})"
+        )
+    data = bytes(row.data)
+    if format_ == "pt":
+        data = to_torch_file(data)
+    filename = f"experiment-{experiment_id}-round-{row.server_round}.{format_}"
+    return Response(
+        content=data,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Disposition": f'attachment; filename="{filename}"',
+            "X-Florist-Round": str(row.server_round),
+            "ETag": f'"{row.sha256}-{format_}"',
+        },
+    )
 
 
 @router.get("/{experiment_id}/updates", response_model=UpdatesPublic)
