@@ -37,6 +37,39 @@ def test_experiments_page(firefox: Firefox, live_server: LiveServer) -> None:  #
     assert firefox.errors == []
 
 
+def test_workload_form_swaps_a_unions_variant_fields(
+    firefox: Firefox,
+    live_server: LiveServer,  # noqa: F811
+) -> None:
+    firefox.goto(f"{live_server.url}/")
+    firefox.wait_for("document.querySelector('#f-workload-config-partitioner') !== null")
+    names = firefox.evaluate(
+        "[...document.querySelectorAll('#f-workload option')].map(o => o.value)"
+    )
+    assert {"digits", "synthetic", "tiny-text"} <= set(names)
+
+    # Choose digits, then the dirichlet partitioner, as a user's select would (a change event).
+    firefox.evaluate(
+        """(() => {
+            const choose = (selector, value) => {
+                const select = document.querySelector(selector);
+                select.value = value;
+                select.dispatchEvent(new Event('change'));
+            };
+            choose('#f-workload', 'digits');
+            choose('#f-workload-config-partitioner', 'dirichlet');
+            choose('#f-workload-config-model', 'mlp');
+        })()"""
+    )
+
+    alpha = "document.querySelector('#f-workload-config-partitioner-alpha')"
+    assert firefox.evaluate(f"{alpha}.value") == "0.5"
+    assert firefox.evaluate(f"{alpha}.min") == "0"
+    hidden = "document.querySelector('#f-workload-config-model-hidden')"
+    assert firefox.evaluate(f"{hidden}.placeholder") == "default"
+    assert firefox.errors == []
+
+
 def test_experiment_page_draws_its_charts(firefox: Firefox, live_server: LiveServer) -> None:  # noqa: F811
     rounds = len(live_server.api.rounds[1])
     firefox.goto(f"{live_server.url}/experiments/1")
