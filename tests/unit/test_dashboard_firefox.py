@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -43,8 +44,11 @@ def test_workload_form_swaps_a_unions_variant_fields(
 ) -> None:
     firefox.goto(f"{live_server.url}/")
     firefox.wait_for("document.querySelector('#f-workload-config-partitioner') !== null")
-    names = firefox.evaluate(
-        "[...document.querySelectorAll('#f-workload option')].map(o => o.value)"
+    # evaluate hands back primitives only: the option list travels as JSON text.
+    names = json.loads(
+        firefox.evaluate(
+            "JSON.stringify([...document.querySelectorAll('#f-workload option')].map(o => o.value))"
+        )
     )
     assert {"digits", "synthetic", "tiny-text"} <= set(names)
 
