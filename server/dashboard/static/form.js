@@ -1,6 +1,6 @@
 // The submit form: the experiment's own fields, then the chosen strategy's and the chosen
 // workload's configs, both built by one renderer from the JSON schemas the API serves
-// (GET /strategies, GET /workloads). Nothing here names a strategy, workload, dataset or model:
+// (GET /strategies, GET /workloads). Nothing here names a workload, dataset, partitioner or model:
 // plugins come and go, and the form follows their schemas.
 
 import { ApiError, createExperiment } from "./api.js";
@@ -368,8 +368,6 @@ export function errorPath(loc, body) {
       node = node[segment];
     } else if (i === segments.length - 1) {
       path.push(String(segment));
-    } else {
-      node = node && typeof node === "object" ? node : undefined;
     }
   }
   return path.join(".");
@@ -426,8 +424,9 @@ export function renderSubmitForm(container, strategies, workloads) {
 
   function showWorkload() {
     const plugin = workloadByName.get(workload.value);
-    const notes = [plugin?.summary, plugin && !plugin.server_evaluation ? "the server does not evaluate it: no test accuracy per round" : null];
-    workloadSummary.textContent = notes.filter(Boolean).join(" · ");
+    // Without server-side test data a run records no accuracy per round: say so before it starts.
+    const notes = [plugin?.summary, plugin && !plugin.server_evaluation ? "The server does not evaluate it: no test accuracy per round." : null];
+    workloadSummary.textContent = notes.filter(Boolean).join(" ");
     workloadConfig = schemaFields(plugin?.config_schema ?? {}, { path: "workload.config", id: "f-workload-config" });
     fillConfigBox(workloadBox, `${workload.value || "workload"} settings`, "workload.config", workloadConfig.fields);
   }
