@@ -30,8 +30,10 @@ pytestmark = [
 SECOND: dict[str, Any] = {
     "name": "browser-fedprox",
     "strategy": {"name": "fedprox", "config": {"proximal_mu": 0.01}},
-    "dataset": {"name": "digits", "partitioner": {"name": "iid"}, "seed": 0},
-    "model": {"name": "mlp"},
+    "workload": {
+        "name": "digits",
+        "config": {"partitioner": {"name": "iid"}, "seed": 0, "model": {"name": "mlp"}},
+    },
     "rounds": 2,
     "clients": {"min": 3},
 }
@@ -81,8 +83,11 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
     expect(page.locator("#submit-form")).to_be_visible()
     page.locator("#f-name").fill("browser-fedavg")
     page.locator("#f-strategy").select_option("fedavg")
-    page.locator("#f-dataset").select_option("digits")
-    page.locator("#f-model").select_option("mlp")
+    # The workload's fields come from GET /workloads' schemas: a union's variant brings its own.
+    page.locator("#f-workload").select_option("digits")
+    page.locator("#f-workload-config-partitioner").select_option("iid")
+    page.locator("#f-workload-config-model").select_option("mlp")
+    page.locator("#f-workload-config-model-hidden").fill("16")
     page.locator("#f-rounds").fill("3")
     page.locator("#f-min-clients").fill("3")
     shot(page, "dashboard-experiments-form")
@@ -94,6 +99,12 @@ def test_submit_watch_compare_and_nodes(api: Api, page: Page) -> None:
     expect(page).to_have_url(re.compile(r"/experiments/\d+$"))
     experiment_id = int(page.url.rsplit("/", 1)[1])
     expect(page.locator("#detail-title")).to_have_text(f"#{experiment_id} · browser-fedavg")
+    # Stored as a workload with its nested config, as the form filled it in.
+    stored = api.client.get(f"/api/v1/experiments/{experiment_id}").json()["workload"]
+    assert stored["name"] == "digits", stored
+    assert stored["config"]["partitioner"] == {"name": "iid"}, stored
+    assert stored["config"]["model"] == {"name": "mlp", "hidden": [16], "dropout": 0.0}, stored
+    expect(page.locator("#experiment-detail dl.facts")).to_contain_text("hidden=[16]")
     page.evaluate(
         """() => {
             window.__sameDocument = true;

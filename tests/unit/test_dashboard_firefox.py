@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -34,6 +35,42 @@ def test_experiments_page(firefox: Firefox, live_server: LiveServer) -> None:  #
     text = firefox.evaluate("document.querySelector('#experiments-table').textContent")
     assert "mnist-fedprox" in text and "completed" in text
     assert firefox.evaluate(count("#submit-form select, #submit-form input")) > 5
+    assert firefox.errors == []
+
+
+def test_workload_form_swaps_a_unions_variant_fields(
+    firefox: Firefox,
+    live_server: LiveServer,  # noqa: F811
+) -> None:
+    firefox.goto(f"{live_server.url}/")
+    firefox.wait_for("document.querySelector('#f-workload-config-partitioner') !== null")
+    # evaluate hands back primitives only: the option list travels as JSON text.
+    names = json.loads(
+        firefox.evaluate(
+            "JSON.stringify([...document.querySelectorAll('#f-workload option')].map(o => o.value))"
+        )
+    )
+    assert {"digits", "synthetic", "tiny-text"} <= set(names)
+
+    # Choose digits, then the dirichlet partitioner, as a user's select would (a change event).
+    firefox.evaluate(
+        """(() => {
+            const choose = (selector, value) => {
+                const select = document.querySelector(selector);
+                select.value = value;
+                select.dispatchEvent(new Event('change'));
+            };
+            choose('#f-workload', 'digits');
+            choose('#f-workload-config-partitioner', 'dirichlet');
+            choose('#f-workload-config-model', 'mlp');
+        })()"""
+    )
+
+    alpha = "document.querySelector('#f-workload-config-partitioner-alpha')"
+    assert firefox.evaluate(f"{alpha}.value") == "0.5"
+    assert firefox.evaluate(f"{alpha}.min") == "0"
+    hidden = "document.querySelector('#f-workload-config-model-hidden')"
+    assert firefox.evaluate(f"{hidden}.placeholder") == "default"
     assert firefox.errors == []
 
 

@@ -9,17 +9,25 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI, Query
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, ConsoleMessage, Page, Request, expect, sync_playwright
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request as ServerRequest
+from torch import nn
 
+from florist.client.task import WorkloadRef
+from florist.client.workloads import ClientData, WorkloadConfig, WorkloadPlugin, WorkloadRegistry
+from florist.datasets import XY
+from florist.server.api.schemas import WorkloadPublic
 from florist.server.dashboard import STATIC_DIR, mount_dashboard
+from florist.server.spec import StrategySpecError, resolve_workload
 from tests.chromium import CHROMIUM, CHROMIUM_ARGS, SCREENSHOTS
 
 ACTIVE_STATUSES = {"pending", "submitted", "running", "cancelling"}
@@ -115,8 +123,14 @@ def _experiment(
         "name": name,
         "status": status,
         "strategy": {"name": "fedprox", "config": {"proximal_mu": 0.1}},
-        "dataset": {"name": "mnist", "partitioner": "dirichlet", "alpha": 0.5},
-        "model": {"name": "mlp"},
+        "workload": {
+            "name": "mnist",
+            "config": {
+                "name": "mnist",
+                "partitioner": {"name": "dirichlet", "alpha": 0.5},
+                "model": {"name": "mlp", "hidden": [64], "dropout": 0.0},
+            },
+        },
         "num_rounds": num_rounds,
         "current_round": current_round,
         "best_accuracy": best_accuracy,
@@ -249,6 +263,88 @@ STRATEGIES: dict[str, Any] = {
     "count": 3,
     "errors": {},
 }
+
+# ---------------------------------------------------------------- workloads
+
+# A workload whose schema shares nothing with the built-ins': a union tagged "kind" (not
+# "name") with a default, a nested object, a Literal, bounded integers and lists. The form must
+# render it with no change to the dashboard's code.
+
+
+class Augment(BaseModel):
+    """Input augmentation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    flip: bool = False
+    noise: float = Field(default=0.0, ge=0, le=1)
+
+
+class UniformSampler(BaseModel):
+    """Every sequence equally likely."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["uniform"] = "uniform"
+
+
+class WeightedSampler(BaseModel):
+    """Sequences drawn by weight."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["weighted"] = "weighted"
+    weights: list[Annotated[float, Field(gt=0)]] = [1.0, 1.0]
+    temperature: float = Field(default=1.0, gt=0, le=10)
+
+
+class TinyTextConfig(WorkloadConfig):
+    """Next-character prediction on a toy corpus."""
+
+    vocabulary: Literal["bytes", "words"] = "words"
+    sequence_length: int = Field(default=80, ge=8, le=512)
+    layers: list[Annotated[int, Field(ge=1)]] = [128, 128]
+    augment: Augment = Augment()
+    sampler: Annotated[UniformSampler | WeightedSampler, Field(discriminator="kind")] = (
+        UniformSampler()
+    )
+
+
+def _tiny_text_data(config: Any, client: ClientData) -> XY:
+    return XY(x=np.zeros((1, 1), dtype=np.float32), y=np.zeros(1, dtype=np.int64))
+
+
+TINY_TEXT = WorkloadPlugin(
+    name="tiny-text",
+    summary="A toy next-character task (registered by the dashboard tests).",
+    config_model=TinyTextConfig,
+    build_model=lambda config: nn.Linear(1, 2),
+    load_train=_tiny_text_data,
+)
+
+
+def _workload_registry() -> WorkloadRegistry:
+    """The installed workloads (digits, synthetic, whatever else is installed) plus tiny-text."""
+    registry = WorkloadRegistry()
+    registry.register(TINY_TEXT)
+    return registry
+
+
+WORKLOAD_REGISTRY = _workload_registry()
+
+
+def _workloads_payload() -> dict[str, Any]:
+    """What GET /workloads answers, built as the real route builds it."""
+    plugins, errors = WORKLOAD_REGISTRY.load_all()
+    data = [
+        WorkloadPublic(
+            name=p.name,
+            summary=p.summary,
+            tags=list(p.tags),
+            config_schema=p.config_schema(),
+            server_evaluation=p.load_test is not None,
+        ).model_dump(mode="json")
+        for p in plugins
+    ]
+    return {"data": data, "count": len(data), "errors": errors}
+
 
 NODES: dict[str, Any] = {
     # The SuperLink lists the first node online and the last offline; 202 is not connected.
@@ -418,6 +514,10 @@ def build_app(api: FakeApi) -> FastAPI:
     def strategies() -> dict[str, Any]:
         return STRATEGIES
 
+    @app.get("/api/v1/workloads")
+    def workloads() -> dict[str, Any]:
+        return _workloads_payload()
+
     @app.get("/api/v1/nodes")
     def nodes() -> dict[str, Any]:
         return api.nodes
@@ -439,6 +539,15 @@ def build_app(api: FakeApi) -> FastAPI:
             errors.append(
                 {"loc": ["body", "rounds"], "msg": "Input should be greater than or equal to 1"}
             )
+        # The workload's config through the real validation, so the locs are pydantic's own.
+        stored_workload = None
+        try:
+            plugin, config = resolve_workload(
+                WorkloadRef.model_validate(body["workload"]), WORKLOAD_REGISTRY
+            )
+            stored_workload = {"name": plugin.name, "config": config.model_dump(mode="json")}
+        except StrategySpecError as exc:
+            errors.extend({**e, "loc": ["body", *e["loc"]]} for e in exc.errors)
         if errors:
             return JSONResponse({"detail": errors}, status_code=422)
         api.submitted.append(body)
@@ -451,6 +560,7 @@ def build_app(api: FakeApi) -> FastAPI:
             num_rounds=body["rounds"],
             best_accuracy=None,
         )
+        experiment["workload"] = stored_workload
         api.experiments[new_id] = experiment
         api.rounds[new_id] = []
         api.updates[new_id] = []
@@ -927,7 +1037,7 @@ def test_form_shows_each_422_error_next_to_its_field(session: PageSession) -> No
     page.locator("#f-config-proximal_mu").fill("0.1")
     page.locator("#f-rounds").fill("4")
     page.locator("#f-name").fill("from-the-form")
-    page.locator("#f-partitioner").select_option("shards")
+    page.locator("#f-workload-config-partitioner").select_option("shards")
     page.locator("#submit-button").click()
 
     # Assert: the experiment page of the new experiment.
@@ -935,11 +1045,217 @@ def test_form_shows_each_422_error_next_to_its_field(session: PageSession) -> No
     expect(page.locator("#detail-title")).to_have_text("#4 · from-the-form")
     (sent,) = session.server.api.submitted
     assert sent["strategy"] == {"name": "fedprox", "config": {"proximal_mu": 0.1}}
-    assert sent["dataset"] == {
-        "name": "digits",
-        "partitioner": {"name": "shards", "classes_per_partition": 2},
+    assert sent["workload"]["config"]["partitioner"] == {
+        "name": "shards",
+        "classes_per_partition": 2,
     }
     assert sent["rounds"] == 4 and sent["clients"] == {"min": 2}
+    assert session.script_errors() == []
+
+
+def _options(page: Page, selector: str) -> list[str]:
+    return page.locator(f"{selector} option").evaluate_all("(os) => os.map((o) => o.value)")
+
+
+@pytest.mark.browser
+@browser_test
+def test_form_is_built_from_the_workload_schemas(session: PageSession) -> None:
+    # Execute
+    session.goto("/")
+    page = session.page
+
+    # Assert: every listed workload, the first one's summary and its top-level fields.
+    expect(page.locator("#f-workload-config")).to_be_visible()
+    listed = [w["name"] for w in _workloads_payload()["data"]]
+    assert _options(page, "#f-workload") == listed
+    assert {"digits", "synthetic", "tiny-text"} <= set(listed)
+    expect(page.locator("#f-workload")).to_have_value(listed[0])
+    page.locator("#f-workload").select_option("digits")
+    expect(page.locator("#f-workload-summary")).to_contain_text("8x8 handwritten digits")
+    seed = page.locator("#f-workload-config-seed")
+    expect(seed).to_have_value("0")
+    expect(seed).to_have_attribute("min", "0")
+    test_fraction = page.locator("#f-workload-config-test_fraction")
+    expect(test_fraction).to_have_value("0.2")
+    expect(test_fraction).to_have_attribute("max", "1")
+    # The workload's own name is fixed (a Literal): nothing to fill in.
+    expect(page.locator("#f-workload-config-name")).to_have_count(0)
+
+    # Assert: the partitioner union is a select of its variants; pydantic leaves its factory
+    # default out of the schema, so "(default)" leaves the choice to the server.
+    partitioner = page.locator("#f-workload-config-partitioner")
+    assert _options(page, "#f-workload-config-partitioner") == [
+        "",
+        "iid",
+        "dirichlet",
+        "shards",
+        "quantity_skew",
+        "natural",
+    ]
+    expect(partitioner).to_have_value("")
+    expect(page.locator("#f-workload-config-partitioner-alpha")).to_have_count(0)
+
+    # Execute / Assert: a variant's choice swaps its own fields in, with their defaults.
+    partitioner.select_option("dirichlet")
+    expect(page.locator("#f-workload-config-partitioner-alpha")).to_have_value("0.5")
+    expect(page.locator("#f-workload-config-partitioner-min_partition_size")).to_have_value("10")
+    expect(page.locator('[data-field="workload.config.partitioner"]')).to_contain_text("Label skew")
+    partitioner.select_option("shards")
+    expect(page.locator("#f-workload-config-partitioner-alpha")).to_have_count(0)
+    expect(page.locator("#f-workload-config-partitioner-classes_per_partition")).to_have_value("2")
+    model = page.locator("#f-workload-config-model")
+    assert _options(page, "#f-workload-config-model") == ["", "logreg", "mlp", "cnn"]
+    model.select_option("mlp")
+    hidden = page.locator("#f-workload-config-model-hidden")
+    expect(hidden).to_have_value("")
+    expect(hidden).to_have_attribute("placeholder", "default")
+    expect(page.locator('[data-field="workload.config.model.hidden"]')).to_contain_text(
+        "comma-separated integers"
+    )
+    expect(page.locator("#f-workload-config-model-dropout")).to_have_attribute("max", "1")
+    model.select_option("cnn")
+    expect(page.locator("#f-workload-config-model-channels")).to_have_value("16")
+    # cnn's `hidden` is one width, not mlp's list: the variant's own field replaced it.
+    expect(hidden).to_have_attribute("type", "number")
+    expect(hidden).to_have_value("64")
+
+    # Execute: the workload registered by this test, whose schema shares nothing with digits'.
+    page.locator("#f-workload").select_option("tiny-text")
+
+    # Assert: Literal as a select, bounds, an integer list, a nested object and a union tagged
+    # "kind" whose default (in the schema this time) is preselected.
+    expect(page.locator("#f-workload-summary")).to_contain_text("toy next-character task")
+    expect(page.locator("#f-workload-summary")).to_contain_text("does not evaluate")
+    expect(page.locator("#f-workload-config-seed")).to_have_count(0)
+    expect(page.locator("#f-workload-config-partitioner")).to_have_count(0)
+    assert _options(page, "#f-workload-config-vocabulary") == ["bytes", "words"]
+    expect(page.locator("#f-workload-config-vocabulary")).to_have_value("words")
+    length = page.locator("#f-workload-config-sequence_length")
+    expect(length).to_have_value("80")
+    expect(length).to_have_attribute("min", "8")
+    expect(length).to_have_attribute("max", "512")
+    expect(page.locator("#f-workload-config-layers")).to_have_value("128, 128")
+    expect(page.locator("#f-workload-config-augment-flip")).not_to_be_checked()
+    expect(page.locator("#f-workload-config-augment-noise")).to_have_value("0")
+    sampler = page.locator("#f-workload-config-sampler")
+    assert _options(page, "#f-workload-config-sampler") == ["uniform", "weighted"]
+    expect(sampler).to_have_value("uniform")
+    sampler.select_option("weighted")
+    expect(page.locator("#f-workload-config-sampler-weights")).to_have_value("1, 1")
+    expect(page.locator("#f-workload-config-sampler-temperature")).to_have_attribute("max", "10")
+    session.screenshot("experiments-form-workload")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_form_submits_the_workload_and_its_nested_config(session: PageSession) -> None:
+    # Prepare
+    session.goto("/")
+    page = session.page
+    page.locator("#f-name").fill("digits-dirichlet-mlp")
+    page.locator("#f-workload").select_option("digits")
+    page.locator("#f-workload-config-seed").fill("7")
+    page.locator("#f-workload-config-partitioner").select_option("dirichlet")
+    page.locator("#f-workload-config-partitioner-alpha").fill("0.3")
+    page.locator("#f-workload-config-model").select_option("mlp")
+    page.locator("#f-workload-config-model-hidden").fill("32, 16")
+
+    # Execute
+    page.locator("#submit-button").click()
+
+    # Assert: the body is a workload body, its nested config as filled in (defaults included).
+    expect(page).to_have_url(f"{session.server.url}/experiments/4")
+    (sent,) = session.server.api.submitted
+    assert "dataset" not in sent and "model" not in sent
+    assert sent["workload"] == {
+        "name": "digits",
+        "config": {
+            "seed": 7,
+            "test_fraction": 0.2,
+            "validation_fraction": 0.1,
+            "partitioner": {"name": "dirichlet", "alpha": 0.3, "min_partition_size": 10},
+            "model": {"name": "mlp", "hidden": [32, 16], "dropout": 0},
+        },
+    }
+    # The experiment page reads the stored workload (ExperimentPublic.workload).
+    facts = page.locator("#experiment-detail dl.facts")
+    expect(facts).to_contain_text("digits")
+    expect(facts).to_contain_text("partitioner=dirichlet(alpha=0.3, min_partition_size=10)")
+    expect(facts).to_contain_text("model=mlp(hidden=[32,16], dropout=0)")
+
+    # Execute: the registered workload, its union on "kind" and its nested object.
+    session.goto("/")
+    page.locator("#f-workload").select_option("tiny-text")
+    page.locator("#f-workload-config-vocabulary").select_option("bytes")
+    page.locator("#f-workload-config-layers").fill("64")
+    page.locator("#f-workload-config-augment-flip").check()
+    page.locator("#f-workload-config-sampler").select_option("weighted")
+    page.locator("#f-workload-config-sampler-weights").fill("0.5, 2")
+    page.locator("#submit-button").click()
+
+    # Assert
+    expect(page).to_have_url(f"{session.server.url}/experiments/5")
+    assert session.server.api.submitted[1]["workload"] == {
+        "name": "tiny-text",
+        "config": {
+            "vocabulary": "bytes",
+            "sequence_length": 80,
+            "layers": [64],
+            "augment": {"flip": True, "noise": 0},
+            "sampler": {"kind": "weighted", "weights": [0.5, 2], "temperature": 1},
+        },
+    }
+    assert session.script_errors() == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_form_shows_workload_errors_next_to_their_fields(session: PageSession) -> None:
+    # Prepare: a bad value inside a union's variant, a bad list item, a bad top-level field.
+    session.goto("/")
+    page = session.page
+    page.locator("#f-workload").select_option("digits")
+    page.locator("#f-workload-config-partitioner").select_option("dirichlet")
+    page.locator("#f-workload-config-partitioner-alpha").fill("0")
+    page.locator("#f-workload-config-model").select_option("mlp")
+    page.locator("#f-workload-config-model-hidden").fill("32, wide")
+    page.locator("#f-workload-config-test_fraction").fill("1.5")
+
+    # Execute
+    page.locator("#submit-button").click()
+
+    # Assert: pydantic's locs name the union's tag ([..., "partitioner", "dirichlet", "alpha"]);
+    # each error still lands next to the field it is about.
+    expect(page.locator('[data-error-for="workload.config.partitioner.alpha"]')).to_have_text(
+        "Input should be greater than 0"
+    )
+    expect(page.locator('[data-error-for="workload.config.model.hidden"]')).to_contain_text(
+        "valid integer"
+    )
+    expect(page.locator('[data-error-for="workload.config.test_fraction"]')).to_contain_text(
+        "less than 1"
+    )
+    expect(page.locator('[data-field="workload.config.partitioner.alpha"]')).to_have_class(
+        re.compile(r"\binvalid\b")
+    )
+    expect(page.locator('[data-error-for="workload.config.seed"]')).to_be_hidden()
+    expect(page.locator("#form-message")).to_contain_text("fix the fields marked in red")
+    assert session.server.api.submitted == []
+    session.screenshot("experiments-form-workload-errors")
+
+    # Execute: a rule over the whole config (digits has no per-device split for "natural").
+    page.locator("#f-workload-config-partitioner").select_option("natural")
+    page.locator("#f-workload-config-model-hidden").fill("32")
+    page.locator("#f-workload-config-test_fraction").fill("0.2")
+    page.locator("#submit-button").click()
+
+    # Assert: it shows at the top of the workload's settings; the fixed fields' errors are gone.
+    expect(page.locator('[data-error-for="workload.config"]')).to_contain_text(
+        "partitioner 'natural' needs a dataset with a per-device split"
+    )
+    expect(page.locator('[data-error-for="workload.config.model.hidden"]')).to_be_hidden()
+    assert session.server.api.submitted == []
     assert session.script_errors() == []
 
 

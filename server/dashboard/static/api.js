@@ -57,6 +57,7 @@ export function listLog(id, { kinds = [], after = 0 } = {}) {
 }
 export const cancelExperiment = (id) => request(`${experimentPath(id)}/cancel`, { method: "POST" });
 export const listStrategies = () => request("/strategies");
+export const listWorkloads = () => request("/workloads");
 export const listNodes = () => request("/nodes");
 export const createExperiment = (body) =>
   request("/experiments", {

@@ -139,7 +139,7 @@ export function mountComparePage() {
         h("td", { class: "name" }, h("a", { href: `/experiments/${e.id}` }, e.name)),
         h("td", {}, statusBadge(e.status)),
         h("td", {}, e.strategy?.name ?? dash),
-        h("td", {}, e.dataset?.name ?? dash),
+        h("td", {}, e.workload?.name ?? dash),
         h("td", { class: "num" }, `${e.current_round} / ${e.num_rounds}`),
         h("td", { class: "num", "data-testid": "best-accuracy", title: bestRoundNote(e) || null }, formatPercent(e.best_accuracy)),
         h("td", { class: "num" }, formatPercent(rounds.at(-1)?.metrics?.accuracy)),
@@ -155,7 +155,7 @@ export function mountComparePage() {
         h(
           "tr",
           {},
-          ...["", "ID", "Name", "Status", "Strategy", "Dataset", "Rounds", "Test acc., best round (by validation)", "Last test accuracy", "Duration"].map((label, i) =>
+          ...["", "ID", "Name", "Status", "Strategy", "Workload", "Rounds", "Test acc., best round (by validation)", "Last test accuracy", "Duration"].map((label, i) =>
             h("th", { scope: "col", class: [1, 6, 7, 8, 9].includes(i) ? "num" : null }, label),
           ),
         ),

@@ -262,8 +262,8 @@ export function mountExperimentPage(id) {
   function facts(e) {
     const rows = [
       ["Strategy", e.strategy?.name, formatParams(e.strategy?.config, [])],
-      ["Dataset", e.dataset?.name, formatParams(e.dataset)],
-      ["Model", e.model?.name, formatParams(e.model)],
+      // The workload's config as the API stored it, whatever its fields (model, partitioner, …).
+      ["Workload", e.workload?.name, formatParams(e.workload?.config)],
       ["Clients", e.clients ? `min ${e.clients.min}` : dash],
       ["Best round (by validation)", bestRoundNote(e) || dash, "", "best-round"],
       ["Test accuracy, best round", formatPercent(e.best_accuracy), "", "best-accuracy"],

@@ -1,6 +1,6 @@
 // The experiments page: every experiment with its progress, a submit form, and picks for Compare.
 
-import { cancelExperiment, listExperiments, listStrategies } from "../api.js";
+import { cancelExperiment, listExperiments, listStrategies, listWorkloads } from "../api.js";
 import {
   ACTIVE_STATUSES,
   CANCELLABLE_STATUSES,
@@ -36,11 +36,11 @@ export function mountExperimentsPage() {
     window.location.assign(`/compare?ids=${ids.join(",")}`);
   });
 
-  listStrategies()
-    .then((strategies) => renderSubmitForm(document.getElementById("submit-form-box"), strategies))
+  Promise.all([listStrategies(), listWorkloads()])
+    .then(([strategies, workloads]) => renderSubmitForm(document.getElementById("submit-form-box"), strategies, workloads))
     .catch((err) => {
       document.getElementById("submit-form-box").replaceChildren(
-        h("p", { class: "banner banner-error" }, `Cannot load the strategies: ${err.message}`),
+        h("p", { class: "banner banner-error" }, `Cannot load the strategies and workloads: ${err.message}`),
       );
     });
 
@@ -156,7 +156,7 @@ export function mountExperimentsPage() {
       h("td", { class: "name" }, h("a", { href: `/experiments/${e.id}`, onClick: (ev) => ev.stopPropagation() }, e.name)),
       h("td", {}, statusBadge(e.status)),
       h("td", {}, e.strategy?.name ?? dash),
-      h("td", {}, e.dataset?.name ?? dash),
+      h("td", {}, e.workload?.name ?? dash),
       h("td", { "data-testid": "progress" }, ...progress(e)),
       h("td", { class: "num", "data-testid": "best-accuracy", title: bestRoundNote(e) || null }, formatPercent(e.best_accuracy)),
       h("td", { class: "time" }, formatShortTime(e.started_at ?? e.created_at)),
