@@ -33,7 +33,7 @@ class MlpSpec(_Spec):
     """
 
     name: Literal["mlp"] = "mlp"
-    hidden: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [64])
+    hidden: list[Annotated[int, Field(ge=1)]] = Field(default=[64])
     dropout: float = Field(default=0.0, ge=0, lt=1)
 
 

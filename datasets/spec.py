@@ -104,7 +104,7 @@ class DigitsSpec(_Spec):
     """
 
     name: Literal["digits"] = "digits"
-    partitioner: PartitionerSpec = Field(default_factory=IidPartitioner)
+    partitioner: PartitionerSpec = Field(default=IidPartitioner())
     seed: int = Field(default=0, ge=0)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     validation_fraction: float = Field(default=VALIDATION_FRACTION, ge=0, lt=1)
@@ -168,7 +168,7 @@ class SyntheticSpec(_Spec):
     samples_sigma: float = Field(default=2.0, ge=0)
     min_samples: int = Field(default=50, ge=2)
     max_samples: int = Field(default=1000, ge=2)
-    partitioner: PartitionerSpec = Field(default_factory=NaturalPartitioner)
+    partitioner: PartitionerSpec = Field(default=NaturalPartitioner())
     seed: int = Field(default=0, ge=0)
     test_fraction: float = Field(default=0.2, gt=0, lt=1)
     validation_fraction: float = Field(default=VALIDATION_FRACTION, ge=0, lt=1)

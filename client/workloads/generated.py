@@ -26,7 +26,8 @@ class _Generated(WorkloadConfig):
     """A dataset spec's settings plus the model trained on it."""
 
     model: ModelSpec = Field(
-        default_factory=lambda: MlpSpec(name="mlp"),
+        # An instance, not a factory: the JSON schema then shows the default (specs are frozen).
+        default=MlpSpec(name="mlp"),
         description="logreg, mlp (hidden widths, dropout) or cnn (image data only).",
     )
 

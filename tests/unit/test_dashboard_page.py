@@ -773,6 +773,9 @@ def test_clicking_a_row_shows_charts_with_one_point_per_round(session: PageSessi
     expect(session.page).to_have_url(f"{session.server.url}/experiments/2")
     expect(session.page.locator("#detail-title")).to_have_text("#2 · mnist-baseline")
     expect(session.page.locator("#round-counter")).to_have_text("Round 3 / 3")
+    # The trained model is one click away.
+    download = session.page.locator("#download-model")
+    expect(download).to_have_attribute("href", "/api/v1/experiments/2/model")
     accuracy_chart = session.page.locator("#accuracy-chart")
     expect(accuracy_chart.locator('circle[data-series="accuracy"]')).to_have_count(4)
     expect(accuracy_chart.locator('circle[data-series="val-accuracy"]')).to_have_count(4)
@@ -1069,8 +1072,8 @@ def test_form_is_built_from_the_workload_schemas(session: PageSession) -> None:
     listed = [w["name"] for w in _workloads_payload()["data"]]
     assert _options(page, "#f-workload") == listed
     assert {"digits", "synthetic", "tiny-text"} <= set(listed)
-    expect(page.locator("#f-workload")).to_have_value(listed[0])
-    page.locator("#f-workload").select_option("digits")
+    # digits, the demo's workload, is preselected wherever it sorts.
+    expect(page.locator("#f-workload")).to_have_value("digits")
     expect(page.locator("#f-workload-summary")).to_contain_text("8x8 handwritten digits")
     seed = page.locator("#f-workload-config-seed")
     expect(seed).to_have_value("0")
@@ -1081,18 +1084,16 @@ def test_form_is_built_from_the_workload_schemas(session: PageSession) -> None:
     # The workload's own name is fixed (a Literal): nothing to fill in.
     expect(page.locator("#f-workload-config-name")).to_have_count(0)
 
-    # Assert: the partitioner union is a select of its variants; pydantic leaves its factory
-    # default out of the schema, so "(default)" leaves the choice to the server.
+    # Assert: the partitioner union is a select of its variants, its default (iid) chosen.
     partitioner = page.locator("#f-workload-config-partitioner")
     assert _options(page, "#f-workload-config-partitioner") == [
-        "",
         "iid",
         "dirichlet",
         "shards",
         "quantity_skew",
         "natural",
     ]
-    expect(partitioner).to_have_value("")
+    expect(partitioner).to_have_value("iid")
     expect(page.locator("#f-workload-config-partitioner-alpha")).to_have_count(0)
 
     # Execute / Assert: a variant's choice swaps its own fields in, with their defaults.
@@ -1104,11 +1105,11 @@ def test_form_is_built_from_the_workload_schemas(session: PageSession) -> None:
     expect(page.locator("#f-workload-config-partitioner-alpha")).to_have_count(0)
     expect(page.locator("#f-workload-config-partitioner-classes_per_partition")).to_have_value("2")
     model = page.locator("#f-workload-config-model")
-    assert _options(page, "#f-workload-config-model") == ["", "logreg", "mlp", "cnn"]
-    model.select_option("mlp")
+    assert _options(page, "#f-workload-config-model") == ["logreg", "mlp", "cnn"]
+    # The default model (mlp, hidden [64]) is preselected with its widths.
+    expect(model).to_have_value("mlp")
     hidden = page.locator("#f-workload-config-model-hidden")
-    expect(hidden).to_have_value("")
-    expect(hidden).to_have_attribute("placeholder", "default")
+    expect(hidden).to_have_value("64")
     expect(page.locator('[data-field="workload.config.model.hidden"]')).to_contain_text(
         "comma-separated integers"
     )

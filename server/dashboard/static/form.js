@@ -400,7 +400,7 @@ export function renderSubmitForm(container, strategies, workloads) {
   const strategy = h("select", { id: "f-strategy", name: "strategy.name" }, ...optionList(names, initial));
   const summary = h("p", { id: "f-strategy-summary", class: "help" });
   const configBox = h("fieldset", { id: "f-strategy-config", class: "config-fields" });
-  const workload = h("select", { id: "f-workload", name: "workload.name" }, ...optionList(workloadNames, workloadNames[0]));
+  const workload = h("select", { id: "f-workload", name: "workload.name" }, ...optionList(workloadNames, workloadNames.includes("digits") ? "digits" : workloadNames[0]));
   const workloadSummary = h("p", { id: "f-workload-summary", class: "help" });
   const workloadBox = h("fieldset", { id: "f-workload-config", class: "config-fields" });
   const brokenNames = Object.keys(workloads.errors ?? {});

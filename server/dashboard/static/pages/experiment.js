@@ -225,6 +225,15 @@ export function mountExperimentPage(id) {
         h("span", { id: "stream-state", class: `stream-state stream-${state.streamState}` }, streamText),
         h("span", { class: "spacer" }),
         compareLink,
+        // Every recorded round keeps its model until the retention policy drops it; the latest
+        // (the final model of a finished run) always stays.
+        counted.current_round > 0
+          ? h(
+              "a",
+              { href: `/api/v1/experiments/${e.id}/model`, download: "", class: "button-link", id: "download-model", title: "The latest global model, as safetensors" },
+              "Download model",
+            )
+          : null,
         CANCELLABLE_STATUSES.has(e.status)
           ? h(
               "button",
