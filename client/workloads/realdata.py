@@ -98,8 +98,31 @@ class _Shared:
     user_names: np.ndarray | None
 
 
+Stamp = tuple[int, int]
+
+
+def _stamp(folder: Path) -> Stamp:
+    """How many entries the folder and its subfolders (two levels: LEAF's train/ and test/,
+    cifar-10-batches-py/) hold and their latest modification: part of every cache key, so a copy
+    replaced on disk is read again."""
+    latest, count = 0, 0
+    level = [folder]
+    for _ in range(3):
+        below = []
+        for path in level:
+            try:
+                stat = path.stat()
+            except OSError:
+                continue
+            latest, count = max(latest, stat.st_mtime_ns), count + 1
+            if path.is_dir():
+                below += list(path.iterdir())
+        level = below
+    return latest, count
+
+
 @lru_cache(maxsize=_READ_CACHE_SIZE)
-def _read(dataset: RealDataset, folder: Path, split: Split, full: bool) -> UserSplit:
+def _read(dataset: RealDataset, folder: Path, split: Split, full: bool, stamp: Stamp) -> UserSplit:
     with data_errors():
         if not folder.exists():
             raise DataFileError(f"{folder} does not exist; put {dataset.expected} there")
@@ -147,8 +170,10 @@ def _range(dataset: RealDataset) -> InputRange:
 
 
 @lru_cache(maxsize=_READ_CACHE_SIZE)
-def _shared(dataset: RealDataset, folder: Path, seed: int, fraction: float) -> _Shared:
-    full = _read(dataset, folder, "train", True)
+def _shared(
+    dataset: RealDataset, folder: Path, stamp: Stamp, seed: int, fraction: float
+) -> _Shared:
+    full = _read(dataset, folder, "train", True, stamp)
     train = full.data
     names, groups = None, None
     if full.users is not None:
@@ -175,12 +200,13 @@ def _shared(dataset: RealDataset, folder: Path, seed: int, fraction: float) -> _
 def _partitions(
     dataset: RealDataset,
     folder: Path,
+    stamp: Stamp,
     seed: int,
     fraction: float,
     partitioner: PartitionerSpec,
     num_partitions: int,
 ) -> tuple[np.ndarray, ...]:
-    shared = _shared(dataset, folder, seed, fraction)
+    shared = _shared(dataset, folder, stamp, seed, fraction)
     try:
         parts = partition_indices(
             shared.train.y, num_partitions, partitioner, seed, groups=shared.train_groups
@@ -199,36 +225,42 @@ def load_train(dataset: RealDataset, config: RealDataConfig, client: ClientData)
     """A node's own training files (``data-path``, all of them), else its partition of the
     shared copy's training side."""
     if client.data_path is not None:
-        return _copy(_read(dataset, client.require_path(dataset.name), "train", False).data)
+        path = client.require_path(dataset.name)
+        return _copy(_read(dataset, path, "train", False, _stamp(path)).data)
     pid, num = client.require_partition(dataset.name)
     folder = config.folder(dataset.name)
-    shared = _shared(dataset, folder, config.seed, config.validation_fraction)
+    stamp = _stamp(folder)
+    shared = _shared(dataset, folder, stamp, config.seed, config.validation_fraction)
     idx = _partitions(
-        dataset, folder, config.seed, config.validation_fraction, config.partitioner, num
+        dataset, folder, stamp, config.seed, config.validation_fraction, config.partitioner, num
     )[pid]
     return XY(x=shared.train.x[idx], y=shared.train.y[idx], input_range=_range(dataset))
 
 
 def load_test(dataset: RealDataset, config: RealDataConfig) -> XY:
     """The shared copy's test files (the server's held-out split)."""
-    return _copy(_read(dataset, config.folder(dataset.name), "test", True).data)
+    folder = config.folder(dataset.name)
+    return _copy(_read(dataset, folder, "test", True, _stamp(folder)).data)
 
 
 def load_validation(dataset: RealDataset, config: RealDataConfig) -> XY:
     """The validation carve-out of the shared copy's training files."""
     folder = config.folder(dataset.name)
-    return _copy(_shared(dataset, folder, config.seed, config.validation_fraction).validation)
+    shared = _shared(dataset, folder, _stamp(folder), config.seed, config.validation_fraction)
+    return _copy(shared.validation)
 
 
 def load_local_test(dataset: RealDataset, config: RealDataConfig, client: ClientData) -> XY:
     """A node's own test files, else its share of the shared test split: the test examples of
     its users under the natural split, every ``num``-th example otherwise."""
     if client.data_path is not None:
-        return _copy(_read(dataset, client.require_path(dataset.name), "test", False).data)
+        path = client.require_path(dataset.name)
+        return _copy(_read(dataset, path, "test", False, _stamp(path)).data)
     pid, num = client.require_partition(dataset.name)
     folder = config.folder(dataset.name)
-    test = _read(dataset, folder, "test", True)
-    shared = _shared(dataset, folder, config.seed, config.validation_fraction)
+    stamp = _stamp(folder)
+    test = _read(dataset, folder, "test", True, stamp)
+    shared = _shared(dataset, folder, stamp, config.seed, config.validation_fraction)
     natural = isinstance(config.partitioner, NaturalPartitioner)
     if natural and shared.user_names is not None and test.users is not None:
         names = shared.user_names

@@ -574,19 +574,44 @@ def test_femnist_natural_split_gives_each_writer_to_one_partition(tmp_path: Path
         ]
 
 
-def test_parsed_files_are_cached_per_path(tmp_path: Path) -> None:
+def test_parsed_files_are_cached_per_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_cifar10(tmp_path, per_batch=4, n_test=4)
     plugin, config = workload("cifar10", data_dir=str(tmp_path))
+    calls: list[str] = []
+
+    def counting(folder: Path, split: Any, require_all: bool = True) -> Any:
+        calls.append(split)
+        return read_cifar10(folder, split, require_all)
+
+    monkeypatch.setattr("florist.client.workloads.vision.read_cifar10", counting)
+
     first = plugin.load_test(config)
-
-    for path in (tmp_path / "cifar-10-batches-py").iterdir():
-        path.unlink()
-
-    # Read from the cache, and the caller's arrays are its own.
     again = plugin.load_test(config)
-    np.testing.assert_array_equal(again.x, first.x)
+    for p in range(2):  # the training side too: read once for every partition and round
+        plugin.load_train(config, ClientData(partition_id=p, num_partitions=2))
+    plugin.load_validation(config)
+
+    assert calls == ["test", "train"]
+    # The caller's arrays are its own: the cached ones stay as read.
     again.x[:] = 0
     np.testing.assert_array_equal(plugin.load_test(config).x, first.x)
+
+
+def test_a_copy_replaced_on_disk_is_read_again(tmp_path: Path) -> None:
+    write_cifar10(tmp_path / "node", per_batch=4, n_test=4, batches=1)
+    plugin, config = workload("cifar10")
+    client = ClientData(data_path=tmp_path / "node")
+    before = plugin.load_train(config, client)
+
+    replaced = write_cifar10(tmp_path / "node", per_batch=4, n_test=4, batches=1, seed=1)
+    batch = tmp_path / "node" / "cifar-10-batches-py" / "data_batch_1"
+    # Past the file system's timestamp granularity, as a later copy would be.
+    later = batch.stat().st_mtime_ns + 10**9
+    os.utime(batch, ns=(later, later))
+
+    after = plugin.load_train(config, client)
+    np.testing.assert_array_equal(pixels(after.x).reshape(-1, 3072), replaced.train_x)
+    assert not np.array_equal(after.x, before.x)
 
 
 # ---------------------------------------------------------------------------------------------
