@@ -107,16 +107,17 @@ def _stamp(folder: Path) -> Stamp:
     replaced on disk is read again."""
     latest, count = 0, 0
     level = [folder]
-    for _ in range(3):
-        below = []
+    for depth in range(3):
+        below: list[Path] = []
         for path in level:
             try:
                 stat = path.stat()
+                # Not below the files' level: a folder such as LEAF's raw_data/ is large.
+                if depth < 2 and path.is_dir():
+                    below += path.iterdir()
             except OSError:
                 continue
             latest, count = max(latest, stat.st_mtime_ns), count + 1
-            if path.is_dir():
-                below += list(path.iterdir())
         level = below
     return latest, count
 
@@ -156,8 +157,9 @@ def _fit(data: XY, dataset: RealDataset, path: Path) -> XY:
         if x.min() < 0 or x.max() > 255 or np.any(np.mod(x, 1)):
             raise DataFileError(f"{path}: pixel values must be in [0, 1] (or integers 0..255)")
         x = x / np.float32(255.0)  # 8-bit pixels
-    if x.size and not dataset.images and (np.any(np.mod(x, 1)) or x.min() < 0):
-        raise DataFileError(f"{path}: x must hold integer token ids")
+    vocab = dataset.info.num_classes  # next-token data: the targets are tokens too
+    if x.size and not dataset.images and (np.any(np.mod(x, 1)) or x.min() < 0 or x.max() >= vocab):
+        raise DataFileError(f"{path}: x must hold integer token ids in 0..{vocab - 1}")
     if data.y.size and data.y.max() >= dataset.info.num_classes:
         raise DataFileError(
             f"{path}: label {data.y.max()} >= {dataset.name}'s {dataset.info.num_classes} classes"

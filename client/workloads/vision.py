@@ -84,16 +84,16 @@ def _femnist(folder: Path, split: Split, full: bool) -> UserSplit:
     return read_femnist(folder, split)
 
 
-_DIGITS_28 = DatasetInfo(input_shape=(1, 28, 28), num_classes=10, input_range=(0.0, 1.0))
+_GREY_28 = DatasetInfo(input_shape=(1, 28, 28), num_classes=10, input_range=(0.0, 1.0))
 
 mnist = plugin(
-    RealDataset("mnist", _DIGITS_28, _mnist, mnist_expected()),
+    RealDataset("mnist", _GREY_28, _mnist, mnist_expected()),
     "MNIST handwritten digits (28x28, 10 classes) from a local copy of its IDX files.",
     MnistConfig,
     ("image", "classification"),
 )
 fashion_mnist = plugin(
-    RealDataset("fashion-mnist", _DIGITS_28, _mnist, mnist_expected()),
+    RealDataset("fashion-mnist", _GREY_28, _mnist, mnist_expected()),
     "Fashion-MNIST clothing images (28x28, 10 classes) from a local copy of its IDX files.",
     MnistConfig,
     ("image", "classification"),

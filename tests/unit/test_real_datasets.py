@@ -507,6 +507,20 @@ def test_a_node_may_keep_its_data_as_npz_or_csv(tmp_path: Path, fmt: str) -> Non
     np.testing.assert_array_equal(train.y, y)
 
 
+def test_a_shakespeare_node_may_keep_vocabulary_ids_as_npz(tmp_path: Path) -> None:
+    ids = np.random.default_rng(0).integers(0, 80, size=(4, 80))
+    np.savez(tmp_path / "train.npz", x=ids, y=ids[:, 0])
+    np.savez(tmp_path / "test.npz", x=ids + 1, y=ids[:, 0])  # an id past the vocabulary
+    plugin, config = workload("shakespeare")
+    client = ClientData(data_path=tmp_path)
+
+    train = plugin.load_train(config, client)
+
+    np.testing.assert_array_equal(train.x, ids)
+    with pytest.raises(WorkloadDataError, match=r"token ids in 0\.\.79"):
+        plugin.load_local_test(config, client)
+
+
 def test_node_npz_of_the_wrong_shape_is_refused(tmp_path: Path) -> None:
     np.savez(tmp_path / "train.npz", x=np.zeros((3, 3, 32, 32)), y=np.zeros(3, int))
     plugin, config = workload("mnist")
