@@ -175,7 +175,8 @@ def _range(dataset: RealDataset) -> InputRange:
 def _shared(
     dataset: RealDataset, folder: Path, stamp: Stamp, seed: int, fraction: float
 ) -> _Shared:
-    full = _read(dataset, folder, "train", True, stamp)
+    # Not through _read's cache: the carved-out copies below are what is kept.
+    full = _read.__wrapped__(dataset, folder, "train", True, stamp)
     train = full.data
     names, groups = None, None
     if full.users is not None:
