@@ -9,8 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
+from safetensors.numpy import load as st_load
 
+from florist.client.task import WorkloadRef
+from florist.client.training import evaluate
 from florist.server.control import ControlClient
+from florist.server.spec import resolve_workload
 
 from .conftest import Api
 
@@ -54,6 +59,17 @@ def test_fedavg_digits_five_rounds(api: Api) -> None:
     configs = [n["node_config"] for n in nodes if n["node_id"] in trained]
     assert sorted(c["partition-id"] for c in configs) == [0, 1, 2], nodes
     assert all(c["num-partitions"] == 3 for c in configs), nodes
+
+    # The final model downloads, and it is the model the last round evaluated: loaded into the
+    # workload's model here, it scores the last round's recorded test accuracy.
+    response = api.client.get(f"/api/v1/experiments/{exp['id']}/model")
+    assert response.status_code == 200 and response.headers["x-florist-round"] == "5"
+    workload, config = resolve_workload(WorkloadRef.model_validate(done["workload"]))
+    model = workload.build_model(config)
+    model.load_state_dict({k: torch.from_numpy(v) for k, v in st_load(response.content).items()})
+    test = workload.load_test(config)  # type: ignore[misc]
+    result = evaluate(model, test)
+    assert result.accuracy == pytest.approx(rounds["data"][-1]["metrics"]["accuracy"], abs=1e-9)
 
 
 # The acceptance run goes on both backends; the other paths do not depend on the database.
