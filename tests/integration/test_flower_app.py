@@ -18,7 +18,7 @@ from florist.server.processes import flower_env
 
 from .conftest import Api, FlowerStack, start_stack
 
-pytestmark = [pytest.mark.e2e]
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 APP = Path(__file__).parents[1] / "fixtures" / "flowerapp"
 SERVERAPP = 'serverapp = "digits_flowerapp.server_app:app"'
@@ -134,6 +134,13 @@ def test_flwr_run_apps_show_as_external_experiments(
     assert recorded["num_rounds"] == 2 and recorded["current_round"] == 2
     assert recorded["best_accuracy"] is not None and recorded["best_by"] == "last-round"
     assert recorded["clients"] == {"min": 3, "fraction_train": 1.0, "fraction_evaluate": 1.0}
+    # The ServerApp's run config is the installed app's defaults fused with the overrides.
+    assert recorded["run_config"] == {
+        "num-server-rounds": 2,
+        "fraction-evaluate": 1.0,
+        "local-epochs": 1,
+        "learning-rate": 0.3,
+    }
     assert unmodified["strategy"]["name"] == "unknown" and unmodified["current_round"] == 0
     assert unmodified["run_config"]["num-server-rounds"] == 1
 
