@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
 from importlib.resources import files
@@ -13,7 +13,8 @@ from typing import Any
 
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
-from flwr.common.serde import fab_to_proto, user_config_to_proto
+from flwr.cli.config_utils import get_fab_metadata
+from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
     ListNodesRequest,
     ListRunsRequest,
@@ -21,6 +22,7 @@ from flwr.proto.control_pb2 import (
     StopRunRequest,
 )
 from flwr.proto.node_pb2 import NodeInfo
+from flwr.proto.run_pb2 import Run as RunProto
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
@@ -38,18 +40,50 @@ def app_fab() -> Fab:
     return Fab(hashlib.sha256(fab_bytes).hexdigest(), fab_bytes, {})
 
 
+@lru_cache(maxsize=1)
+def app_fab_id() -> str:
+    """The FAB id (``publisher/name``) of Florist's own app: runs of it are never external."""
+    return get_fab_metadata(app_fab().content)[0]
+
+
 @dataclass(frozen=True)
 class RunState:
-    """A run as the SuperLink reports it: ``status`` pending|starting|running|finished."""
+    """A run as the SuperLink reports it: ``status`` pending|starting|running|finished.
+
+    The app (``fab_id``, ``fab_version``), its run-config overrides and the times are filled
+    where the SuperLink said them (``ListRuns``), for naming runs Florist did not start.
+    """
 
     run_id: int
     status: str
     sub_status: str
     details: str
+    fab_id: str = ""
+    fab_version: str = ""
+    override_config: Mapping[str, bool | int | float | str] = field(default_factory=dict)
+    pending_at: datetime | None = None
+    running_at: datetime | None = None
+    finished_at: datetime | None = None
 
     @property
     def finished(self) -> bool:
         return self.status == "finished"
+
+    @classmethod
+    def from_proto(cls, proto: RunProto) -> RunState:
+        run = run_from_proto(proto)
+        return cls(
+            run_id=int(run.run_id),
+            status=run.status.status,
+            sub_status=run.status.sub_status,
+            details=run.status.details,
+            fab_id=run.fab_id,
+            fab_version=run.fab_version,
+            override_config=dict(run.override_config),
+            pending_at=_parse_time(run.pending_at),
+            running_at=_parse_time(run.running_at),
+            finished_at=_parse_time(run.finished_at),
+        )
 
 
 @dataclass(frozen=True)
@@ -143,14 +177,12 @@ class ControlClient:
     def run_state(self, run_id: int) -> RunState | None:
         response = self._call("ListRuns", ListRunsRequest(run_id=run_id))
         run = response.run_dict.get(run_id)
-        if run is None:
-            return None
-        return RunState(
-            run_id=run_id,
-            status=run.status.status,
-            sub_status=run.status.sub_status,
-            details=run.status.details,
-        )
+        return None if run is None else RunState.from_proto(run)
+
+    def list_runs(self) -> list[RunState]:
+        """Every run the SuperLink knows (``flwr ls``), whoever started it."""
+        response = self._call("ListRuns", ListRunsRequest())
+        return [RunState.from_proto(run) for run in response.run_dict.values()]
 
     def stop_run(self, run_id: int) -> bool:
         return bool(self._call("StopRun", StopRunRequest(run_id=run_id)).success)

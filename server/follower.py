@@ -6,19 +6,23 @@ import logging
 import threading
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from florist.server.control import ControlClient, SuperLinkUnavailable
+from florist.server.control import ControlClient, RunState, SuperLinkUnavailable, app_fab_id
 from florist.server.db.models import Experiment, utcnow
 from florist.server.db.repository import (
     add_event,
+    ensure_external_experiment,
     finish_experiment,
     get_experiment,
+    known_flwr_run_ids,
     list_active_experiment_ids,
     update_experiment,
 )
 from florist.server.db.status import ExperimentStatus, IllegalTransition
+from florist.server.external import ExternalSpec, public_run_config
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ class RunFollower:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._unreachable_logged: set[int] = set()
+        # Flower runs that have an experiment row or are Florist's own: not looked up again.
+        self._known_runs: set[int] = set()
 
     @property
     def control(self) -> ControlClient:
@@ -95,7 +101,13 @@ class RunFollower:
             self._wake.clear()
 
     def tick(self) -> None:
-        """Advance every active experiment by one step."""
+        """Find runs Florist did not start, then advance every active experiment by one step."""
+        try:
+            self.discover()
+        except SuperLinkUnavailable as exc:
+            log.debug("run discovery: %s", exc)
+        except Exception:  # discovery's trouble must not stall the experiments Florist runs
+            log.exception("run discovery failed")
         with self._sessions() as session:
             ids = list_active_experiment_ids(session)
         for experiment_id in ids:
@@ -110,6 +122,31 @@ class RunFollower:
                         self._follow(session, exp)
             except Exception:  # one experiment's trouble must not stall the others
                 log.exception("following experiment %d failed", experiment_id)
+
+    def discover(self) -> None:
+        """Give each SuperLink run that Florist did not start and has no row for an external
+        experiment, in the status the run has; from then on it is followed like any other.
+
+        A run of Florist's own app is never external: its experiment may just not know its run
+        id yet (``flwr run server/flwr_app`` before its ServerApp starts).
+        """
+        runs = [
+            run
+            for run in self.control.list_runs()
+            if run.run_id not in self._known_runs and run.fab_id != app_fab_id()
+        ]
+        if not runs:
+            return
+        with self._sessions() as session:
+            known = known_flwr_run_ids(session, flwr_run_ids=[run.run_id for run in runs])
+        for run in runs:
+            if run.run_id not in known:
+                experiment, created = ensure_external_experiment(
+                    self._sessions, **discovered_experiment(run)
+                )
+                if created:
+                    log.info("Flower run %d is external experiment %d", run.run_id, experiment.id)
+            self._known_runs.add(run.run_id)
 
     def _submit(self, session: Session, exp: Experiment) -> None:
         try:
@@ -212,3 +249,35 @@ class RunFollower:
             message=f"Flower run {exp.flwr_run_id}: {state.status}:{state.sub_status}",
             data={"details": state.details},
         )
+
+
+def discovered_experiment(run: RunState) -> dict[str, Any]:
+    """The columns of the external experiment of a run found on the SuperLink: what Flower says
+    of it (its app, run config, times and status); its strategy and rounds are unknown."""
+    spec = ExternalSpec(
+        app=run.fab_id,
+        app_version=run.fab_version,
+        run_config=public_run_config(run.override_config),
+    )
+    status, error = ExperimentStatus.SUBMITTED, None
+    if run.status == "running":
+        status = ExperimentStatus.RUNNING
+    elif run.finished:
+        status = _FINISHED.get(run.sub_status, ExperimentStatus.FAILED)
+        if status == ExperimentStatus.FAILED:
+            error = run.details or f"Flower run {run.sub_status}"
+    return {
+        "flwr_run_id": run.run_id,
+        "name": run.fab_id or "flower-app",
+        "strategy": "",
+        "num_rounds": 0,
+        "spec": spec.model_dump(mode="json"),
+        "status": status,
+        "created_at": run.pending_at,
+        "started_at": run.running_at,
+        "finished_at": run.finished_at if run.finished else None,
+        "error": error,
+    }
+
+
+_FINISHED = {"completed": ExperimentStatus.COMPLETED, "stopped": ExperimentStatus.CANCELLED}

@@ -43,9 +43,13 @@ class ExperimentPublic(BaseModel):
     name: str
     status: ExperimentStatus
     strategy: StrategyRef
-    workload: WorkloadRef
+    workload: WorkloadRef | None = Field(
+        description="What is trained; null for an external experiment (its app's own)."
+    )
     training: dict[str, Any]
-    clients: ClientsConfig
+    clients: ClientsConfig | None = Field(
+        default=None, description="Null for an external experiment whose strategy is unknown."
+    )
     num_rounds: int
     current_round: int = 0
     asynchronous: bool = Field(
@@ -80,6 +84,21 @@ class ExperimentPublic(BaseModel):
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    source: Literal["florist", "external"] = Field(
+        default="florist",
+        description="'florist': submitted to this API. 'external': a Flower app run with `flwr "
+        "run` on Florist's SuperLink, found there (its status only) or recording its own rounds "
+        "(`florist.server.external.recorded`); it has no Florist spec, so its dataset, model "
+        "and training are empty, its strategy is the Flower class name ('unknown' if it did not "
+        "record itself) and its num_rounds 0 until it says.",
+    )
+    app: str | None = Field(
+        default=None,
+        description="External experiments: the Flower app (FAB id publisher/name and version).",
+    )
+    run_config: dict[str, Any] | None = Field(
+        default=None, description="External experiments: the Flower run's config."
+    )
 
 
 class ExperimentsPublic(BaseModel):

@@ -12,6 +12,7 @@ from sqlalchemy import (
     Dialect,
     Float,
     ForeignKey,
+    Index,
     Integer,
     LargeBinary,
     MetaData,
@@ -19,12 +20,17 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 from florist.server.db.status import ExperimentStatus, as_status
 
 RUN_STATUSES = ("running", "completed", "failed", "stopped")
+# Where an experiment comes from: submitted to Florist, or a Flower app run with `flwr run` that
+# Florist found on its SuperLink or that recorded itself (florist.server.external).
+EXPERIMENT_SOURCES = ("florist", "external")
+_EXTERNAL = text("source = 'external'")
 UPDATE_STATUSES = ("accepted", "rejected", "failed")
 
 _UINT64_LIMIT = 2**64
@@ -123,9 +129,22 @@ _NullableJSON = JSON(none_as_null=True)
 
 
 class Experiment(Base):
-    """A user's request to train: strategy, dataset and the validated spec."""
+    """A user's request to train (strategy, dataset and the validated spec), or an external
+    Flower app's run (``source`` external)."""
 
     __tablename__ = "experiments"
+    __table_args__ = (
+        # One external experiment per Flower run, however many writers find it at once (the
+        # recording ServerApp and the API's run discovery). Partial: Florist's own rows keep
+        # their run ids unchecked, as before, so no existing database needs cleaning first.
+        Index(
+            "uq_experiments_external_flwr_run_id",
+            "flwr_run_id",
+            unique=True,
+            sqlite_where=_EXTERNAL,
+            postgresql_where=_EXTERNAL,
+        ),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(200))
@@ -134,7 +153,9 @@ class Experiment(Base):
     strategy: Mapped[str] = mapped_column(String(100))
     dataset: Mapped[str] = mapped_column(String(100))
     num_rounds: Mapped[int] = mapped_column(Integer)
+    # An external experiment has no Florist spec: its spec holds what Flower says of the run.
     spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    source: Mapped[str] = mapped_column(String(20), default="florist", server_default="florist")
     flwr_run_id: Mapped[int | None] = mapped_column(UInt64, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

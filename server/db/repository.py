@@ -16,7 +16,8 @@ from typing import Any, cast
 from sqlalchemy import case, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
 
 from florist.server.db.models import (
     Checkpoint,
@@ -93,6 +94,94 @@ def create_experiment(
     session.add(experiment)
     session.flush()
     return experiment
+
+
+EXTERNAL = "external"
+
+
+def get_or_create_external_experiment(
+    session: Session,
+    *,
+    flwr_run_id: int,
+    name: str,
+    strategy: str,
+    num_rounds: int,
+    spec: Mapping[str, Any],
+    status: ExperimentStatus = ExperimentStatus.SUBMITTED,
+    started_at: datetime | None = None,
+    finished_at: datetime | None = None,
+    error: str | None = None,
+    created_at: datetime | None = None,
+) -> tuple[Experiment, bool]:
+    """The experiment of Flower run ``flwr_run_id``, and whether it was created just now.
+
+    A run nobody has a row for becomes an external experiment with the given columns; a run
+    that already has one (Florist's own, or found first by another writer) is returned as it
+    is. Two writers creating the same run at once (the recording ServerApp and the API's
+    discovery) meet on the unique index of external run ids: the loser's flush raises
+    IntegrityError, and its transaction must be rolled back and run again, when it finds the
+    winner's row (``ensure_external_experiment`` does that).
+    """
+    found = _experiment_of_run(session, flwr_run_id)
+    if found is not None:
+        return found, False
+    experiment = Experiment(
+        name=name,
+        status=as_status(status),
+        source=EXTERNAL,
+        strategy=strategy,
+        dataset="",
+        num_rounds=num_rounds,
+        spec=dict(spec),
+        flwr_run_id=flwr_run_id,
+        created_at=created_at or utcnow(),
+        started_at=started_at,
+        finished_at=finished_at,
+        error=error,
+    )
+    session.add(experiment)
+    session.flush()
+    return experiment, True
+
+
+def ensure_external_experiment(
+    sessions: sessionmaker[Session], **columns: Any
+) -> tuple[Experiment, bool]:
+    """``get_or_create_external_experiment`` in a transaction of its own, committed.
+
+    The one function here that owns its transaction: losing the race for a run means a fresh
+    transaction, and with it a fresh read of the winner's row. (A savepoint would not do:
+    pysqlite's SAVEPOINT outside a transaction commits on release.)
+    """
+    for attempt in range(_TRANSITION_ATTEMPTS):
+        try:
+            with sessions.begin() as session:
+                return get_or_create_external_experiment(session, **columns)
+        except IntegrityError:
+            if attempt == _TRANSITION_ATTEMPTS - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _experiment_of_run(session: Session, flwr_run_id: int) -> Experiment | None:
+    # An external row first: Florist's own rows are not unique by run id, an external one is.
+    return session.scalars(
+        select(Experiment)
+        .where(Experiment.flwr_run_id == flwr_run_id)
+        .order_by((Experiment.source == EXTERNAL).desc(), Experiment.id)
+        .limit(1)
+    ).first()
+
+
+def known_flwr_run_ids(session: Session, *, flwr_run_ids: Iterable[int]) -> set[int]:
+    """Those of ``flwr_run_ids`` that some experiment (Florist's or external) is linked to."""
+    wanted = list(set(flwr_run_ids))
+    if not wanted:
+        return set()
+    found = session.scalars(
+        select(Experiment.flwr_run_id).where(Experiment.flwr_run_id.in_(wanted))
+    ).all()
+    return {run_id for run_id in found if run_id is not None}
 
 
 def get_experiment(session: Session, *, experiment_id: int) -> Experiment | None:

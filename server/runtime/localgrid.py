@@ -1,4 +1,4 @@
-"""An in-process Grid: each push runs florist's ClientApp handler directly, no processes.
+"""An in-process Grid: each push runs a ClientApp (florist's by default) directly, no processes.
 
 For unit tests of the server logic and for strategy benchmarks, where Flower's per-message
 process start-up would dominate. Deployments and the e2e tests use the real SuperLink/SuperNodes.
@@ -11,6 +11,7 @@ from itertools import count
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
@@ -28,26 +29,33 @@ NodeConfig = dict[str, int | float | str | bool]
 
 
 class LocalGrid(Grid):
-    """``num_nodes`` nodes with partition ids; ``node_configs[i]``, if given, is merged into node
-    i's node-config (a ``data-path``, a device profile), a None value removing the key."""
+    """``num_nodes`` nodes with partition ids, running Florist's ClientApp, or ``app``;
+    ``node_configs[i]``, if given, is merged into node i's node-config (a ``data-path``, a device
+    profile), a None value removing the key; ``run`` is the Flower run they take part in (its
+    override config is every node's run config)."""
 
     def __init__(
         self,
         num_nodes: int,
         tamper: Tamper | None = None,
         node_configs: list[dict[str, Any]] | None = None,
+        *,
+        app: ClientApp | None = None,
+        run: Run | None = None,
     ) -> None:
         self.node_ids = [1000 + i for i in range(num_nodes)]
         extra = node_configs or [{} for _ in range(num_nodes)]
         if len(extra) != num_nodes:
             raise ValueError(f"{len(extra)} node configs for {num_nodes} nodes")
+        self.app = app or clientapp.app
+        self._run = run
         self.contexts = {
             nid: Context(
-                run_id=1,
+                run_id=1 if run is None else run.run_id,
                 node_id=nid,
                 node_config=_merged({"partition-id": i, "num-partitions": num_nodes}, extra[i]),
                 state=RecordDict(),
-                run_config={},
+                run_config={} if run is None else dict(run.override_config),
             )
             for i, nid in enumerate(self.node_ids)
         }
@@ -61,7 +69,9 @@ class LocalGrid(Grid):
 
     @property
     def run(self) -> Run:
-        raise NotImplementedError
+        if self._run is None:
+            raise NotImplementedError("LocalGrid was given no run")
+        return self._run
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:
         return Message(*args, **kwargs)
@@ -79,7 +89,7 @@ class LocalGrid(Grid):
             TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, node
             try:
                 # Through the ClientApp itself, so its mods (device profiles) apply.
-                reply = clientapp.app(msg, self.contexts[node])
+                reply = self.app(msg, self.contexts[node])
             except Exception as exc:  # a crashing ClientApp becomes an error reply, as in Flower
                 reply = Message(Error(code=0, reason=repr(exc)), reply_to=msg)
             if self.tamper is not None:

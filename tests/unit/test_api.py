@@ -368,6 +368,9 @@ class NodesControl:
     def run_state(self, run_id: int) -> None:
         return None
 
+    def list_runs(self) -> list[Any]:
+        return []
+
     def close(self) -> None:
         pass
 

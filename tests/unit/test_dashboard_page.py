@@ -732,6 +732,36 @@ def test_asynchronous_runs_count_updates(session: PageSession) -> None:
 
 @pytest.mark.browser
 @browser_test
+def test_external_experiments_are_marked_and_open(session: PageSession) -> None:
+    # Prepare: experiment 2 as a Flower app run with `flwr run`: no Florist spec behind it.
+    api = session.server.api
+    api.experiments[2] = {
+        **api.experiments[2],
+        "source": "external",
+        "app": "team/app 1.0.0",
+        "strategy": {"name": "FedAvg", "config": {"fraction_train": 1.0}},
+        "dataset": {},
+        "model": {},
+        "training": {},
+        "clients": None,
+    }
+
+    # Execute
+    session.goto("/")
+
+    # Assert: marked in the list, its page opens with its rounds.
+    external = session.page.locator('#experiments-table tr[data-experiment-id="2"]')
+    expect(external.get_by_test_id("external-badge")).to_have_text("external")
+    expect(external).to_contain_text("FedAvg")
+    own = session.page.locator('#experiments-table tr[data-experiment-id="1"]')
+    expect(own.get_by_test_id("external-badge")).to_have_count(0)
+    session.goto("/experiments/2")
+    expect(session.page.locator("#round-counter")).to_have_text("Round 3 / 3")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
 def test_table_lists_experiments(session: PageSession) -> None:
     # Execute
     session.goto("/")

@@ -31,7 +31,7 @@ from florist.server.db.status import TRANSITIONS, ExperimentStatus, IllegalTrans
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 # The newest migration: bump it with each new revision.
-HEAD = "0003"
+HEAD = "0004"
 
 
 def _experiment(session: Session, name: str = "exp") -> Experiment:
@@ -775,3 +775,65 @@ def test_0002_keeps_rounds_recorded_under_0001(database_url: str) -> None:
         ).one()
     engine.dispose()
     assert tuple(row) == (7, 0, None, None)
+
+
+def test_0003_makes_earlier_experiments_florists_own(database_url: str) -> None:
+    """Experiments from before external ones existed upgrade as source 'florist', and may keep
+    sharing a run id; two external experiments of one run are refused by the database."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy.exc import IntegrityError
+
+    from florist.server.db.engine import _MIGRATIONS_DIR, normalize_url
+
+    # Prepare: two experiments under revision 0002 that name the same Flower run.
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS_DIR))
+    rendered = normalize_url(database_url).render_as_string(hide_password=False)
+    config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    command.upgrade(config, "0002")
+    engine = make_engine(database_url)
+    insert = text(
+        "INSERT INTO experiments (name, status, strategy, dataset, num_rounds, spec, "
+        "flwr_run_id, created_at) VALUES ('old', 'completed', 'fedavg', 'digits', 1, '{}', 5, "
+        "CURRENT_TIMESTAMP)"
+    )
+    with engine.begin() as c:
+        c.execute(insert)
+        c.execute(insert)
+
+    # Execute
+    upgrade_database(database_url)
+
+    # Assert
+    with engine.connect() as c:
+        sources = c.execute(text("SELECT source FROM experiments")).scalars().all()
+    assert sources == ["florist", "florist"]
+    external = text(
+        "INSERT INTO experiments (name, status, strategy, dataset, num_rounds, spec, "
+        "flwr_run_id, source, created_at) VALUES ('ext', 'running', '', '', 0, '{}', 5, "
+        "'external', CURRENT_TIMESTAMP)"
+    )
+    with engine.begin() as c:
+        c.execute(external)
+    with pytest.raises(IntegrityError), engine.begin() as c:
+        c.execute(external)
+    engine.dispose()
+
+
+def test_0003_downgrades(migrated_url: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    from florist.server.db.engine import _MIGRATIONS_DIR, normalize_url
+
+    config = Config()
+    config.set_main_option("script_location", str(_MIGRATIONS_DIR))
+    rendered = normalize_url(migrated_url).render_as_string(hide_password=False)
+    config.set_main_option("sqlalchemy.url", rendered.replace("%", "%%"))
+    command.downgrade(config, "0002")
+    engine = make_engine(migrated_url)
+    with engine.connect() as c:
+        columns = {col["name"] for col in inspect(c).get_columns("experiments")}
+    engine.dispose()
+    assert "source" not in columns

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from florist.server.control import RunState, SuperLinkUnavailable
+from florist.server.control import RunState, SuperLinkUnavailable, app_fab_id
 from florist.server.db import repository as repo
-from florist.server.db.models import utcnow
+from florist.server.db.models import Experiment, utcnow
 from florist.server.db.status import ExperimentStatus
 from florist.server.follower import RunFollower
 
@@ -32,8 +33,12 @@ class FakeControl:
         self._check()
         self.started.append(run_config)
         run_id = 2**64 - len(self.started)  # Flower's ids use the whole uint64 range
-        self.states[run_id] = RunState(run_id, "pending", "", "")
+        self.states[run_id] = RunState(run_id, "pending", "", "", fab_id=app_fab_id())
         return run_id
+
+    def list_runs(self) -> list[RunState]:
+        self._check()
+        return list(self.states.values())
 
     def run_state(self, run_id: int) -> RunState | None:
         self._check()
@@ -42,11 +47,21 @@ class FakeControl:
     def stop_run(self, run_id: int) -> bool:
         self._check()
         self.stopped.append(run_id)
-        self.states[run_id] = RunState(run_id, "finished", "stopped", "")
+        self.states[run_id] = replace(self.states[run_id], status="finished", sub_status="stopped")
         return True
 
     def finish(self, run_id: int, sub_status: str, details: str = "") -> None:
-        self.states[run_id] = RunState(run_id, "finished", sub_status, details)
+        self.states[run_id] = replace(
+            self.states[run_id], status="finished", sub_status=sub_status, details=details
+        )
+
+    def set(self, run_id: int, status: str) -> None:
+        self.states[run_id] = replace(self.states[run_id], status=status)
+
+    def flwr_run(self, run_id: int, status: str = "pending", **fields: Any) -> None:
+        """A run somebody started with `flwr run`, not through Florist."""
+        fields = {"sub_status": "", "details": "", "fab_id": "team/app", **fields}
+        self.states[run_id] = RunState(run_id, status, **fields)
 
     def close(self) -> None:
         pass
@@ -86,7 +101,7 @@ def test_submit_run_complete(session_factory: sessionmaker[Session], fake: FakeC
     run_id = 2**64 - 1
     with session_factory() as s:
         assert repo.get_experiment(s, experiment_id=exp_id).flwr_run_id == run_id  # type: ignore[union-attr]
-    fake.states[run_id] = RunState(run_id, "running", "", "")
+    fake.set(run_id, "running")
     f.tick()
     assert status(session_factory, exp_id)[0] == "running"
     fake.finish(run_id, "completed")
@@ -208,3 +223,143 @@ def test_a_serverapp_faster_than_the_follower_keeps_running(
     # Assert: not set back to submitted, and the run goes on.
     assert status(session_factory, exp_id) == ("running", None)
     assert fake.stopped == []
+
+
+# --- runs Florist did not start ---------------------------------------------------------------
+
+
+def experiments(sessions: sessionmaker[Session]) -> list[Experiment]:
+    with sessions() as s:
+        return repo.list_experiments(s)[0]
+
+
+def test_a_flwr_run_becomes_an_external_experiment_and_is_followed(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    # Prepare: somebody ran their own app with `flwr run`.
+    t0 = utcnow() - timedelta(minutes=1)
+    fake.flwr_run(7, fab_version="1.0.0", override_config={"lr": 0.1}, pending_at=t0)
+    f = follower(session_factory, fake)
+
+    # Execute / Assert: found as it waits, then followed like any other run.
+    f.tick()
+    (exp,) = experiments(session_factory)
+    assert (exp.source, exp.status, exp.flwr_run_id, exp.name) == (
+        "external",
+        "submitted",
+        7,
+        "team/app",
+    )
+    assert exp.created_at == t0 and exp.strategy == "" and exp.num_rounds == 0
+    assert exp.spec["run_config"] == {"lr": 0.1} and exp.spec["app_version"] == "1.0.0"
+    fake.set(7, "running")
+    f.tick()
+    assert status(session_factory, exp.id) == ("running", None)
+    fake.finish(7, "completed")
+    f.tick()
+    f.tick()
+    assert status(session_factory, exp.id) == ("completed", None)
+    assert len(experiments(session_factory)) == 1 and fake.started == []
+
+
+@pytest.mark.parametrize(
+    ("sub_status", "details", "expected"),
+    [
+        ("completed", "", ("completed", None)),
+        ("stopped", "", ("cancelled", None)),
+        (
+            "failed",
+            "ServerApp failed with exception: boom",
+            ("failed", "ServerApp failed with exception: boom"),
+        ),
+    ],
+)
+def test_a_run_that_ended_before_the_api_looked_is_listed_as_it_ended(
+    session_factory: sessionmaker[Session],
+    fake: FakeControl,
+    sub_status: str,
+    details: str,
+    expected: tuple[str, str | None],
+) -> None:
+    # Prepare
+    fake.flwr_run(9, status="finished", sub_status=sub_status, details=details)
+
+    # Execute
+    follower(session_factory, fake).tick()
+
+    # Assert
+    (exp,) = experiments(session_factory)
+    assert (exp.status, exp.error) == expected and exp.source == "external"
+
+
+def test_runs_of_florists_own_app_and_runs_with_a_row_are_not_external(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    # Prepare: Florist's app run by hand (`flwr run server/flwr_app`) before its ServerApp
+    # linked it, and a `flwr run` that a recording ServerApp has already given a row.
+    fake.states[11] = RunState(11, "pending", "", "", fab_id=app_fab_id())
+    fake.flwr_run(12, status="running")
+    recorded, _ = repo.ensure_external_experiment(
+        session_factory,
+        flwr_run_id=12,
+        name="team/app",
+        strategy="FedAvg",
+        num_rounds=3,
+        spec={"app": "team/app"},
+        status=ExperimentStatus.RUNNING,
+    )
+
+    # Execute
+    f = follower(session_factory, fake)
+    f.tick()
+    f.tick()
+
+    # Assert: only the recorded one, unchanged.
+    (exp,) = experiments(session_factory)
+    assert (exp.id, exp.strategy, exp.status) == (recorded.id, "FedAvg", "running")
+
+
+def test_discovery_trouble_does_not_stall_florists_experiments(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    # Prepare: a SuperLink whose ListRuns of every run fails.
+    def broken() -> list[RunState]:
+        raise RuntimeError("ListRuns failed")
+
+    fake.list_runs = broken  # type: ignore[method-assign]
+    exp_id = new_experiment(session_factory)
+
+    # Execute
+    follower(session_factory, fake).tick()
+
+    # Assert
+    assert status(session_factory, exp_id) == ("submitted", None)
+
+
+def test_two_writers_of_one_run_meet_on_one_experiment(
+    session_factory: sessionmaker[Session], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: another writer created the run's row after this one looked and found none.
+    columns: dict[str, Any] = {
+        "flwr_run_id": 2**64 - 3,
+        "name": "team/app",
+        "strategy": "",
+        "num_rounds": 0,
+        "spec": {},
+    }
+    winner, created = repo.ensure_external_experiment(session_factory, **columns)
+    looks = []
+    real_lookup = repo._experiment_of_run
+
+    def stale_first_look(session: Session, flwr_run_id: int) -> Experiment | None:
+        looks.append(flwr_run_id)
+        return None if len(looks) == 1 else real_lookup(session, flwr_run_id)
+
+    monkeypatch.setattr(repo, "_experiment_of_run", stale_first_look)
+
+    # Execute: the insert hits the unique index; the retry reads the winner's row.
+    loser, loser_created = repo.ensure_external_experiment(session_factory, **columns)
+
+    # Assert
+    assert created and not loser_created and loser.id == winner.id and len(looks) == 2
+    assert len(experiments(session_factory)) == 1

@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 
 from florist.client.task import WorkloadRef
 from florist.server.api.deps import DB_INT_MAX, ExperimentId, FollowerDep, SessionDep
+from florist.server.api.external import external_to_public
 from florist.server.api.schemas import (
     CheckpointPublic,
     CheckpointsPublic,
@@ -26,7 +27,7 @@ from florist.server.api.schemas import (
 )
 from florist.server.db import repository as repo
 from florist.server.db.models import ClientUpdate, Event, Experiment, Round
-from florist.server.db.repository import Progress
+from florist.server.db.repository import EXTERNAL, Progress
 from florist.server.db.status import ExperimentStatus, IllegalTransition
 from florist.server.recording.artifacts import to_torch_file
 from florist.server.spec import (
@@ -55,6 +56,8 @@ def _is_asynchronous(strategy: str) -> bool:
 
 
 def to_public(exp: Experiment, progress: Progress | None = None) -> ExperimentPublic:
+    if exp.source == EXTERNAL:
+        return external_to_public(exp, progress)
     spec = ExperimentSpec.model_validate(exp.spec)
     progress = progress or Progress()
     return ExperimentPublic(

@@ -227,7 +227,7 @@ export function mountExperimentPage(id) {
         compareLink,
         // Every recorded round keeps its model until the retention policy drops it; the latest
         // (the final model of a finished run) always stays.
-        counted.current_round > 0
+        counted.current_round > 0 && e.source !== "external"
           ? h(
               "a",
               { href: `/api/v1/experiments/${e.id}/model`, download: "", class: "button-link", id: "download-model", title: "The latest global model, as safetensors" },

@@ -153,7 +153,15 @@ export function mountExperimentsPage() {
       },
       h("td", { class: "pick-cell" }, pick),
       h("td", { class: "num" }, String(e.id)),
-      h("td", { class: "name" }, h("a", { href: `/experiments/${e.id}`, onClick: (ev) => ev.stopPropagation() }, e.name)),
+      h(
+        "td",
+        { class: "name" },
+        h("a", { href: `/experiments/${e.id}`, onClick: (ev) => ev.stopPropagation() }, e.name),
+        // A Flower app run with `flwr run`, not submitted here: it has no Florist spec.
+        e.source === "external"
+          ? [" ", h("span", { class: "badge", "data-testid": "external-badge", title: `${e.app ?? "a Flower app"}, run with flwr run` }, "external")]
+          : null,
+      ),
       h("td", {}, statusBadge(e.status)),
       h("td", {}, e.strategy?.name ?? dash),
       h("td", {}, e.workload?.name ?? dash),
