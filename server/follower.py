@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -14,17 +15,24 @@ from florist.server.control import ControlClient, RunState, SuperLinkUnavailable
 from florist.server.db.models import Experiment, utcnow
 from florist.server.db.repository import (
     add_event,
+    claim_submission,
     ensure_external_experiment,
     finish_experiment,
     get_experiment,
     known_flwr_run_ids,
     list_active_experiment_ids,
+    record_submission,
+    release_claim,
+    stale_claims,
     update_experiment,
 )
 from florist.server.db.status import ExperimentStatus, IllegalTransition
 from florist.server.external import ExternalSpec, public_run_config
 
 log = logging.getLogger(__name__)
+
+# The run-config key carrying a submission's claim token (repository.claim_submission).
+SUBMISSION_KEY = "florist-submission"
 
 
 def _fail(session: Session, exp: Experiment, error: str) -> None:
@@ -55,6 +63,7 @@ class RunFollower:
         database_url: str,
         interval: float = 1.0,
         submit_timeout: timedelta = timedelta(minutes=5),
+        claim_timeout: timedelta = timedelta(seconds=15),
     ) -> None:
         self._sessions = sessions
         self._control_factory = control
@@ -62,6 +71,9 @@ class RunFollower:
         self._database_url = database_url
         self._interval = interval
         self._submit_timeout = submit_timeout
+        # How long a submission may stay unrecorded before reconcile() looks for its run: more
+        # than a StartRun takes, so a live follower's submission is not second-guessed.
+        self._claim_timeout = claim_timeout
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -108,6 +120,12 @@ class RunFollower:
             log.debug("run discovery: %s", exc)
         except Exception:  # discovery's trouble must not stall the experiments Florist runs
             log.exception("run discovery failed")
+        try:
+            self.reconcile()
+        except SuperLinkUnavailable as exc:
+            log.debug("submission reconciliation: %s", exc)
+        except Exception:
+            log.exception("submission reconciliation failed")
         with self._sessions() as session:
             ids = list_active_experiment_ids(session)
         for experiment_id in ids:
@@ -116,10 +134,11 @@ class RunFollower:
                     exp = get_experiment(session, experiment_id=experiment_id)
                     if exp is None or exp.status.terminal:
                         continue
-                    if exp.status == ExperimentStatus.PENDING:
-                        self._submit(session, exp)
-                    else:
+                    if exp.status != ExperimentStatus.PENDING:
                         self._follow(session, exp)
+                        continue
+                # Outside any transaction: the claim is committed before StartRun.
+                self._submit(experiment_id)
             except Exception:  # one experiment's trouble must not stall the others
                 log.exception("following experiment %d failed", experiment_id)
 
@@ -148,47 +167,118 @@ class RunFollower:
                     log.info("Flower run %d is external experiment %d", run.run_id, experiment.id)
             self._known_runs.add(run.run_id)
 
-    def _submit(self, session: Session, exp: Experiment) -> None:
+    def _submit(self, experiment_id: int) -> None:
+        """Claim the experiment, start its run, record the run: exactly once.
+
+        The claim is committed first, and the run carries the claim's token in its run config
+        (``florist-submission``). A crash after StartRun leaves a claim that :meth:`reconcile`
+        later matches to the run on the SuperLink instead of starting another; a StartRun whose
+        outcome is unknown (the SuperLink unreachable, a timeout) is settled the same way.
+        """
+        token = uuid.uuid4().hex
+        with self._sessions() as session, session.begin():
+            if not claim_submission(
+                session, experiment_id=experiment_id, token=token, now=utcnow()
+            ):
+                return  # another follower holds it, or it is no longer pending
         try:
             run_id = self.control.start_run(
-                {"experiment-id": exp.id, "database-url": self._database_url}
+                {
+                    "experiment-id": experiment_id,
+                    "database-url": self._database_url,
+                    SUBMISSION_KEY: token,
+                }
             )
         except SuperLinkUnavailable as exc:
-            if utcnow() - exp.created_at > self._submit_timeout:
-                _fail(session, exp, f"could not submit: {exc}")
-            elif exp.id not in self._unreachable_logged:
-                self._unreachable_logged.add(exp.id)
-                add_event(
-                    session,
-                    experiment_id=exp.id,
-                    kind="superlink-unavailable",
-                    message=f"waiting for the SuperLink: {exc}",
-                )
+            # The run may exist all the same: the claim stays until reconcile() has looked.
+            with self._sessions() as session, session.begin():
+                if experiment_id not in self._unreachable_logged:
+                    self._unreachable_logged.add(experiment_id)
+                    add_event(
+                        session,
+                        experiment_id=experiment_id,
+                        kind="superlink-unavailable",
+                        message=f"waiting for the SuperLink: {exc}",
+                    )
             return
         except Exception as exc:
-            _fail(session, exp, f"the SuperLink refused the run: {exc}")
+            with self._sessions() as session, session.begin():
+                exp = get_experiment(session, experiment_id=experiment_id)
+                if exp is not None and exp.status == ExperimentStatus.PENDING:
+                    _fail(session, exp, f"the SuperLink refused the run: {exc}")
+            return
+        self._record_submission(experiment_id, token, run_id)
+
+    def _record_submission(self, experiment_id: int, token: str, run_id: int) -> None:
+        with self._sessions() as session, session.begin():
+            if record_submission(
+                session, experiment_id=experiment_id, token=token, flwr_run_id=run_id
+            ):
+                add_event(
+                    session,
+                    experiment_id=experiment_id,
+                    kind="submitted",
+                    message=f"started Flower run {run_id}",
+                    data={"flwr_run_id": str(run_id)},
+                )
+                return
+            exp = get_experiment(session, experiment_id=experiment_id)
+        # Not ours to record. A ServerApp that started already marked it running with this run
+        # id, or reconcile() adopted this run: nothing to do. Otherwise (cancelled meanwhile,
+        # or another run is the experiment's) this run has nobody to follow it: stop it.
+        if exp is not None and exp.flwr_run_id == run_id:
+            return
+        log.warning(
+            "experiment %d: not recording Flower run %d; stopping it", experiment_id, run_id
+        )
+        self.control.stop_run(run_id)
+
+    def reconcile(self) -> None:
+        """Settle claims older than ``claim_timeout``: a run on the SuperLink that carries the
+        claim's token becomes the experiment's run; with none, the claim is released and the
+        experiment submitted again (or failed, once it waited past ``submit_timeout``)."""
+        now = utcnow()
+        with self._sessions() as session:
+            stale = stale_claims(session, claimed_before=now - self._claim_timeout)
+        if not stale:
             return
         try:
-            update_experiment(
-                session,
-                experiment_id=exp.id,
-                status=ExperimentStatus.SUBMITTED,
-                flwr_run_id=run_id,
-            )
-        except IllegalTransition as exc:
-            # Changed while StartRun was on its way. A ServerApp that started already has
-            # marked it running with this run id; a cancel meanwhile left nobody to stop it.
-            if exc.current != ExperimentStatus.RUNNING:
-                log.warning("experiment %d: %s; stopping Flower run %d", exp.id, exc, run_id)
-                self.control.stop_run(run_id)
-            return
-        add_event(
-            session,
-            experiment_id=exp.id,
-            kind="submitted",
-            message=f"started Flower run {run_id}",
-            data={"flwr_run_id": str(run_id)},
-        )
+            runs = self.control.list_runs()
+        except SuperLinkUnavailable as exc:
+            # Nothing can be settled; those that have waited too long fail. If their run did
+            # start, its ServerApp finds the experiment ended and stops at once.
+            for experiment_id, _ in stale:
+                with self._sessions() as session, session.begin():
+                    exp = get_experiment(session, experiment_id=experiment_id)
+                    if exp is not None and now - exp.created_at > self._submit_timeout:
+                        _fail(session, exp, f"could not submit: {exc}")
+            raise
+        by_token = {
+            str(run.override_config.get(SUBMISSION_KEY)): run.run_id
+            for run in runs
+            if SUBMISSION_KEY in run.override_config
+        }
+        for experiment_id, token in stale:
+            with self._sessions() as session, session.begin():
+                run_id = by_token.get(token)
+                if run_id is not None:
+                    if record_submission(
+                        session, experiment_id=experiment_id, token=token, flwr_run_id=run_id
+                    ):
+                        add_event(
+                            session,
+                            experiment_id=experiment_id,
+                            kind="submission-reconciled",
+                            message=f"Flower run {run_id} was started for it but not recorded; "
+                            "adopted it instead of starting another",
+                            data={"flwr_run_id": str(run_id)},
+                        )
+                    continue
+                if not release_claim(session, experiment_id=experiment_id, token=token):
+                    continue
+                exp = get_experiment(session, experiment_id=experiment_id)
+                if exp is not None and now - exp.created_at > self._submit_timeout:
+                    _fail(session, exp, "could not submit: the SuperLink never took the run")
 
     def _follow(self, session: Session, exp: Experiment) -> None:
         if exp.flwr_run_id is None:

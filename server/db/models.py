@@ -158,6 +158,11 @@ class Experiment(Base):
     source: Mapped[str] = mapped_column(String(20), default="florist", server_default="florist")
     flwr_run_id: Mapped[int | None] = mapped_column(UInt64, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # Set while one follower submits the experiment (repository.claim_submission): the run it
+    # starts carries the token in its run config, so a start that was never recorded is found
+    # on the SuperLink instead of being repeated.
+    submission_token: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    claimed_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)

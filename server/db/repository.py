@@ -223,6 +223,75 @@ def list_active_experiment_ids(session: Session) -> list[int]:
     )
 
 
+# Submission claims write the status with a conditional UPDATE of their own (the condition is
+# the claim); the moves they make must be legal ones.
+assert ExperimentStatus.PENDING.may_become(ExperimentStatus.SUBMITTED)
+
+
+def claim_submission(session: Session, *, experiment_id: int, token: str, now: datetime) -> bool:
+    """Claim a pending, unclaimed experiment for submission; True if this caller now holds it.
+
+    One UPDATE decides, so of several followers (API processes) on one database exactly one
+    wins. Commit before starting the run: the claim must outlive a crash during StartRun.
+    """
+    result = session.execute(
+        update(Experiment)
+        .where(
+            Experiment.id == experiment_id,
+            Experiment.status == ExperimentStatus.PENDING.value,
+            Experiment.submission_token.is_(None),
+        )
+        .values(submission_token=token, claimed_at=now)
+    )
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
+def record_submission(
+    session: Session, *, experiment_id: int, token: str, flwr_run_id: int
+) -> bool:
+    """The claimed experiment was submitted as Flower run ``flwr_run_id``: SUBMITTED, the claim
+    released. False (nothing written) if the claim is no longer ``token``'s or the experiment
+    is no longer pending (cancelled, released by reconciliation, or already started)."""
+    result = session.execute(
+        update(Experiment)
+        .where(
+            Experiment.id == experiment_id,
+            Experiment.status == ExperimentStatus.PENDING.value,
+            Experiment.submission_token == token,
+        )
+        .values(
+            status=ExperimentStatus.SUBMITTED.value,
+            flwr_run_id=flwr_run_id,
+            submission_token=None,
+            claimed_at=None,
+        )
+    )
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
+def release_claim(session: Session, *, experiment_id: int, token: str) -> bool:
+    """Give up ``token``'s claim (no run carries it): the experiment may be submitted again."""
+    result = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.submission_token == token)
+        .values(submission_token=None, claimed_at=None)
+    )
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
+def stale_claims(session: Session, *, claimed_before: datetime) -> list[tuple[int, str]]:
+    """(experiment id, token) of pending experiments claimed before ``claimed_before`` and not
+    yet recorded as submitted: their follower died, or its StartRun had an unknown outcome."""
+    rows = session.execute(
+        select(Experiment.id, Experiment.submission_token).where(
+            Experiment.status == ExperimentStatus.PENDING.value,
+            Experiment.submission_token.is_not(None),
+            Experiment.claimed_at < claimed_before,
+        )
+    ).all()
+    return [(experiment_id, str(token)) for experiment_id, token in rows]
+
+
 def _check_fields(fields: Mapping[str, Any]) -> None:
     unknown = set(fields) - _UPDATABLE_EXPERIMENT_FIELDS
     if unknown:

@@ -260,7 +260,7 @@ def test_the_api_shows_an_external_experiment(
     assert one == by_run[str(RUN_ID)]
     assert one["source"] == "external" and one["status"] == "completed"
     assert one["strategy"]["name"] == "FedAvg" and one["app"] == f"{FAB_ID} 1.0.0"
-    assert (one["dataset"], one["model"], one["training"]) == ({}, {}, {})
+    assert (one["workload"], one["training"]) == (None, {})
     # No evaluate_fn, so no centralized accuracy to choose a best round on.
     assert (one["current_round"], one["best_round"], one["best_accuracy"]) == (1, None, None)
     assert rounds["count"] == 1 and updates["count"] == 2

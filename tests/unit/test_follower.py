@@ -33,7 +33,10 @@ class FakeControl:
         self._check()
         self.started.append(run_config)
         run_id = 2**64 - len(self.started)  # Flower's ids use the whole uint64 range
-        self.states[run_id] = RunState(run_id, "pending", "", "", fab_id=app_fab_id())
+        # As the SuperLink does, ListRuns reports the run config the run was started with.
+        self.states[run_id] = RunState(
+            run_id, "pending", "", "", fab_id=app_fab_id(), override_config=dict(run_config)
+        )
         return run_id
 
     def list_runs(self) -> list[RunState]:
@@ -97,7 +100,8 @@ def test_submit_run_complete(session_factory: sessionmaker[Session], fake: FakeC
     f = follower(session_factory, fake)
     f.tick()
     assert status(session_factory, exp_id) == ("submitted", None)
-    assert fake.started == [{"experiment-id": exp_id, "database-url": "sqlite:///x.db"}]
+    (config,) = fake.started
+    assert config["experiment-id"] == exp_id and config["database-url"] == "sqlite:///x.db"
     run_id = 2**64 - 1
     with session_factory() as s:
         assert repo.get_experiment(s, experiment_id=exp_id).flwr_run_id == run_id  # type: ignore[union-attr]
@@ -123,7 +127,8 @@ def test_unreachable_superlink_waits_then_fails(
     with session_factory() as s:
         events = [e.kind for e in repo.list_events(s, experiment_id=exp_id)]
     assert events == ["superlink-unavailable"]  # said once, not per tick
-    follower(session_factory, fake, submit_timeout=timedelta(0)).tick()
+    late = follower(session_factory, fake, submit_timeout=timedelta(0), claim_timeout=timedelta(0))
+    late.tick()
     state, error = status(session_factory, exp_id)
     assert state == "failed" and error is not None and "connection refused" in error
 
@@ -363,3 +368,99 @@ def test_two_writers_of_one_run_meet_on_one_experiment(
     # Assert
     assert created and not loser_created and loser.id == winner.id and len(looks) == 2
     assert len(experiments(session_factory)) == 1
+
+
+def _events(sessions: sessionmaker[Session], experiment_id: int) -> list[str]:
+    with sessions() as s:
+        return [e.kind for e in repo.list_events(s, experiment_id=experiment_id)]
+
+
+def _run_id(sessions: sessionmaker[Session], experiment_id: int) -> int | None:
+    with sessions() as s:
+        exp = repo.get_experiment(s, experiment_id=experiment_id)
+        assert exp is not None
+        return exp.flwr_run_id
+
+
+def test_a_crash_between_start_run_and_the_commit_starts_one_run_not_two(
+    session_factory: sessionmaker[Session], fake: FakeControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the first follower dies right after StartRun, before recording the run.
+    exp_id = new_experiment(session_factory)
+
+    def crash(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("process killed")
+
+    monkeypatch.setattr("florist.server.follower.record_submission", crash)
+    follower(session_factory, fake).tick()
+    monkeypatch.undo()
+    assert len(fake.started) == 1 and status(session_factory, exp_id)[0] == "pending"
+
+    # Execute: another follower (a restarted API) once the claim is stale.
+    other = follower(session_factory, fake, claim_timeout=timedelta(0))
+    other.tick()
+    other.tick()
+
+    # Assert: the run that was started is the experiment's; none other was started.
+    assert len(fake.started) == 1
+    assert status(session_factory, exp_id)[0] == "submitted"
+    assert _run_id(session_factory, exp_id) == 2**64 - 1
+    assert "submission-reconciled" in _events(session_factory, exp_id)
+    assert fake.stopped == []
+
+
+def test_a_start_whose_outcome_is_unknown_is_retried_only_once_no_run_is_found(
+    session_factory: sessionmaker[Session], fake: FakeControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: StartRun fails in transit and the SuperLink never made the run.
+    exp_id = new_experiment(session_factory)
+    fake.up = False
+    f = follower(session_factory, fake, claim_timeout=timedelta(hours=1))
+    f.tick()
+    fake.up = True
+    f.tick()  # the claim is fresh: no second StartRun yet
+    assert fake.started == []
+
+    # Execute: once the claim is stale, the SuperLink has no run with its token.
+    late = follower(session_factory, fake, claim_timeout=timedelta(0))
+    late.tick()
+    late.tick()
+
+    # Assert: released, submitted once.
+    assert len(fake.started) == 1
+    assert status(session_factory, exp_id)[0] == "submitted"
+
+
+def test_a_claimed_experiment_is_not_submitted_by_another_follower(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    exp_id = new_experiment(session_factory)
+    with session_factory() as s, s.begin():
+        assert repo.claim_submission(s, experiment_id=exp_id, token="a" * 32, now=utcnow())
+    with session_factory() as s, s.begin():  # one UPDATE decides: a second claim loses
+        assert not repo.claim_submission(s, experiment_id=exp_id, token="b" * 32, now=utcnow())
+    follower(session_factory, fake).tick()
+    assert fake.started == []
+
+
+def test_a_slow_start_that_lost_its_claim_stops_its_own_run(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    # Prepare: follower A claimed and is still inside StartRun (no run yet) when B, seeing a
+    # stale claim, finds no run, releases it and submits the experiment itself.
+    exp_id = new_experiment(session_factory)
+    with session_factory() as s, s.begin():
+        repo.claim_submission(s, experiment_id=exp_id, token="a" * 32, now=utcnow())
+    b = follower(session_factory, fake, claim_timeout=timedelta(0))
+    b.tick()
+    b.tick()
+    tracked = _run_id(session_factory, exp_id)
+    assert tracked is not None
+
+    # Execute: A's StartRun returns at last.
+    late_run = fake.start_run({"experiment-id": exp_id, "florist-submission": "a" * 32})
+    follower(session_factory, fake)._record_submission(exp_id, "a" * 32, late_run)
+
+    # Assert: A records nothing and stops its run; the experiment keeps B's.
+    assert fake.stopped == [late_run]
+    assert _run_id(session_factory, exp_id) == tracked

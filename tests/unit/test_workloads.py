@@ -248,3 +248,37 @@ def test_a_server_without_its_copy_of_the_test_data_runs_on_and_says_so(
     assert record.num_updates == 2 and record.metrics == {}
     (event,) = [e for e in recorder.events if e.kind == "no-server-evaluation"]
     assert "/srv/data/tiny/test.npz" in event.message
+
+
+def _all_strategies() -> list[str]:
+    from florist.strategies import default_registry
+
+    return default_registry().names()
+
+
+@pytest.mark.parametrize("strategy", _all_strategies())
+def test_every_strategy_trains_a_third_party_workload(
+    strategy: str, third_party: None, tmp_path: Path
+) -> None:
+    # Prepare: the CSV workload (its own model, Adam, no server-held data) on three own folders.
+    folders = [write_node_csv(tmp_path / f"site-{i}", 24 + 8 * i, 6, seed=i) for i in range(3)]
+    configs: list[dict[str, Any]] = [{"data-path": str(f)} for f in folders]
+    s = spec(
+        csv_workload(),
+        strategy={"name": strategy, "config": {}},
+        rounds=3,
+        clock="virtual",
+        time_budget_s=10_000.0,
+    )
+
+    # Execute
+    result, recorder = run_local(s, 3, node_configs=configs)
+
+    # Assert: it aggregated, from updates of the nodes' own sizes, into a finite model.
+    rounds = recorder.rounds(1)
+    assert rounds, f"{strategy} aggregated nothing"
+    sizes = {24, 32, 40}
+    accepted = [u for r in rounds for u in r.updates if u.status == "accepted"]
+    assert accepted and {u.num_examples for u in accepted} <= sizes
+    assert result.final_arrays is not None
+    assert all(np.isfinite(a.numpy()).all() for a in result.final_arrays.values())
