@@ -5,10 +5,10 @@ Flower's own strategies among them, are the scheduler in strategies/rounds.py), 
 experiment's dropout policy, both clocks and the time budget. This module is also the one place
 that builds a task's message, a ``dispatch`` event, an update record and a round record.
 
-Each node has at most one task in flight. An arriving reply is checked like a synchronous one
-(strategies/validation.py), handed to the strategy's :class:`EventStrategy`, and the strategy's
-:class:`Decision` says whether the global model changed and whom to send work next. Every
-aggregation is committed as a round, with every update handled since the previous one.
+Each node has at most one task in flight. An arriving reply is checked (strategies/validation.py,
+under the experiment's ``reply_checks``), handed to the strategy's :class:`EventStrategy`, and
+the strategy's :class:`Decision` says whether the global model changed and whom to send work
+next. Every aggregation is committed as a round, with every update handled since the previous one.
 
 On the **virtual clock** each reply carries the simulated duration of its task
 (``virtual-duration``, from the node's device profile); the loop holds replies until no task is in
@@ -275,6 +275,7 @@ class EventLoop:
         self.initial_metrics: dict[str, float] = {}
         self.checks = spec.reply_checks
         self.norms = UpdateNorms(self.checks.norm_bound)  # recent accepted update norms
+        self.refused_models = 0  # new models not adopted in a row
         # Before anything runs: a policy the strategy cannot honour fails the run at once.
         strategy.use_dropout_policy(spec.dropout)
 
@@ -583,6 +584,7 @@ class EventLoop:
             except MalformedReply as exc:
                 self._refuse_aggregate(str(exc))
             else:
+                self.refused_models = 0
                 self._aggregated(decision.weights, decision.metrics)
         if self._done():
             return  # a task sent now could only be abandoned when the run ends
@@ -598,6 +600,13 @@ class EventLoop:
         adopted: the version stays, and the updates it was made of are rejected."""
         reason = f"their aggregate was refused: {problem}"
         log.warning("aggregate refused: %s", problem)
+        self.refused_models += 1
+        if self.refused_models > self.spec.dropout.max_skips:
+            # A strategy whose every model is broken would otherwise run for ever.
+            raise AggregationError(
+                f"{self.refused_models} new models in a row refused "
+                f"(dropout.max_skips = {self.spec.dropout.max_skips}): {problem}"
+            )
         self.pending = [
             replace(u, status="rejected", reason=reason) if u.status == "accepted" else u
             for u in self.pending
