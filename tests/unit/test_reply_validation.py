@@ -6,10 +6,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from fastapi.testclient import TestClient
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -24,10 +26,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from florist.server.api.app import create_app
+from florist.server.db.engine import make_engine, make_session_factory
+from florist.server.db.repository import get_experiment
 from florist.server.recording import InMemoryRunRecorder, UpdateRecord
 from florist.server.runtime import NO_REPLY, NOT_AGGREGATED
 from florist.server.runtime.localgrid import run_local
 from florist.server.serverapp import RunResult
+from florist.server.settings import Settings
 from florist.server.spec import ExperimentSpec
 from florist.strategies.events import Arrival, Weights
 from florist.strategies.fedasync import FedAsync
@@ -475,6 +481,29 @@ def test_a_bad_reply_checks_field_is_refused_naming_it(
     with pytest.raises(ValidationError) as info:
         make_spec("fedavg", reply_checks=reply_checks)
     assert any(tuple(e["loc"][: len(loc)]) == loc for e in info.value.errors())
+
+
+def test_the_api_answers_422_naming_the_field_and_stores_the_defaults(tmp_path: Path) -> None:
+    # Prepare
+    settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'florist.db'}")
+    body = make_spec("fedavg").model_dump(mode="json", exclude={"reply_checks", "runtime"})
+    bad = body | {"reply_checks": {"norm_bound": {"kind": "median_multiple", "factor": -1}}}
+
+    with TestClient(create_app(settings, follow_runs=False)) as client:
+        # Execute
+        refused = client.post("/api/v1/experiments", json=bad)
+        stored = client.post("/api/v1/experiments", json=body)
+
+    # Assert
+    assert refused.status_code == 422
+    locs = [e["loc"] for e in refused.json()["detail"]]
+    assert ["body", "reply_checks", "norm_bound", "median_multiple", "factor"] in locs
+    assert stored.status_code == 201, stored.text
+    sessions = make_session_factory(make_engine(settings.resolved_database_url()))
+    with sessions() as session:
+        row = get_experiment(session, experiment_id=stored.json()["id"])
+        assert row is not None
+        assert row.spec["reply_checks"] == ReplyChecks().model_dump(mode="json")
 
 
 def test_the_defaults() -> None:
