@@ -284,7 +284,6 @@ class SyncRounds(EventStrategy):
             empty = Note(f"round {self.round} had no sound update: sampled again", self._counts())
             return self._skip(weights, empty, note)
         notes = (note,) if note is not None else ()
-        self.skips = 0
         updates = [*fresh, *(discount_stale(weights, a) for a in stale)]
         try:
             new, metrics = self.aggregator.aggregate(self.round, weights, updates)
@@ -299,6 +298,7 @@ class SyncRounds(EventStrategy):
             raise AggregationError(
                 f"round {self.round}: the strategy returned no model from {len(updates)} updates"
             )
+        self.skips = 0
         self.round += 1
         decision = self._next_round(new, new=True, notes=notes)
         return replace(decision, metrics=metrics)

@@ -35,7 +35,7 @@ from florist.server.runtime.localgrid import run_local
 from florist.server.serverapp import RunResult
 from florist.server.settings import Settings
 from florist.server.spec import ExperimentSpec
-from florist.strategies.events import Arrival, Weights
+from florist.strategies.events import Arrival, DropoutPolicy, DropoutPolicyError, Weights
 from florist.strategies.fedasync import FedAsync
 from florist.strategies.rounds import AggregationError, RoundAggregator, SyncRounds
 from florist.strategies.validation import (
@@ -374,6 +374,13 @@ class FailsOnce(RoundAggregator):
         return dict(updates[0].weights), {}
 
 
+class FailsAlways(FailsOnce):
+    def aggregate(
+        self, server_round: int, weights: Weights, updates: Any
+    ) -> tuple[Weights | None, dict[str, float]]:
+        raise ValueError("never")
+
+
 def test_a_failing_aggregation_skips_the_round_and_refuses_its_updates() -> None:
     w = {"w": np.zeros(2, np.float32)}
     rounds = SyncRounds(FailsOnce())
@@ -392,6 +399,17 @@ def test_a_failing_aggregation_skips_the_round_and_refuses_its_updates() -> None
     assert any("aggregation failed" in n.message for n in decision.notes)
     rounds.on_arrival(arrival(1), w)
     assert rounds.on_arrival(arrival(2), w).weights is not None
+
+
+def test_a_strategy_whose_every_aggregation_fails_ends_the_run_after_max_skips() -> None:
+    w = {"w": np.zeros(2, np.float32)}
+    rounds = SyncRounds(FailsAlways(), DropoutPolicy(max_skips=2))
+    rounds.begin([1], w)
+    update = Arrival(1, {"w": np.ones(2, np.float32)}, w, 0, 0, 5, 1, {}, 0.0)
+    for _ in range(2):
+        assert rounds.on_arrival(update, w).refused
+    with pytest.raises(DropoutPolicyError, match="skipped 3 times in a row"):
+        rounds.on_arrival(update, w)
 
 
 # --- the pure checks --------------------------------------------------------------------------
