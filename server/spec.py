@@ -29,6 +29,7 @@ from florist.strategies import (
     default_registry,
 )
 from florist.strategies.events import DropoutPolicy
+from florist.strategies.validation import ReplyChecks
 
 
 class ClientsConfig(BaseModel):
@@ -76,6 +77,14 @@ class ExperimentSpec(TaskSpec):
         default_factory=DropoutPolicy,
         description="Synchronous rounds: deadline, quorum, over-commitment and late updates. "
         "The default waits for every sampled node, as Flower's FedAvg does.",
+    )
+
+    reply_checks: ReplyChecks = Field(
+        default_factory=ReplyChecks,
+        description="What a client's reply must satisfy to reach the strategy: besides the "
+        "fixed checks (records, array keys, shapes and dtypes, finite values and metrics), "
+        "a bound on the update's L2 norm and a cap on its example count. A reply that fails "
+        "is recorded as rejected with its reason.",
     )
 
     def task(self) -> TaskSpec:

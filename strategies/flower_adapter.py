@@ -13,7 +13,7 @@ message: every node is sent the current global model.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -34,7 +34,7 @@ from florist.client.protocol import TrainInstruction
 
 from .events import Arrival, ConfigValue, Evaluation, EventStrategy, NodeConfig, Weights
 from .rounds import AggregationError, RoundAggregator, SyncRounds
-from .validation import WEIGHT_KEY
+from .validation import WEIGHT_KEY, common_metric_keys
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,20 @@ def _numbers(record: MetricRecord | None) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
 
 
+def _shared_metrics(server_round: int, metrics: list[Mapping[str, float]]) -> set[str]:
+    shared = common_metric_keys(metrics)
+    dropped = sorted({k for m in metrics for k in m} - shared)
+    if dropped:
+        log.warning(
+            "round %d: metrics not reported by every node left out: %s", server_round, dropped
+        )
+    return shared
+
+
+def _only(metrics: Mapping[str, float], keys: set[str]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k in keys and k != WEIGHT_KEY}
+
+
 class FlowerAggregator(RoundAggregator):
     """A Flower ``Strategy``'s ``configure_*`` / ``aggregate_*`` hooks as a round's maths."""
 
@@ -147,6 +161,10 @@ class FlowerAggregator(RoundAggregator):
     def aggregate(
         self, server_round: int, weights: Weights, updates: Sequence[Arrival]
     ) -> tuple[Weights | None, dict[str, float]]:
+        # Flower's strategies refuse replies whose metric keys differ (InconsistentMessageReplies):
+        # the round's metrics are those every update shares, so a node adding a key of its own
+        # (or leaving one out) changes what is averaged, never whether the round aggregates.
+        shared = _shared_metrics(server_round, [u.metrics for u in updates])
         replies = [
             _reply(
                 u.node_id,
@@ -154,7 +172,9 @@ class FlowerAggregator(RoundAggregator):
                 RecordDict(
                     {
                         "arrays": to_record(u.weights),
-                        "metrics": MetricRecord({**u.metrics, WEIGHT_KEY: u.num_examples}),
+                        "metrics": MetricRecord(
+                            {**_only(u.metrics, shared), WEIGHT_KEY: u.num_examples}
+                        ),
                     }
                 ),
             )
@@ -187,11 +207,18 @@ class FlowerAggregator(RoundAggregator):
     ) -> dict[str, float]:
         if not results:
             return {}
+        shared = _shared_metrics(server_round, [r.metrics for r in results])
         replies = [
             _reply(
                 r.node_id,
                 MessageType.EVALUATE,
-                RecordDict({"metrics": MetricRecord({**r.metrics, WEIGHT_KEY: r.num_examples})}),
+                RecordDict(
+                    {
+                        "metrics": MetricRecord(
+                            {**_only(r.metrics, shared), WEIGHT_KEY: r.num_examples}
+                        )
+                    }
+                ),
             )
             for r in results
         ]

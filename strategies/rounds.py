@@ -284,18 +284,42 @@ class SyncRounds(EventStrategy):
             empty = Note(f"round {self.round} had no sound update: sampled again", self._counts())
             return self._skip(weights, empty, note)
         notes = (note,) if note is not None else ()
-        self.skips = 0
         updates = [*fresh, *(discount_stale(weights, a) for a in stale)]
-        new, metrics = self.aggregator.aggregate(self.round, weights, updates)
+        try:
+            new, metrics = self.aggregator.aggregate(self.round, weights, updates)
+        except AggregationError:
+            raise
+        except Exception as exc:
+            # Which update the algorithm choked on cannot be told in general (its rule may
+            # need them all): the attempt is skipped and sampled again, so one client's reply
+            # never ends the run, while a strategy that always fails ends it after max_skips.
+            return self._failed_aggregation(weights, updates, exc, note)
         if new is None:
             raise AggregationError(
                 f"round {self.round}: the strategy returned no model from {len(updates)} updates"
             )
+        self.skips = 0
         self.round += 1
         decision = self._next_round(new, new=True, notes=notes)
         return replace(decision, metrics=metrics)
 
-    def _skip(self, weights: Weights, note: Note, why: Note | None = None) -> Decision:
+    def _failed_aggregation(
+        self, weights: Weights, updates: Sequence[Arrival], exc: Exception, why: Note | None
+    ) -> Decision:
+        error = f"{type(exc).__name__}: {exc}"
+        data = self._counts() | {"error": error, "nodes": [u.node_id for u in updates]}
+        note = Note(f"round {self.round}: the strategy's aggregation failed ({error})", data)
+        reason = f"round {self.round} not aggregated: the strategy's aggregation failed ({error})"
+        refused = dict.fromkeys((u.node_id for u in updates), reason)
+        return self._skip(weights, note, why, refused)
+
+    def _skip(
+        self,
+        weights: Weights,
+        note: Note,
+        why: Note | None = None,
+        refused: Mapping[int, str] | None = None,
+    ) -> Decision:
         self.skips += 1
         if self.skips > self.policy.max_skips:
             raise DropoutPolicyError(
@@ -305,7 +329,8 @@ class SyncRounds(EventStrategy):
         reason = f"round {self.round} skipped below quorum"
         self.skipped.add(self.attempt)
         notes = (note,) if why is None else (why, note)
-        return self._next_round(weights, notes=notes, refused=dict.fromkeys(self.arrived, reason))
+        refuse = dict.fromkeys(self.arrived, reason) | dict(refused or {})
+        return self._next_round(weights, notes=notes, refused=refuse)
 
     def _late(self, arrival: Arrival, task: tuple[int, int], released: tuple[int, ...]) -> Decision:
         node, (task_round, attempt) = arrival.node_id, task

@@ -5,10 +5,10 @@ Flower's own strategies among them, are the scheduler in strategies/rounds.py), 
 experiment's dropout policy, both clocks and the time budget. This module is also the one place
 that builds a task's message, a ``dispatch`` event, an update record and a round record.
 
-Each node has at most one task in flight. An arriving reply is checked like a synchronous one
-(strategies/validation.py), handed to the strategy's :class:`EventStrategy`, and the strategy's
-:class:`Decision` says whether the global model changed and whom to send work next. Every
-aggregation is committed as a round, with every update handled since the previous one.
+Each node has at most one task in flight. An arriving reply is checked (strategies/validation.py,
+under the experiment's ``reply_checks``), handed to the strategy's :class:`EventStrategy`, and
+the strategy's :class:`Decision` says whether the global model changed and whom to send work
+next. Every aggregation is committed as a round, with every update handled since the previous one.
 
 On the **virtual clock** each reply carries the simulated duration of its task
 (``virtual-duration``, from the node's device profile); the loop holds replies until no task is in
@@ -49,7 +49,6 @@ from pydantic import ValidationError
 from florist.client.protocol import (
     Dropout,
     EvaluateInstruction,
-    EvaluateReport,
     TrainInstruction,
     TrainReport,
 )
@@ -61,18 +60,27 @@ from florist.server.spec import ExperimentSpec
 from florist.strategies.events import (
     Arrival,
     Decision,
+    DropoutPolicyError,
     Evaluation,
     EventStrategy,
     NodeConfig,
     Weights,
 )
 from florist.strategies.flower_adapter import to_record
+from florist.strategies.rounds import AggregationError
 from florist.strategies.validation import (
     ARRAYS_KEY,
+    METRIC_LIMIT,
     METRICS_KEY,
     NODE_CONFIG_KEY,
     WEIGHT_KEY,
-    check_train_reply,
+    MalformedReply,
+    ReplyChecks,
+    SoundTrainReply,
+    UpdateNorms,
+    check_weights,
+    parse_evaluate_reply,
+    parse_train_reply,
 )
 
 log = logging.getLogger(__name__)
@@ -99,37 +107,74 @@ def _scalars(record: ConfigRecord) -> dict[str, Any]:
     return {k: v for k, v in record.items() if isinstance(v, str | int | float | bool)}
 
 
-def train_update(
-    content: RecordDict, sent: Mapping[str, np.ndarray], **fields: Any
-) -> UpdateRecord:
-    """The record of a training reply: accepted, or rejected with the reason
-    :func:`check_train_reply` or the protocol (:class:`TrainReport`) gives against the model the
-    node was ``sent``."""
-    problem = check_train_reply(content, sent)
-    metrics = numeric_metrics(content.metric_records.get(METRICS_KEY))
-    report: TrainReport | None = None
-    if problem is None:
-        try:
-            report = TrainReport.from_metrics(metrics)
-        except ValidationError as exc:
-            problem = "metrics break the protocol: " + "; ".join(
-                f"{TrainReport.key(str(e['loc'][0]))}: {e['msg']}" for e in exc.errors()
-            )
+def recordable_metrics(record: MetricRecord | None) -> dict[str, float]:
+    """The scalar metrics of a reply that can be stored as they are: finite and of sane size
+    (a rejected reply's NaN or 1e300 would break the JSON column; its reason says what it held)."""
+    return {
+        k: v
+        for k, v in numeric_metrics(record).items()
+        if np.isfinite(v) and abs(v) <= METRIC_LIMIT
+    }
+
+
+_INT32 = 2**31  # PostgreSQL's INTEGER, the narrowest column an example count lands in
+
+
+def _recordable_count(record: MetricRecord | None) -> int | None:
+    value = record.get(WEIGHT_KEY) if record is not None else None
+    if isinstance(value, bool) or not isinstance(value, int) or not -_INT32 < value < _INT32:
+        return None
+    return value
+
+
+def check_train(
+    content: RecordDict,
+    sent: Mapping[str, np.ndarray],
+    *,
+    checks: ReplyChecks | None = None,
+    norm_limit: tuple[float, str] | None = None,
+    **fields: Any,
+) -> tuple[UpdateRecord, SoundTrainReply | None]:
+    """The record of a training reply, accepted or rejected with the reason
+    :func:`~florist.strategies.validation.parse_train_reply` gives against the model the node was
+    ``sent``, and the decoded reply when it is sound."""
+    checks = checks or ReplyChecks()
+    try:
+        sound = parse_train_reply(
+            content, sent, max_examples=checks.max_examples, norm_limit=norm_limit
+        )
+        problem = None
+    except MalformedReply as exc:
+        sound, problem = None, str(exc)
+    record = content.metric_records.get(METRICS_KEY)
     arrays = content.array_records.get(ARRAYS_KEY)
     node_config = content.config_records.get(NODE_CONFIG_KEY)
-    examples = metrics.get(WEIGHT_KEY)
-    return UpdateRecord(
+    report = sound.report if sound is not None else None
+    update = UpdateRecord(
         status="rejected" if problem else "accepted",
         reason=problem,
-        num_examples=int(examples) if examples is not None and np.isfinite(examples) else None,
+        num_examples=_recordable_count(record),
         train_time_s=report.train_time if report else None,
         local_steps=report.local_steps if report else None,
         virtual_duration_s=report.virtual_duration if report else None,
-        metrics=metrics,
+        metrics=sound.metrics if sound is not None else recordable_metrics(record),
         bytes_up=arrays.count_bytes() if arrays is not None else 0,
         node_config=_scalars(node_config) if node_config is not None else None,
         **fields,
     )
+    return update, sound
+
+
+def train_update(
+    content: RecordDict,
+    sent: Mapping[str, np.ndarray],
+    *,
+    checks: ReplyChecks | None = None,
+    norm_limit: tuple[float, str] | None = None,
+    **fields: Any,
+) -> UpdateRecord:
+    """The record of a training reply (:func:`check_train`)."""
+    return check_train(content, sent, checks=checks, norm_limit=norm_limit, **fields)[0]
 
 
 def simulated_duration(reply: Message) -> float:
@@ -228,6 +273,9 @@ class EventLoop:
         self.round_started = utcnow()
         self.history: list[RoundRecord] = []
         self.initial_metrics: dict[str, float] = {}
+        self.checks = spec.reply_checks
+        self.norms = UpdateNorms(self.checks.norm_bound)  # recent accepted update norms
+        self.refused_models = 0  # new models not adopted in a row
         # Before anything runs: a policy the strategy cannot honour fails the run at once.
         strategy.use_dropout_policy(spec.dropout)
 
@@ -454,8 +502,9 @@ class EventLoop:
             "dispatched_at": task.dispatched_at,
         }
 
-    def _update_of(self, event: Event) -> UpdateRecord:
-        """The record of a task's end: failed, or the reply checked against the model sent."""
+    def _checked(self, event: Event) -> tuple[UpdateRecord, SoundTrainReply | None]:
+        """The record of a task's end (failed, or the reply checked against the model sent and
+        the norm bound now), and the reply decoded when it is sound."""
         task, reply = event.task, event.reply
         common = self._fields(task) | {
             "arrival_version": self.version,
@@ -464,36 +513,60 @@ class EventLoop:
         }
         if reply is None or reply.has_error():
             reason = (reply.error.reason or "error reply") if reply is not None else event.reason
-            return UpdateRecord(status="failed", reason=reason, **common)
-        return train_update(reply.content, task.sent, **common)
+            return UpdateRecord(status="failed", reason=reason, **common), None
+        return check_train(
+            reply.content, task.sent, checks=self.checks, norm_limit=self.norms.limit(), **common
+        )
+
+    def _update_of(self, event: Event) -> UpdateRecord:
+        return self._checked(event)[0]
 
     def _handle(self, event: Event) -> None:
-        task, reply = event.task, event.reply
-        update = self._update_of(event)
+        task = event.task
+        update, sound = self._checked(event)
         self.pending.append(update)
-        if reply is None or update.status == "failed":
+        if sound is None:
+            if update.status == "rejected":
+                log.warning("rejected update from node %d: %s", task.node_id, update.reason)
             self._apply(self.strategy.on_failure(task.node_id, update.reason or "", self.weights))
             return
-        arrays = reply.content.array_records.get(ARRAYS_KEY)
-        if update.status == "rejected" or arrays is None:
-            log.warning("rejected update from node %d: %s", task.node_id, update.reason)
-            self._apply(self.strategy.on_failure(task.node_id, update.reason or "", self.weights))
-            return
-        metrics = update.metrics
         arrival = Arrival(
             node_id=task.node_id,
-            weights={k: v.numpy() for k, v in arrays.items()},
+            weights=sound.weights,
             sent_weights=task.sent,
             sent_version=task.version,
             version=self.version,
-            num_examples=update.num_examples or 0,
-            local_steps=update.local_steps or 0,
-            metrics=metrics,
+            num_examples=sound.report.num_examples,
+            local_steps=sound.report.local_steps or 0,
+            metrics=sound.metrics,
             duration_s=(event.virtual_end - task.virtual_start)
             if self.virtual
             else event.wall_duration_s,
         )
-        self._apply(self.strategy.on_arrival(arrival, self.weights))
+        try:
+            decision = self.strategy.on_arrival(arrival, self.weights)
+        except (AggregationError, DropoutPolicyError):
+            raise  # the strategy's own verdict that the run cannot go on
+        except Exception as exc:
+            # The one arrival handed over is what the strategy choked on: it is rejected, and the
+            # run goes on as after any lost task. A strategy that fails on every arrival still
+            # ends the run (no task left, or dropout.max_skips), with the reasons recorded.
+            reason = f"the strategy could not use it: {type(exc).__name__}: {exc}"
+            log.warning("node %d: %s", task.node_id, reason)
+            self.pending[-1] = replace(update, status="rejected", reason=reason)
+            self._note_rejection("strategy-error", task.node_id, reason)
+            decision = self.strategy.on_failure(task.node_id, reason, self.weights)
+        else:
+            self.norms.observe(sound.update_norm)
+        self._apply(decision)
+
+    def _note_rejection(self, kind: str, node_id: int, reason: str) -> None:
+        self.recorder.record_event(
+            run_id=self.run_id,
+            kind=kind,
+            message=f"reply from node {node_id} rejected: {reason}",
+            data={"node_id": str(node_id), "reason": reason, "model_version": self.version},
+        )
 
     def _apply(self, decision: Decision) -> None:
         for node_id, reason in decision.refused.items():
@@ -506,7 +579,13 @@ class EventLoop:
                 data={**note.data, "clock_s": self._clock(), "model_version": self.version},
             )
         if decision.weights is not None:
-            self._aggregated(decision.weights, decision.metrics)
+            try:
+                check_weights(decision.weights, self.weights)
+            except MalformedReply as exc:
+                self._refuse_aggregate(str(exc))
+            else:
+                self.refused_models = 0
+                self._aggregated(decision.weights, decision.metrics)
         if self._done():
             return  # a task sent now could only be abandoned when the run ends
         for node_id in decision.dispatch:
@@ -515,6 +594,29 @@ class EventLoop:
             )
         if decision.wake_in is not None:
             self.wake_at = self._clock() + decision.wake_in
+
+    def _refuse_aggregate(self, problem: str) -> None:
+        """A new model that is not a model (non-finite, or not the model's arrays) is not
+        adopted: the version stays, and the updates it was made of are rejected."""
+        reason = f"their aggregate was refused: {problem}"
+        log.warning("aggregate refused: %s", problem)
+        self.refused_models += 1
+        if self.refused_models > self.spec.dropout.max_skips:
+            # A strategy whose every model is broken would otherwise run for ever.
+            raise AggregationError(
+                f"{self.refused_models} new models in a row refused "
+                f"(dropout.max_skips = {self.spec.dropout.max_skips}): {problem}"
+            )
+        self.pending = [
+            replace(u, status="rejected", reason=reason) if u.status == "accepted" else u
+            for u in self.pending
+        ]
+        self.recorder.record_event(
+            run_id=self.run_id,
+            kind="aggregate-refused",
+            message=f"the strategy's new model was not adopted: {problem}",
+            data={"reason": problem, "model_version": self.version, "clock_s": self._clock()},
+        )
 
     def _refuse(self, node_id: int, reason: str) -> None:
         """The node's latest accepted update since the last aggregation stays out of it."""
@@ -598,20 +700,41 @@ class EventLoop:
         while pushed and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(pushed)):
                 node_id = pushed.pop(reply.metadata.reply_to_message_id, -1)
-                if node_id < 0 or reply.has_error():
+                if node_id < 0:
                     continue
-                metrics = numeric_metrics(reply.content.metric_records.get(METRICS_KEY))
+                if reply.has_error():
+                    reason = reply.error.reason or "error reply"
+                    self._note_rejection("evaluate-failed", node_id, reason)
+                    continue
                 try:
-                    count = EvaluateReport.from_metrics(metrics).num_examples
-                except ValidationError:
-                    continue  # a malformed evaluation does not count
-                if count > 0 and all(np.isfinite(v) for v in metrics.values()):
-                    results.append(Evaluation(node_id, count, metrics))
+                    sound = parse_evaluate_reply(
+                        reply.content, max_examples=self.checks.max_examples
+                    )
+                except MalformedReply as exc:
+                    log.warning("rejected evaluation from node %d: %s", node_id, exc)
+                    self._note_rejection("evaluate-rejected", node_id, str(exc))
+                    continue
+                results.append(Evaluation(node_id, sound.num_examples, sound.metrics))
             if pushed:
                 time.sleep(self.poll_interval)
         if pushed:
             log.warning("version %d: %d evaluation replies missing", version, len(pushed))
-        return self.strategy.aggregate_evaluate(version, sorted(results, key=lambda r: r.node_id))
+        ordered = sorted(results, key=lambda r: r.node_id)
+        try:
+            return self.strategy.aggregate_evaluate(version, ordered)
+        except (AggregationError, DropoutPolicyError):
+            raise
+        except Exception as exc:
+            # Federated evaluation only reports on a model: it is not worth the run.
+            reason = f"{type(exc).__name__}: {exc}"
+            log.warning("version %d: federated evaluation not aggregated: %s", version, reason)
+            self.recorder.record_event(
+                run_id=self.run_id,
+                kind="evaluate-skipped",
+                message=f"federated evaluation of version {version} not aggregated: {reason}",
+                data={"reason": reason, "model_version": version},
+            )
+            return {}
 
     # --- the end -------------------------------------------------------------------------------
 
