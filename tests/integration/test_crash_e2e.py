@@ -1,0 +1,94 @@
+"""Crashes that must lose nothing: the API process SIGKILLed mid-run (the run goes on; every
+round is in the database exactly once afterwards, and the final model downloads)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from florist.server.processes import Managed, free_port, wait_for_port
+
+from .conftest import FlowerStack, start_stack
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def flower_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerStack]:
+    # Slow enough nodes that the API can be killed and restarted while the run is going.
+    profile: dict[str, int | float | str] = {"seconds-per-step": 0.05}
+    with start_stack(tmp_path_factory.mktemp("flower"), [dict(profile) for _ in range(3)]) as s:
+        yield s
+
+
+def _api(stack: FlowerStack, database_url: str, home: Path, port: int, n: int) -> Managed:
+    env = dict(os.environ) | {
+        "FLORIST_DATABASE_URL": database_url,
+        "FLORIST_HOME": str(home),
+        "FLORIST_SUPERLINK_CONTROL": stack.control,
+        "FLORIST_STATUS_POLL_S": "0.5",
+    }
+    cmd = [sys.executable, "-m", "florist.server.cli", "api", "--host", "127.0.0.1"]
+    managed = Managed(f"api-{n}", [*cmd, "--port", str(port)], env, home / f"api-{n}.log", False)
+    managed.start()
+    wait_for_port(f"127.0.0.1:{port}")
+    return managed
+
+
+def _wait(client: httpx.Client, experiment_id: int, until: Any, timeout: float = 240) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        exp = client.get(f"/api/v1/experiments/{experiment_id}").json()
+        if until(exp):
+            return exp
+        assert time.monotonic() < deadline, exp
+        time.sleep(0.3)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_api_killed_mid_run_loses_nothing(
+    flower_stack: FlowerStack, migrated_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    body = {
+        "name": "api-killed",
+        "strategy": {"name": "fedavg", "config": {}},
+        "workload": {"name": "digits", "config": {"partitioner": {"name": "iid"}}},
+        "training": {"local_steps": 20},
+        "rounds": 6,
+        "clients": {"min": 3},
+    }
+    first = _api(flower_stack, migrated_url, tmp_path, port, 1)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            exp = client.post("/api/v1/experiments", json=body).json()
+            _wait(client, exp["id"], lambda e: e["current_round"] >= 1)
+        # Execute: the API dies without a chance to clean up, mid-run.
+        assert first.proc is not None
+        os.killpg(first.proc.pid, signal.SIGKILL)
+        first.proc.wait(10)
+    finally:
+        first.stop()
+    time.sleep(2)  # rounds go on being committed by the ServerApp meanwhile
+    second = _api(flower_stack, migrated_url, tmp_path, port, 2)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            done = _wait(client, exp["id"], lambda e: e["status"] in ("completed", "failed"))
+            rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
+            model = client.get(f"/api/v1/experiments/{exp['id']}/model")
+    finally:
+        second.stop()
+
+    # Assert: the run finished on its own; every round is there exactly once.
+    assert done["status"] == "completed", f"{done}\n{flower_stack.logs()}"
+    assert [r["server_round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert model.status_code == 200 and model.headers["x-florist-round"] == "6"
