@@ -101,6 +101,9 @@ class Arrival:
     local_steps: int
     metrics: Mapping[str, float]
     duration_s: float  # on the experiment's clock
+    # When it arrived: seconds since the run began on the experiment's clock (virtual seconds,
+    # or wall seconds); schedulers that plan in time (FedCompass) read it.
+    arrived_at: float = 0.0
 
     @property
     def staleness(self) -> int:

@@ -542,6 +542,7 @@ class EventLoop:
             duration_s=(event.virtual_end - task.virtual_start)
             if self.virtual
             else event.wall_duration_s,
+            arrived_at=self._clock(),
         )
         try:
             decision = self.strategy.on_arrival(arrival, self.weights)
