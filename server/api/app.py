@@ -7,8 +7,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from florist.server.api.errors import validation_exception_handler
+from florist.server.api.errors import http_exception_handler, validation_exception_handler
 from florist.server.api.routes import api_router
 from florist.server.control import ControlClient
 from florist.server.db.engine import make_engine, make_session_factory, upgrade_database
@@ -56,6 +57,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.add_exception_handler(RequestValidationError, validation_exception_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.include_router(api_router)
     from florist.server.dashboard import mount_dashboard
 

@@ -6,11 +6,15 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from fastapi import Request
+from fastapi import Request, status
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler as fastapi_http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import Response
+from starlette.routing import Match
 
 # Every integer the API stores lands in a 64-bit column or a Flower ConfigRecord (sint64).
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
@@ -132,3 +136,27 @@ async def validation_exception_handler(request: Request, exc: Exception) -> JSON
     never a 500 on an input that JSON cannot echo (a NaN literal, a lone surrogate)."""
     assert isinstance(exc, RequestValidationError)
     return JSONResponse(status_code=422, content={"detail": validation_errors(exc.errors())})
+
+
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's own handler, except that a 405 lists in ``Allow`` the methods of every route
+    of the path: Starlette names only those of the first route that matched the path, and
+    ``GET`` and ``POST /experiments`` are two routes."""
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        # Asked per method of the whole router (routes are nested in included routers).
+        allowed = [
+            method
+            for method in _METHODS
+            if any(
+                route.matches({**request.scope, "method": method})[0] == Match.FULL
+                for route in request.app.router.routes
+            )
+        ]
+        if allowed:
+            headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+            exc = StarletteHTTPException(exc.status_code, exc.detail, headers=headers)
+    return await fastapi_http_exception_handler(request, exc)

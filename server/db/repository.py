@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import Select, and_, case, func, or_, select, tuple_, update
+from sqlalchemy import ColumnElement, Select, and_, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -670,7 +670,7 @@ def page_experiments(
 
     Keyset pagination on (created_at, id): an experiment submitted while a client pages
     lands at the top, and never shifts a later page (as an offset would)."""
-    where = []
+    where: list[ColumnElement[bool]] = []
     if statuses is not None:
         where.append(Experiment.status.in_([as_status(s).value for s in statuses]))
     count = select(func.count()).select_from(Experiment).where(*where)
@@ -697,14 +697,14 @@ def page_rounds(
     session: Session, *, experiment_id: int, limit: int, after_id: int | None = None
 ) -> Page:
     """The experiment's rounds by run and server round, ``limit`` of them after row ``after_id``."""
-    where = [Round.experiment_id == experiment_id]
+    where: list[ColumnElement[bool]] = [Round.experiment_id == experiment_id]
     count = select(func.count()).select_from(Round).where(*where)
     key = tuple_(Round.run_id, Round.server_round, Round.id)
     if after_id is not None:
         anchor = session.get(Round, after_id)
         if anchor is None or anchor.experiment_id != experiment_id:
             raise UnknownCursorError(f"no round row {after_id} in experiment {experiment_id}")
-        where.append(key > tuple_(anchor.run_id, anchor.server_round, anchor.id))
+        where.append(key > tuple_(*map(literal, (anchor.run_id, anchor.server_round, anchor.id))))
     query = select(Round).where(*where).order_by(Round.run_id, Round.server_round, Round.id)
     return _page(session, query, count, limit)
 
@@ -719,7 +719,7 @@ def page_updates(
 ) -> Page:
     """The experiment's client updates (of one server round if given) by run, round and row,
     ``limit`` of them after row ``after_id``."""
-    where = [ClientUpdate.experiment_id == experiment_id]
+    where: list[ColumnElement[bool]] = [ClientUpdate.experiment_id == experiment_id]
     if server_round is not None:
         where.append(ClientUpdate.server_round == server_round)
     count = select(func.count()).select_from(ClientUpdate).where(*where)
@@ -728,7 +728,7 @@ def page_updates(
         anchor = session.get(ClientUpdate, after_id)
         if anchor is None or anchor.experiment_id != experiment_id:
             raise UnknownCursorError(f"no update row {after_id} in experiment {experiment_id}")
-        where.append(key > tuple_(anchor.run_id, anchor.server_round, anchor.id))
+        where.append(key > tuple_(*map(literal, (anchor.run_id, anchor.server_round, anchor.id))))
     query = (
         select(ClientUpdate)
         .where(*where)
@@ -748,7 +748,7 @@ def page_events(
 ) -> Page:
     """The experiment's events of ``kinds`` (all if None) whose row id is above ``after_id``,
     by row id: ``limit`` of them after row ``cursor`` (``total`` counts them all)."""
-    where = [Event.experiment_id == experiment_id, Event.id > after_id]
+    where: list[ColumnElement[bool]] = [Event.experiment_id == experiment_id, Event.id > after_id]
     if kinds is not None:
         where.append(Event.kind.in_(list(kinds)))
     count = select(func.count()).select_from(Event).where(*where)

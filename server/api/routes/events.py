@@ -24,7 +24,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from florist.server.api.deps import DB_INT_MAX, ExperimentId
-from florist.server.api.errors import ErrorPublic
 from florist.server.api.routes.experiments import round_to_public, to_public, update_to_public
 from florist.server.api.schemas import ExperimentPublic, StreamEnd
 from florist.server.db import repository as repo
@@ -204,6 +203,9 @@ async def _stream(
         await asyncio.sleep(POLL_INTERVAL_S)
 
 
+EVENT_NAMES = ("update", "round", "status", "end", "reconnect")
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorPublic"}}}
+
 _EVENTS_DESCRIPTION = """\
 A `text/event-stream` of the experiment, read from the database about twice a second:
 
@@ -235,15 +237,32 @@ with `Last-Event-ID` (as EventSource does) or `?since=<id>` resumes after it, an
             "description": "The event stream.",
             "content": {
                 "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "example": 'event: round\nid: 4-12\ndata: {"server_round": 4, ...}\n\n',
+                    # One event (OpenAPI before 3.2 has `schema` describe each item of a stream).
+                    "schema": {
+                        "type": "object",
+                        "required": ["event", "data"],
+                        "properties": {
+                            "event": {"type": "string", "enum": list(EVENT_NAMES)},
+                            "id": {"type": "string", "pattern": r"^\d+-\d+$"},
+                            "data": {"type": "string", "description": "The event's JSON."},
+                            "retry": {"type": "integer"},
+                        },
+                    },
+                    "example": {"event": "round", "id": "4-12", "data": '{"server_round": 4}'},
                 }
             },
         },
-        404: {"model": ErrorPublic, "description": "No experiment with this id."},
+        # Errors are JSON, not the stream's media type.
+        404: {"description": "No experiment with this id.", "content": _JSON_ERROR},
+        422: {
+            "description": "A malformed `since` or `Last-Event-ID`.",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+            },
+        },
         503: {
-            "model": ErrorPublic,
             "description": "Too many streams are open; retry after `Retry-After` seconds.",
+            "content": _JSON_ERROR,
             "headers": {"Retry-After": {"schema": {"type": "integer"}}},
         },
     },
