@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -298,9 +299,9 @@ def get_experiment(experiment_id: ExperimentId, session: SessionDep) -> Experime
     return to_public(exp, progress.get(exp.id))
 
 
-def _paged(read: Any) -> Page:
+def _paged(read: Callable[[], Page]) -> Page:
     try:
-        page: Page = read()
+        page = read()
     except UnknownCursorError as exc:
         raise _cursor_error(exc) from exc
     return page
