@@ -34,6 +34,25 @@ class Settings(BaseSettings):
     )
     insecure: bool = Field(default=True, description="Plain-text links, for loopback only.")
     status_poll_s: float = Field(default=1.0, gt=0, description="How often runs are followed.")
+    max_model_parameters: int = Field(
+        default=50_000_000,
+        ge=1,
+        description="The largest model (in parameters) an experiment may train: every node and "
+        "the server hold it, and the database keeps its checkpoints. Counted at submission on "
+        "a model without storage (torch's meta device).",
+    )
+    sse_max_streams: int = Field(
+        default=100,
+        ge=1,
+        description="Server-sent event streams open at once; another is refused with 503 and "
+        "Retry-After.",
+    )
+    sse_max_lifetime_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="A server-sent event stream ends after this long with a `reconnect` event; "
+        "the client reconnects with Last-Event-ID and misses nothing.",
+    )
 
     def resolved_database_url(self) -> str:
         if self.database_url:

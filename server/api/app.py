@@ -6,7 +6,10 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from florist.server.api.errors import http_exception_handler, validation_exception_handler
 from florist.server.api.routes import api_router
 from florist.server.control import ControlClient
 from florist.server.db.engine import make_engine, make_session_factory, upgrade_database
@@ -31,6 +34,7 @@ def create_app(
         app.state.settings = settings
         app.state.sessions = make_session_factory(engine)
         app.state.follower = None
+        app.state.open_streams = 0
         if follow_runs:
             factory = control_factory or (
                 lambda: ControlClient(settings.superlink_control, insecure=settings.insecure)
@@ -52,6 +56,8 @@ def create_app(
         summary="Federated learning on Flower: submit experiments, follow every round.",
         lifespan=lifespan,
     )
+    app.add_exception_handler(RequestValidationError, validation_exception_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.include_router(api_router)
     from florist.server.dashboard import mount_dashboard
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated
 
-from fastapi import Depends, Path, Request
+from fastapi import Depends, Path, Query, Request
 from sqlalchemy.orm import Session
 
 from florist.server.follower import RunFollower
@@ -38,3 +38,30 @@ DB_INT_MAX = 2**31 - 1
 ExperimentId = Annotated[
     int, Path(ge=0, le=DB_INT_MAX, description="The experiment's id (404 if there is none).")
 ]
+
+# A page of a listing: rows follow in a fixed order, and each page's ``next_cursor`` (the id of
+# its last row) fetches the next. The default is large enough that a client that reads only
+# the first page still gets all of a typical experiment; the cap bounds one response.
+PAGE_LIMIT_DEFAULT = 1000
+PAGE_LIMIT_MAX = 10_000
+PageLimit = Annotated[
+    int,
+    Query(
+        ge=1,
+        le=PAGE_LIMIT_MAX,
+        description=f"Rows per page (default {PAGE_LIMIT_DEFAULT}, at most {PAGE_LIMIT_MAX}).",
+    ),
+]
+PageCursor = Annotated[
+    int | None,
+    Query(
+        ge=0,
+        le=DB_INT_MAX,
+        description="The previous page's `next_cursor`: the page after it (422 if it names no "
+        "row of this listing). Absent: the first page.",
+    ),
+]
+NEXT_CURSOR_DESCRIPTION = (
+    "Pass as `cursor` for the next page; absent on the last page. `count` counts the rows of "
+    "all pages."
+)

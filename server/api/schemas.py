@@ -8,9 +8,21 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from florist.client.task import StrategyRef, WorkloadRef
+from florist.server.api.deps import NEXT_CURSOR_DESCRIPTION
 from florist.server.db.status import ExperimentStatus
 from florist.server.metrics import BestBy
 from florist.server.spec import ClientsConfig, ExperimentSpec
+
+
+class Paged(BaseModel):
+    """A page of a listing. ``next_cursor`` appears only when another page follows, so a
+    listing that fits one page reads exactly as before pagination: ``{data, count}``."""
+
+    next_cursor: int | None = Field(
+        default=None,
+        description=NEXT_CURSOR_DESCRIPTION,
+        exclude_if=lambda cursor: cursor is None,
+    )
 
 
 class ExperimentCreate(ExperimentSpec):
@@ -101,7 +113,7 @@ class ExperimentPublic(BaseModel):
     )
 
 
-class ExperimentsPublic(BaseModel):
+class ExperimentsPublic(Paged):
     data: list[ExperimentPublic]
     count: int
 
@@ -123,7 +135,7 @@ class RoundPublic(BaseModel):
     )
 
 
-class RoundsPublic(BaseModel):
+class RoundsPublic(Paged):
     data: list[RoundPublic]
     count: int
 
@@ -153,7 +165,7 @@ class UpdatePublic(BaseModel):
     virtual_duration_s: float | None = None
 
 
-class UpdatesPublic(BaseModel):
+class UpdatesPublic(Paged):
     data: list[UpdatePublic]
     count: int
 
@@ -176,7 +188,7 @@ class EventPublic(BaseModel):
     created_at: datetime
 
 
-class EventsPublic(BaseModel):
+class EventsPublic(Paged):
     data: list[EventPublic]
     count: int
 
@@ -270,7 +282,7 @@ class NodePublic(BaseModel):
     )
 
 
-class NodesPublic(BaseModel):
+class NodesPublic(Paged):
     data: list[NodePublic]
     count: int
     stale_after_s: float

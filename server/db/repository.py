@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import case, func, select, update
+from sqlalchemy import ColumnElement, Select, and_, case, func, literal, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.exc import IntegrityError
@@ -654,22 +654,30 @@ def events_after(
     return list(session.scalars(query.order_by(Event.id)).all())
 
 
-def rounds_after(session: Session, *, experiment_id: int, after_id: int = 0) -> list[Round]:
-    """Return the experiment's rounds whose row id is above ``after_id``, oldest row first."""
+def rounds_after(
+    session: Session, *, experiment_id: int, after_id: int = 0, limit: int | None = None
+) -> list[Round]:
+    """Return the experiment's rounds whose row id is above ``after_id``, oldest row first
+    (the first ``limit`` of them if given)."""
     rows = session.scalars(
         select(Round)
         .where(Round.experiment_id == experiment_id, Round.id > after_id)
         .order_by(Round.id)
+        .limit(limit)
     ).all()
     return list(rows)
 
 
-def updates_after(session: Session, *, experiment_id: int, after_id: int = 0) -> list[ClientUpdate]:
-    """Return the experiment's client updates whose row id is above ``after_id``, in row order."""
+def updates_after(
+    session: Session, *, experiment_id: int, after_id: int = 0, limit: int | None = None
+) -> list[ClientUpdate]:
+    """Return the experiment's client updates whose row id is above ``after_id``, in row order
+    (the first ``limit`` of them if given)."""
     rows = session.scalars(
         select(ClientUpdate)
         .where(ClientUpdate.experiment_id == experiment_id, ClientUpdate.id > after_id)
         .order_by(ClientUpdate.id)
+        .limit(limit)
     ).all()
     return list(rows)
 
@@ -693,3 +701,126 @@ def row_ids_through_round(
         )
     )
     return round_id or 0, update_id or 0
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing: its rows, the number of rows the listing has in all, and whether
+    rows follow the page's last one (then its id is the next page's cursor)."""
+
+    rows: list[Any]
+    total: int
+    more: bool
+
+    @property
+    def next_cursor(self) -> int | None:
+        return self.rows[-1].id if self.more and self.rows else None
+
+
+class UnknownCursorError(LookupError):
+    """The cursor names no row of the listing (a cursor is the id of a page's last row)."""
+
+
+def _page(session: Session, query: Select[Any], count: Select[Any], limit: int) -> Page:
+    # One row past the page says whether another page follows, without a second count.
+    rows = list(session.scalars(query.limit(limit + 1)).all())
+    return Page(rows=rows[:limit], total=session.scalar(count) or 0, more=len(rows) > limit)
+
+
+def page_experiments(
+    session: Session,
+    *,
+    limit: int,
+    after_id: int | None = None,
+    offset: int = 0,
+    statuses: Iterable[ExperimentStatus] | None = None,
+) -> Page:
+    """Experiments newest first, ``limit`` of them after the one with id ``after_id``.
+
+    Keyset pagination on (created_at, id): an experiment submitted while a client pages
+    lands at the top, and never shifts a later page (as an offset would)."""
+    where: list[ColumnElement[bool]] = []
+    if statuses is not None:
+        where.append(Experiment.status.in_([as_status(s).value for s in statuses]))
+    count = select(func.count()).select_from(Experiment).where(*where)
+    if after_id is not None:
+        anchor = session.get(Experiment, after_id)
+        if anchor is None:
+            raise UnknownCursorError(f"no experiment {after_id}")
+        where.append(
+            or_(
+                Experiment.created_at < anchor.created_at,
+                and_(Experiment.created_at == anchor.created_at, Experiment.id < anchor.id),
+            )
+        )
+    query = (
+        select(Experiment)
+        .where(*where)
+        .order_by(Experiment.created_at.desc(), Experiment.id.desc())
+        .offset(offset)
+    )
+    return _page(session, query, count, limit)
+
+
+def page_rounds(
+    session: Session, *, experiment_id: int, limit: int, after_id: int | None = None
+) -> Page:
+    """The experiment's rounds by run and server round, ``limit`` of them after row ``after_id``."""
+    where: list[ColumnElement[bool]] = [Round.experiment_id == experiment_id]
+    count = select(func.count()).select_from(Round).where(*where)
+    key = tuple_(Round.run_id, Round.server_round, Round.id)
+    if after_id is not None:
+        anchor = session.get(Round, after_id)
+        if anchor is None or anchor.experiment_id != experiment_id:
+            raise UnknownCursorError(f"no round row {after_id} in experiment {experiment_id}")
+        where.append(key > tuple_(*map(literal, (anchor.run_id, anchor.server_round, anchor.id))))
+    query = select(Round).where(*where).order_by(Round.run_id, Round.server_round, Round.id)
+    return _page(session, query, count, limit)
+
+
+def page_updates(
+    session: Session,
+    *,
+    experiment_id: int,
+    limit: int,
+    after_id: int | None = None,
+    server_round: int | None = None,
+) -> Page:
+    """The experiment's client updates (of one server round if given) by run, round and row,
+    ``limit`` of them after row ``after_id``."""
+    where: list[ColumnElement[bool]] = [ClientUpdate.experiment_id == experiment_id]
+    if server_round is not None:
+        where.append(ClientUpdate.server_round == server_round)
+    count = select(func.count()).select_from(ClientUpdate).where(*where)
+    key = tuple_(ClientUpdate.run_id, ClientUpdate.server_round, ClientUpdate.id)
+    if after_id is not None:
+        anchor = session.get(ClientUpdate, after_id)
+        if anchor is None or anchor.experiment_id != experiment_id:
+            raise UnknownCursorError(f"no update row {after_id} in experiment {experiment_id}")
+        where.append(key > tuple_(*map(literal, (anchor.run_id, anchor.server_round, anchor.id))))
+    query = (
+        select(ClientUpdate)
+        .where(*where)
+        .order_by(ClientUpdate.run_id, ClientUpdate.server_round, ClientUpdate.id)
+    )
+    return _page(session, query, count, limit)
+
+
+def page_events(
+    session: Session,
+    *,
+    experiment_id: int,
+    limit: int,
+    after_id: int = 0,
+    kinds: Sequence[str] | None = None,
+    cursor: int | None = None,
+) -> Page:
+    """The experiment's events of ``kinds`` (all if None) whose row id is above ``after_id``,
+    by row id: ``limit`` of them after row ``cursor`` (``total`` counts them all)."""
+    where: list[ColumnElement[bool]] = [Event.experiment_id == experiment_id, Event.id > after_id]
+    if kinds is not None:
+        where.append(Event.kind.in_(list(kinds)))
+    count = select(func.count()).select_from(Event).where(*where)
+    if cursor is not None:
+        where.append(Event.id > cursor)
+    return _page(session, select(Event).where(*where).order_by(Event.id), count, limit)

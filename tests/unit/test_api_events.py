@@ -101,9 +101,13 @@ class Server:
 
 @pytest.fixture
 def server(migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    yield from serve(Settings(home=tmp_path, database_url=migrated_url), monkeypatch)
+
+
+def serve(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
     monkeypatch.setattr(events_route, "POLL_INTERVAL_S", 0.05)
     monkeypatch.setattr(events_route, "HEARTBEAT_S", 0.2)
-    app = create_app(Settings(home=tmp_path, database_url=migrated_url), follow_runs=False)
+    app = create_app(settings, follow_runs=False)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
@@ -302,3 +306,92 @@ def test_openapi_documents_the_new_endpoints(server: Server) -> None:
     assert "404" in events["responses"]
     nodes = paths["/api/v1/nodes"]["get"]["responses"]["200"]["content"]["application/json"]
     assert nodes["schema"]["$ref"].endswith("/NodesPublic")
+
+
+@pytest.fixture
+def limited_server(
+    migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Server]:
+    settings = Settings(
+        home=tmp_path, database_url=migrated_url, sse_max_streams=1, sse_max_lifetime_s=1.0
+    )
+    yield from serve(settings, monkeypatch)
+
+
+def test_streams_beyond_the_cap_are_refused_with_retry_after(limited_server: Server) -> None:
+    # Prepare: one stream open, of an experiment that does not finish.
+    experiment_id = submit(limited_server)
+    path = f"/api/v1/experiments/{experiment_id}/events"
+    first = Reader(limited_server.client, path)
+    first.next("status")
+
+    # Execute
+    refused = limited_server.client.get(path)
+
+    # Assert: refused while the first is open, served again once it has ended.
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["Retry-After"] == str(events_route.STREAMS_RETRY_AFTER_S)
+    assert "1 event streams are open" in refused.json()["detail"]
+    first.rest()
+    again = Reader(limited_server.client, path)
+    again.next("status")
+    assert again.status_code == 200
+    assert again.rest()[-1].event == "reconnect"
+
+
+def test_a_stream_ends_at_its_lifetime_and_resumes_without_resending(
+    limited_server: Server, recorder: SqlRunRecorder
+) -> None:
+    # Prepare: a running experiment with one round.
+    experiment_id = submit(limited_server)
+    run_id = recorder.start_run(experiment_id=experiment_id, flwr_run_id=5)
+    recorder.record_round(run_id, make_round(1, 0.5))
+    path = f"/api/v1/experiments/{experiment_id}/events"
+
+    # Execute: the stream outlives its second.
+    started = time.monotonic()
+    first = Reader(limited_server.client, path).rest()
+    lived = time.monotonic() - started
+    recorder.record_round(run_id, make_round(2, 0.6))
+    assert first[-1].id is not None
+    second = Reader(limited_server.client, path, headers={"Last-Event-ID": first[-1].id}).rest()
+
+    # Assert: a final reconnect event, and a resume that sends only what is new.
+    assert first[-1].event == "reconnect" and first[-1].data["after_s"] >= 1.0
+    assert 1.0 <= lived < WAIT_S
+    assert [e.data["server_round"] for e in first if e.event == "round"] == [1]
+    assert [e.data["server_round"] for e in second if e.event == "round"] == [2]
+    assert [e.event for e in second].count("update") == len(NODES)
+
+
+def test_a_long_history_arrives_in_batches_with_updates_before_their_round(
+    server: Server, recorder: SqlRunRecorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(events_route, "POLL_BATCH", 3)
+    experiment_id = submit(server)
+    run_id = recorder.start_run(experiment_id=experiment_id, flwr_run_id=5)
+    for server_round in (1, 2, 3, 4):
+        recorder.record_round(run_id, make_round(server_round, 0.1 * server_round))
+    recorder.finish_run(run_id, status="completed")
+
+    events = Reader(server.client, f"/api/v1/experiments/{experiment_id}/events").rest()
+
+    rows = [(e.event, e.data["server_round"]) for e in events if e.event in ("round", "update")]
+    assert [r for r in rows if r[0] == "round"] == [("round", k) for k in (1, 2, 3, 4)]
+    assert len(rows) == 4 * (len(NODES) + 1)  # every row once
+    for index, (event, server_round) in enumerate(rows):
+        if event == "round":  # all of its updates came before it
+            assert [u for u in rows[:index] if u == ("update", server_round)] == [
+                ("update", server_round)
+            ] * len(NODES)
+    assert events[-1].event == "end"
+
+
+def test_a_bad_cursor_is_a_422_in_the_one_error_format(server: Server) -> None:
+    experiment_id = submit(server)
+    bad = server.client.get(
+        f"/api/v1/experiments/{experiment_id}/events", headers={"Last-Event-ID": "nope"}
+    )
+    assert bad.status_code == 422
+    (error,) = bad.json()["detail"]
+    assert error["loc"] == ["header", "Last-Event-ID"] and "nope" in error["msg"]

@@ -441,6 +441,19 @@ def _not_found(experiment_id: int) -> JSONResponse:
     return JSONResponse({"detail": f"experiment {experiment_id} not found"}, status_code=404)
 
 
+# The fake pages its listings as the real API does (``limit``, ``cursor``, ``next_cursor``),
+# with pages this small, so that every page here draws only if the dashboard follows cursors.
+FAKE_PAGE = 2
+
+
+def _page(data: list[Any], cursor: int | None, **extra: Any) -> dict[str, Any]:
+    start = cursor or 0
+    page: dict[str, Any] = {**extra, "data": data[start : start + FAKE_PAGE], "count": len(data)}
+    if start + FAKE_PAGE < len(data):
+        page["next_cursor"] = start + FAKE_PAGE
+    return page
+
+
 def build_app(api: FakeApi) -> FastAPI:
     app = FastAPI()
 
@@ -454,22 +467,25 @@ def build_app(api: FakeApi) -> FastAPI:
         return api.experiments.get(experiment_id) or _not_found(experiment_id)
 
     @app.get("/api/v1/experiments/{experiment_id}/rounds", response_model=None)
-    def list_rounds(experiment_id: int) -> dict[str, Any] | JSONResponse:
+    def list_rounds(experiment_id: int, cursor: int | None = None) -> dict[str, Any] | JSONResponse:
         if experiment_id not in api.experiments:
             return _not_found(experiment_id)
-        data = api.rounds[experiment_id]
-        return {"data": data, "count": len(data)}
+        return _page(api.rounds[experiment_id], cursor)
 
     @app.get("/api/v1/experiments/{experiment_id}/updates", response_model=None)
-    def list_updates(experiment_id: int) -> dict[str, Any] | JSONResponse:
+    def list_updates(
+        experiment_id: int, cursor: int | None = None
+    ) -> dict[str, Any] | JSONResponse:
         if experiment_id not in api.experiments:
             return _not_found(experiment_id)
-        data = api.updates[experiment_id]
-        return {"data": data, "count": len(data)}
+        return _page(api.updates[experiment_id], cursor)
 
     @app.get("/api/v1/experiments/{experiment_id}/log", response_model=None)
     def list_log(
-        experiment_id: int, kind: list[str] | None = Query(None), after: int = 0
+        experiment_id: int,
+        kind: list[str] | None = Query(None),
+        after: int = 0,
+        cursor: int | None = None,
     ) -> dict[str, Any] | JSONResponse:
         if experiment_id not in api.experiments:
             return _not_found(experiment_id)
@@ -478,7 +494,7 @@ def build_app(api: FakeApi) -> FastAPI:
             for e in api.log.get(experiment_id, [])
             if e["id"] > after and (kind is None or e["kind"] in kind)
         ]
-        return {"data": data, "count": len(data)}
+        return _page(data, cursor)
 
     @app.get("/api/v1/experiments/{experiment_id}/events", response_model=None)
     def events(experiment_id: int, request: ServerRequest) -> StreamingResponse | JSONResponse:
@@ -519,8 +535,12 @@ def build_app(api: FakeApi) -> FastAPI:
         return _workloads_payload()
 
     @app.get("/api/v1/nodes")
-    def nodes() -> dict[str, Any]:
-        return api.nodes
+    def nodes(cursor: int | None = None) -> dict[str, Any]:
+        return _page(
+            api.nodes["data"],
+            cursor,
+            **{k: v for k, v in api.nodes.items() if k not in ("data", "count")},
+        )
 
     @app.post("/api/v1/experiments", response_model=None)
     def create(body: dict[str, Any]) -> dict[str, Any] | JSONResponse:

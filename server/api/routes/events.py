@@ -13,13 +13,15 @@ import re
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, status
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from florist.server.api.deps import DB_INT_MAX, ExperimentId
 from florist.server.api.routes.experiments import round_to_public, to_public, update_to_public
@@ -32,11 +34,37 @@ router = APIRouter(prefix="/experiments", tags=["events"])
 POLL_INTERVAL_S = 0.5
 HEARTBEAT_S = 10.0
 RETRY_MS = 2000
+# Rows of each kind read per poll: a long history reaches a new stream in batches (the next
+# one at once), never in one read that holds the whole experiment in memory.
+POLL_BATCH = 500
+# What a client refused for too many open streams is told to wait, in seconds.
+STREAMS_RETRY_AFTER_S = 5
 _SINCE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
 
 class EventStreamResponse(StreamingResponse):
     media_type = "text/event-stream"
+
+
+class _CountedStream(EventStreamResponse):
+    """A stream that gives back its place in the app's count of open streams when it ends,
+    however it ends (finished, client gone, server shutting down)."""
+
+    def __init__(self, state: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._state.open_streams -= 1
+
+
+class Reconnect(BaseModel):
+    """The data of ``reconnect``: the stream reached its maximum lifetime and closes."""
+
+    after_s: float = Field(description="How long the stream was open.")
 
 
 @dataclass(frozen=True)
@@ -59,14 +87,21 @@ def sse(event: str, data: BaseModel, event_id: Cursor | None = None) -> str:
     return "\n".join(lines) + "\n\n"
 
 
-def _resolve_cursor(session: Session, experiment_id: int, since: str | None) -> Cursor:
+def _resolve_cursor(
+    session: Session, experiment_id: int, since: str | None, loc: tuple[str, str]
+) -> Cursor:
     if since is None:
         return Cursor()
     match = _SINCE.match(since.strip())
     if match is None:
-        raise HTTPException(
-            422,
-            f"since/Last-Event-ID {since!r} is neither a server round nor an event id",
+        raise RequestValidationError(
+            [
+                {
+                    "loc": loc,
+                    "msg": f"{since!r} is neither a server round nor an event id",
+                    "type": "cursor_invalid",
+                }
+            ]
         )
     # No row id or round is above DB_INT_MAX, so a larger number means "after all of them".
     first = min(int(match.group(1)), DB_INT_MAX)
@@ -83,6 +118,7 @@ class _Poll:
     experiment: ExperimentPublic | None
     events: list[str]
     cursor: Cursor
+    more: bool = False  # a batch was full: more rows wait
 
 
 def _poll(sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor) -> _Poll:
@@ -96,22 +132,41 @@ def _poll(sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor) -
         events: list[str] = []
         round_id, update_id = cursor.round_id, cursor.update_id
         # Updates before their round, so a page draws a round's bars before its chart point.
-        for update in repo.updates_after(session, experiment_id=experiment_id, after_id=update_id):
+        updates = repo.updates_after(
+            session, experiment_id=experiment_id, after_id=update_id, limit=POLL_BATCH
+        )
+        for update in updates:
             update_id = update.id
             events.append(sse("update", update_to_public(update), Cursor(round_id, update_id)))
-        for row in repo.rounds_after(session, experiment_id=experiment_id, after_id=round_id):
+        # A full batch of updates may leave some of a round's updates for the next poll: its
+        # round waits for them.
+        rounds = (
+            []
+            if len(updates) == POLL_BATCH
+            else repo.rounds_after(
+                session, experiment_id=experiment_id, after_id=round_id, limit=POLL_BATCH
+            )
+        )
+        for row in rounds:
             round_id = row.id
             events.append(sse("round", round_to_public(row), Cursor(round_id, update_id)))
         progress = repo.experiment_progress(session, experiment_ids=[exp.id])
-        return _Poll(to_public(exp, progress.get(exp.id)), events, Cursor(round_id, update_id))
+        more = len(updates) == POLL_BATCH or len(rounds) == POLL_BATCH
+        return _Poll(
+            to_public(exp, progress.get(exp.id)), events, Cursor(round_id, update_id), more
+        )
 
 
 async def _stream(
-    request: Request, sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor
+    request: Request,
+    sessions: sessionmaker[Session],
+    experiment_id: int,
+    cursor: Cursor,
+    max_lifetime_s: float,
 ) -> AsyncIterator[str]:
     yield f"retry: {RETRY_MS}\n\n"
     last_status: str | None = None
-    last_sent = time.monotonic()
+    opened = last_sent = time.monotonic()
     while True:
         poll = await run_in_threadpool(_poll, sessions, experiment_id, cursor)
         if poll.experiment is None:  # deleted while being watched
@@ -127,9 +182,18 @@ async def _stream(
             last_sent = time.monotonic()
         elif poll.events:
             last_sent = time.monotonic()
+        if poll.more:  # the rest of a long history: no end and no wait before it is sent
+            if await request.is_disconnected():
+                return
+            continue
         if poll.experiment.status.terminal:
             end = StreamEnd(status=poll.experiment.status, error=poll.experiment.error)
             yield sse("end", end, cursor)
+            return
+        if (age := time.monotonic() - opened) >= max_lifetime_s:
+            # A stream is not held for ever: EventSource reconnects on its own, with the id of
+            # this last event as Last-Event-ID, so it misses nothing.
+            yield sse("reconnect", Reconnect(after_s=age), cursor)
             return
         if time.monotonic() - last_sent >= HEARTBEAT_S:
             last_sent = time.monotonic()
@@ -138,6 +202,9 @@ async def _stream(
             return
         await asyncio.sleep(POLL_INTERVAL_S)
 
+
+EVENT_NAMES = ("update", "round", "status", "end", "reconnect")
+_JSON_ERROR = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorPublic"}}}
 
 _EVENTS_DESCRIPTION = """\
 A `text/event-stream` of the experiment, read from the database about twice a second:
@@ -148,6 +215,11 @@ A `text/event-stream` of the experiment, read from the database about twice a se
   it changes;
 * `end`: once the experiment has finished, after everything else (`StreamEnd`); then the stream
   closes.
+* `reconnect`: the stream has been open for its maximum lifetime (`FLORIST_SSE_MAX_LIFETIME_S`)
+  and closes; reconnect with its id as `Last-Event-ID` (EventSource does so by itself).
+
+A long history arrives in batches of a few hundred rows, one right after the other. At most
+`FLORIST_SSE_MAX_STREAMS` streams are open at once: beyond that, 503 with `Retry-After`.
 
 Lines starting with `:` are keep-alive comments. Every event's `id` is a cursor: reconnecting
 with `Last-Event-ID` (as EventSource does) or `?since=<id>` resumes after it, and
@@ -165,13 +237,34 @@ with `Last-Event-ID` (as EventSource does) or `?since=<id>` resumes after it, an
             "description": "The event stream.",
             "content": {
                 "text/event-stream": {
-                    "schema": {"type": "string"},
-                    "example": 'event: round\nid: 4-12\ndata: {"server_round": 4, ...}\n\n',
+                    # One event (OpenAPI before 3.2 has `schema` describe each item of a stream).
+                    "schema": {
+                        "type": "object",
+                        "required": ["event", "data"],
+                        "properties": {
+                            "event": {"type": "string", "enum": list(EVENT_NAMES)},
+                            "id": {"type": "string", "pattern": r"^\d+-\d+$"},
+                            "data": {"type": "string", "description": "The event's JSON."},
+                            "retry": {"type": "integer"},
+                        },
+                    },
+                    "example": {"event": "round", "id": "4-12", "data": '{"server_round": 4}'},
                 }
             },
         },
-        404: {"description": "No experiment with this id."},
-        422: {"description": "A malformed `since` or `Last-Event-ID`."},
+        # Errors are JSON, not the stream's media type.
+        404: {"description": "No experiment with this id.", "content": _JSON_ERROR},
+        422: {
+            "description": "A malformed `since` or `Last-Event-ID`.",
+            "content": {
+                "application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}
+            },
+        },
+        503: {
+            "description": "Too many streams are open; retry after `Retry-After` seconds.",
+            "content": _JSON_ERROR,
+            "headers": {"Retry-After": {"schema": {"type": "integer"}}},
+        },
     },
 )
 async def experiment_events(
@@ -195,10 +288,26 @@ async def experiment_events(
                     status.HTTP_404_NOT_FOUND, f"experiment {experiment_id} not found"
                 )
             # A reconnecting EventSource sends the last id it saw; it wins over the URL's since.
-            return _resolve_cursor(session, experiment_id, last_event_id or since)
+            if last_event_id is not None:
+                return _resolve_cursor(
+                    session, experiment_id, last_event_id, ("header", "Last-Event-ID")
+                )
+            return _resolve_cursor(session, experiment_id, since, ("query", "since"))
 
     cursor = await run_in_threadpool(check)
-    return EventStreamResponse(
-        _stream(request, sessions, experiment_id, cursor),
+    settings = request.app.state.settings
+    state = request.app.state
+    # Checked and taken with no await in between: the event loop runs one request at a time
+    # here, so two requests cannot both take the last place.
+    if getattr(state, "open_streams", 0) >= settings.sse_max_streams:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"{settings.sse_max_streams} event streams are open, the most this server keeps",
+            headers={"Retry-After": str(STREAMS_RETRY_AFTER_S)},
+        )
+    state.open_streams = getattr(state, "open_streams", 0) + 1
+    return _CountedStream(
+        state,
+        _stream(request, sessions, experiment_id, cursor, settings.sse_max_lifetime_s),
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

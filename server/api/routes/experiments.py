@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import torch
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response, status
 from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
 
 from florist.client.task import WorkloadRef
-from florist.server.api.deps import DB_INT_MAX, ExperimentId, FollowerDep, SessionDep
+from florist.server.api.deps import (
+    DB_INT_MAX,
+    PAGE_LIMIT_DEFAULT,
+    ExperimentId,
+    FollowerDep,
+    PageCursor,
+    PageLimit,
+    SessionDep,
+    SettingsDep,
+)
+from florist.server.api.errors import ErrorPublic, body_problems, error_responses
 from florist.server.api.external import external_to_public
 from florist.server.api.schemas import (
     CheckpointPublic,
@@ -27,7 +40,7 @@ from florist.server.api.schemas import (
 )
 from florist.server.db import repository as repo
 from florist.server.db.models import ClientUpdate, Event, Experiment, Round
-from florist.server.db.repository import EXTERNAL, Progress
+from florist.server.db.repository import EXTERNAL, Page, Progress, UnknownCursorError
 from florist.server.db.status import ExperimentStatus, IllegalTransition
 from florist.server.recording.artifacts import to_torch_file
 from florist.server.spec import (
@@ -129,14 +142,46 @@ def _body_errors(errors: list[dict[str, Any]]) -> RequestValidationError:
     return RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors])
 
 
-def check_spec(spec: ExperimentSpec) -> None:
-    """What field validation cannot see: the strategy's and the workload's own configs, and
-    whether the workload's model can be built."""
+def _strict_errors(exc: ValidationError, *prefix: str | int) -> list[dict[str, Any]]:
+    return [
+        {"loc": (*prefix, *err["loc"]), "msg": err["msg"], "type": err["type"]}
+        for err in exc.errors(include_url=False, include_context=False)
+    ]
+
+
+def _check_strict(model: type[BaseModel], raw: Any, *prefix: str | int) -> None:
+    """Validate ``raw`` (parsed JSON) as ``model`` in strict JSON mode: ``"5"`` is not 5 and
+    ``true`` is not 1. Only here, at the edge: stored specs are read back as they were."""
+    try:
+        model.model_validate_json(json.dumps(raw), strict=True)
+    except ValidationError as exc:
+        raise _body_errors(_strict_errors(exc, *prefix)) from exc
+
+
+async def checked_body(request: Request) -> None:
+    """What FastAPI's body validation lets through: NaN, Infinity, NUL bytes, lone surrogates
+    and oversized integers anywhere in the body (config dicts included), and coerced types
+    (pydantic's lax mode turns ``"5"`` into 5). Runs before that validation."""
+    try:
+        raw = json.loads(await request.body())
+    except ValueError:
+        return  # not JSON: FastAPI's own parsing answers it, in the same format
+    if problems := list(body_problems(raw)):
+        raise RequestValidationError(problems)
+    _check_strict(ExperimentCreate, raw)
+
+
+def check_spec(spec: ExperimentSpec, *, max_parameters: int | None = None) -> None:
+    """What field validation cannot see: the strategy's and the workload's own configs (in
+    strict mode, as the body), and whether the workload's model can be built and is not too
+    large (``max_parameters``)."""
     try:
         plugin, config = resolve_strategy(spec.strategy)
         workload, workload_config = resolve_workload(spec.workload_ref)
     except StrategySpecError as exc:
         raise _body_errors(exc.errors) from exc
+    _check_strict(plugin.config_model, spec.strategy.config, "strategy", "config")
+    _check_strict(workload.config_model, spec.workload_ref.config, "workload", "config")
     try:
         scheduler = as_scheduler(plugin.build_server(config, server_setup(spec)))
     except (ValueError, TypeError) as exc:  # e.g. a Flower strategy refusing its arguments
@@ -157,20 +202,28 @@ def check_spec(spec: ExperimentSpec) -> None:
         raise _body_errors(
             [{"loc": ("dropout",), "msg": str(exc), "type": "dropout_unsupported"}]
         ) from exc
+    model_loc = ("workload", "config", "model")
     try:
-        # On the meta device: shapes are checked, no memory is taken, however big the model.
+        # On the meta device: shapes are checked and parameters counted, but no memory is
+        # taken, however big the model (the request must not build a 10⁹-parameter model).
         with torch.device("meta"):
-            workload.build_model(workload_config)
+            model = workload.build_model(workload_config)
     except (ValueError, TypeError, RuntimeError) as exc:
+        raise _body_errors(
+            [{"loc": model_loc, "msg": str(exc), "type": "model_dataset_mismatch"}]
+        ) from exc
+    parameters = sum(p.numel() for p in model.parameters())
+    if max_parameters is not None and parameters > max_parameters:
         raise _body_errors(
             [
                 {
-                    "loc": ("workload", "config", "model"),
-                    "msg": str(exc),
-                    "type": "model_dataset_mismatch",
+                    "loc": model_loc,
+                    "msg": f"the model has {parameters:,} parameters, more than this server "
+                    f"takes ({max_parameters:,}; FLORIST_MAX_MODEL_PARAMETERS)",
+                    "type": "model_too_large",
                 }
             ]
-        ) from exc
+        )
 
 
 def _get(session: SessionDep, experiment_id: int) -> Experiment:
@@ -180,11 +233,17 @@ def _get(session: SessionDep, experiment_id: int) -> Experiment:
     return exp
 
 
-@router.post("", response_model=ExperimentPublic, status_code=status.HTTP_201_CREATED)
+@router.post(
+    "",
+    response_model=ExperimentPublic,
+    status_code=status.HTTP_201_CREATED,
+    responses=error_responses(400),
+    dependencies=[Depends(checked_body)],
+)
 def create_experiment(
-    body: ExperimentCreate, session: SessionDep, follower: FollowerDep
+    body: ExperimentCreate, session: SessionDep, follower: FollowerDep, settings: SettingsDep
 ) -> ExperimentPublic:
-    check_spec(body)
+    check_spec(body, max_parameters=settings.max_model_parameters)
     spec = ExperimentSpec.model_validate(body.model_dump())
     # Stored with every default spelled out: a run reads the same settings even if a default
     # changes in a later version.
@@ -199,40 +258,76 @@ def create_experiment(
     return to_public(exp)
 
 
+def _cursor_error(exc: UnknownCursorError) -> RequestValidationError:
+    return RequestValidationError(
+        [{"loc": ("query", "cursor"), "msg": str(exc), "type": "unknown_cursor"}]
+    )
+
+
 @router.get("", response_model=ExperimentsPublic)
 def list_experiments(
     session: SessionDep,
-    offset: int = Query(0, ge=0, le=DB_INT_MAX),
-    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(
+        0, ge=0, le=DB_INT_MAX, description="Skip this many (after `cursor`, if given)."
+    ),
+    limit: int = Query(100, ge=1, le=1000, description="Rows per page (default 100)."),
+    cursor: PageCursor = None,
     status_: list[ExperimentStatus] | None = Query(
         None, alias="status", description="Only experiments in these statuses (repeatable)."
     ),
 ) -> ExperimentsPublic:
-    experiments, count = repo.list_experiments(
-        session, offset=offset, limit=limit, statuses=status_
-    )
+    """Experiments, newest first, one page at a time (`next_cursor`)."""
+    try:
+        page = repo.page_experiments(
+            session, limit=limit, after_id=cursor, offset=offset, statuses=status_
+        )
+    except UnknownCursorError as exc:
+        raise _cursor_error(exc) from exc
+    experiments: list[Experiment] = page.rows
     progress = repo.experiment_progress(session, experiment_ids=[e.id for e in experiments])
     return ExperimentsPublic(
-        data=[to_public(e, progress.get(e.id)) for e in experiments], count=count
+        data=[to_public(e, progress.get(e.id)) for e in experiments],
+        count=page.total,
+        next_cursor=page.next_cursor,
     )
 
 
-@router.get("/{experiment_id}", response_model=ExperimentPublic)
+@router.get("/{experiment_id}", response_model=ExperimentPublic, responses=error_responses(404))
 def get_experiment(experiment_id: ExperimentId, session: SessionDep) -> ExperimentPublic:
     exp = _get(session, experiment_id)
     progress = repo.experiment_progress(session, experiment_ids=[exp.id])
     return to_public(exp, progress.get(exp.id))
 
 
-@router.get("/{experiment_id}/rounds", response_model=RoundsPublic)
-def list_rounds(experiment_id: ExperimentId, session: SessionDep) -> RoundsPublic:
+def _paged(read: Callable[[], Page]) -> Page:
+    try:
+        page = read()
+    except UnknownCursorError as exc:
+        raise _cursor_error(exc) from exc
+    return page
+
+
+@router.get("/{experiment_id}/rounds", response_model=RoundsPublic, responses=error_responses(404))
+def list_rounds(
+    experiment_id: ExperimentId,
+    session: SessionDep,
+    limit: PageLimit = PAGE_LIMIT_DEFAULT,
+    cursor: PageCursor = None,
+) -> RoundsPublic:
+    """The experiment's rounds by run and server round, one page at a time (`next_cursor`)."""
     _get(session, experiment_id)
-    rounds = repo.list_rounds(session, experiment_id=experiment_id)
-    data = [round_to_public(r) for r in rounds]
-    return RoundsPublic(data=data, count=len(data))
+    page = _paged(
+        lambda: repo.page_rounds(session, experiment_id=experiment_id, limit=limit, after_id=cursor)
+    )
+    data = [round_to_public(r) for r in page.rows]
+    return RoundsPublic(data=data, count=page.total, next_cursor=page.next_cursor)
 
 
-@router.get("/{experiment_id}/checkpoints", response_model=CheckpointsPublic)
+@router.get(
+    "/{experiment_id}/checkpoints",
+    response_model=CheckpointsPublic,
+    responses=error_responses(404),
+)
 def list_checkpoints(experiment_id: ExperimentId, session: SessionDep) -> CheckpointsPublic:
     """The global models the experiment kept (its `checkpoints` policy), oldest first."""
     _get(session, experiment_id)
@@ -253,7 +348,10 @@ ModelFormat = Literal["safetensors", "pt"]
             "description": "The model: safetensors (keys as in the model's state_dict), or a "
             "torch state_dict for `format=pt`.",
         },
-        404: {"description": "No such experiment, or no model kept for that round (yet)."},
+        404: {
+            "model": ErrorPublic,
+            "description": "No such experiment, or no model kept for that round (yet).",
+        },
     },
 )
 def download_model(
@@ -292,16 +390,29 @@ def download_model(
     )
 
 
-@router.get("/{experiment_id}/updates", response_model=UpdatesPublic)
+@router.get(
+    "/{experiment_id}/updates", response_model=UpdatesPublic, responses=error_responses(404)
+)
 def list_updates(
     experiment_id: ExperimentId,
     session: SessionDep,
     server_round: int | None = Query(None, ge=0, le=DB_INT_MAX),
+    limit: PageLimit = PAGE_LIMIT_DEFAULT,
+    cursor: PageCursor = None,
 ) -> UpdatesPublic:
+    """The experiment's client updates by run, round and arrival, one page at a time."""
     _get(session, experiment_id)
-    updates = repo.list_updates(session, experiment_id=experiment_id, server_round=server_round)
-    data = [update_to_public(u) for u in updates]
-    return UpdatesPublic(data=data, count=len(data))
+    page = _paged(
+        lambda: repo.page_updates(
+            session,
+            experiment_id=experiment_id,
+            limit=limit,
+            after_id=cursor,
+            server_round=server_round,
+        )
+    )
+    data = [update_to_public(u) for u in page.rows]
+    return UpdatesPublic(data=data, count=page.total, next_cursor=page.next_cursor)
 
 
 @router.get(
@@ -312,7 +423,9 @@ def list_updates(
     "`submitted`, `initial-evaluation`, `dispatch` (work sent: `node_ids`, `model_version`, "
     "`server_round`), `policy` (a dropout or lost-task decision: `node_id`, `action`, "
     "`reason`, …), `tasks` (the tasks dispatched per node, at the end), `cancel`, and others. "
-    "Filter with `kind` (repeatable) and read on from the last id seen with `after`.",
+    "Filter with `kind` (repeatable) and read on from the last id seen with `after`; a long "
+    "log comes in pages (`limit`, `next_cursor`).",
+    responses=error_responses(404),
 )
 def list_log(
     experiment_id: ExperimentId,
@@ -321,14 +434,25 @@ def list_log(
     after: int = Query(
         0, ge=0, le=DB_INT_MAX, description="Only events whose id is above this one."
     ),
+    limit: PageLimit = PAGE_LIMIT_DEFAULT,
+    cursor: PageCursor = None,
 ) -> EventsPublic:
+    if kind is not None and (problems := list(body_problems(kind, ("query", "kind")))):
+        raise RequestValidationError(problems)
     _get(session, experiment_id)
-    events = repo.events_after(session, experiment_id=experiment_id, after_id=after, kinds=kind)
-    data = [event_to_public(e) for e in events]
-    return EventsPublic(data=data, count=len(data))
+    # The cursor is an event id, so it needs no anchor row: it reads on after that id.
+    page = repo.page_events(
+        session, experiment_id=experiment_id, limit=limit, after_id=after, kinds=kind, cursor=cursor
+    )
+    data = [event_to_public(e) for e in page.rows]
+    return EventsPublic(data=data, count=page.total, next_cursor=page.next_cursor)
 
 
-@router.post("/{experiment_id}/cancel", response_model=ExperimentPublic)
+@router.post(
+    "/{experiment_id}/cancel",
+    response_model=ExperimentPublic,
+    responses=error_responses(404, 409),
+)
 def cancel_experiment(
     experiment_id: ExperimentId, session: SessionDep, follower: FollowerDep
 ) -> ExperimentPublic:

@@ -8,7 +8,13 @@ from datetime import datetime
 
 from fastapi import APIRouter, Query
 
-from florist.server.api.deps import FollowerDep, SessionDep
+from florist.server.api.deps import (
+    PAGE_LIMIT_DEFAULT,
+    FollowerDep,
+    PageCursor,
+    PageLimit,
+    SessionDep,
+)
 from florist.server.api.schemas import NodePublic, NodesPublic
 from florist.server.control import SuperLinkNode, SuperLinkUnavailable
 from florist.server.db import repository as repo
@@ -96,9 +102,24 @@ def list_nodes(
     session: SessionDep,
     follower: FollowerDep,
     stale_after_s: float = Query(
-        120.0, gt=0, description="A node not seen in a round for longer than this is stale."
+        120.0,
+        gt=0,
+        le=10**9,
+        description="A node not seen in a round for longer than this is stale.",
     ),
+    limit: PageLimit = PAGE_LIMIT_DEFAULT,
+    cursor: PageCursor = None,
 ) -> NodesPublic:
+    """The nodes, connected first, one page at a time. The listing merges the SuperLink's live
+    view into Florist's records, so its cursor is a position in that order, not a row id."""
     listed, superlink = superlink_nodes(follower)
-    data = merge_nodes(repo.list_nodes(session), listed, now=utcnow(), stale_after_s=stale_after_s)
-    return NodesPublic(data=data, count=len(data), stale_after_s=stale_after_s, superlink=superlink)
+    rows = merge_nodes(repo.list_nodes(session), listed, now=utcnow(), stale_after_s=stale_after_s)
+    start = cursor or 0
+    end = start + limit
+    return NodesPublic(
+        data=rows[start:end],
+        count=len(rows),
+        next_cursor=end if end < len(rows) else None,
+        stale_after_s=stale_after_s,
+        superlink=superlink,
+    )

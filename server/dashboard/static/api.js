@@ -44,21 +44,41 @@ async function request(path, options = {}) {
 
 const experimentPath = (id) => `/experiments/${encodeURIComponent(id)}`;
 
+/**
+ * Every page of a paginated listing ({data, count, next_cursor}) as one {data, count}: the
+ * callers below draw whole experiments, so they follow `next_cursor` to the last page.
+ */
+async function requestAll(path, query = new URLSearchParams()) {
+  const data = [];
+  let page;
+  let cursor = null;
+  do {
+    const params = new URLSearchParams(query);
+    if (cursor !== null) params.set("cursor", String(cursor));
+    const text = params.toString();
+    page = await request(`${path}${text ? `?${text}` : ""}`);
+    data.push(...page.data);
+    cursor = page.next_cursor ?? null;
+  } while (cursor !== null);
+  const { next_cursor: _last, ...rest } = page;
+  return { ...rest, data };
+}
+
+// The experiments page shows the newest page (100), as it always has.
 export const listExperiments = () => request("/experiments");
 export const getExperiment = (id) => request(experimentPath(id));
-export const listRounds = (id) => request(`${experimentPath(id)}/rounds`);
-export const listUpdates = (id) => request(`${experimentPath(id)}/updates`);
+export const listRounds = (id) => requestAll(`${experimentPath(id)}/rounds`);
+export const listUpdates = (id) => requestAll(`${experimentPath(id)}/updates`);
 /** The experiment's event log (GET …/log): events of `kinds` (all when empty) with an id above `after`. */
 export function listLog(id, { kinds = [], after = 0 } = {}) {
   const query = new URLSearchParams(kinds.map((kind) => ["kind", kind]));
   if (after) query.set("after", String(after));
-  const text = query.toString();
-  return request(`${experimentPath(id)}/log${text ? `?${text}` : ""}`);
+  return requestAll(`${experimentPath(id)}/log`, query);
 }
 export const cancelExperiment = (id) => request(`${experimentPath(id)}/cancel`, { method: "POST" });
 export const listStrategies = () => request("/strategies");
 export const listWorkloads = () => request("/workloads");
-export const listNodes = () => request("/nodes");
+export const listNodes = () => requestAll("/nodes");
 export const createExperiment = (body) =>
   request("/experiments", {
     method: "POST",
