@@ -34,7 +34,8 @@ def test_experiments_page(firefox: Firefox, live_server: LiveServer) -> None:  #
     firefox.wait_for(f"{count('[data-testid=experiment-row]')} === 3")
     text = firefox.evaluate("document.querySelector('#experiments-table').textContent")
     assert "mnist-fedprox" in text and "completed" in text
-    assert firefox.evaluate(count("#submit-form select, #submit-form input")) > 5
+    # The form comes after GET /strategies and GET /workloads, which may answer after the rows.
+    firefox.wait_for(f"{count('#submit-form select, #submit-form input')} > 5")
     assert firefox.errors == []
 
 

@@ -583,6 +583,11 @@ def metric_mutations(draw: st.DrawFn) -> Mutation:
     return Mutation(f"{key}={value!r}", set_metric(key, value), rejects)
 
 
+def _metric_key(m: Mutation) -> str:
+    # Names are "key=value" or "drop metric key".
+    return m.name.removeprefix("drop metric ").split("=", 1)[0]
+
+
 def _reshape(k: str, v: np.ndarray, s: np.ndarray) -> np.ndarray:
     return v.reshape(-1) if v.ndim > 1 else v.reshape(1, -1)
 
@@ -636,7 +641,9 @@ RECORD_MUTATIONS = [
 def mutations(draw: st.DrawFn) -> list[Mutation]:
     # Arrays and metrics first, records last: a record removed or replaced stays so.
     out = draw(st.lists(st.sampled_from(ARRAY_MUTATIONS), max_size=1))
-    out += draw(st.lists(metric_mutations(), max_size=3))
+    # One change per metric key: a second change of the same key would undo the first, and the
+    # example's verdict (any change rejects) would no longer describe the reply sent.
+    out += draw(st.lists(metric_mutations(), max_size=3, unique_by=_metric_key))
     out += draw(st.lists(st.sampled_from(RECORD_MUTATIONS), max_size=2))
     return out
 
