@@ -12,7 +12,8 @@ index is found here, by REPLICA_SOURCE:
 - ``ordinal``: the hostname's numeric suffix (a StatefulSet pod ``florist-supernode-3`` → 3).
 - ``env``: PARTITION_ID, as given.
 
-Then NUM_PARTITIONS (the replica count) makes ``--partition-id INDEX --num-partitions N``;
+Then NUM_PARTITIONS (the replica count) makes ``--partition-id INDEX --num-partitions N``
+(INDEX + PARTITION_OFFSET, for a second group of replicas sharing the federation);
 DATA_PATH_TEMPLATE (``/data/site-{index}``) makes ``--data-path`` instead; PROFILES
 (``fast,normal,slow``) gives replica ``index`` the profile ``PROFILES[index % len]``;
 NODE_CONFIG is passed as ``--node-config``.
@@ -98,9 +99,12 @@ def client_argv(index: int, env: Mapping[str, str], extra: Sequence[str] = ()) -
         if not env.get("NUM_PARTITIONS"):
             raise ReplicaError("set NUM_PARTITIONS (the replica count) or DATA_PATH_TEMPLATE")
         total = int(env["NUM_PARTITIONS"])
-        if not 0 <= index < total:
-            raise ReplicaError(f"replica {index} is not in [0, NUM_PARTITIONS={total})")
-        argv += ["--partition-id", str(index), "--num-partitions", str(total)]
+        # A second group of replicas (another Helm release) takes the partitions after the
+        # first group's: PARTITION_OFFSET.
+        partition = int(env.get("PARTITION_OFFSET") or 0) + index
+        if not 0 <= partition < total:
+            raise ReplicaError(f"partition {partition} is not in [0, NUM_PARTITIONS={total})")
+        argv += ["--partition-id", str(partition), "--num-partitions", str(total)]
     profiles = [p.strip() for p in env.get("PROFILES", "").split(",") if p.strip()]
     if profiles:
         argv += ["--profile", profiles[index % len(profiles)]]

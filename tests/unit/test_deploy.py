@@ -45,6 +45,7 @@ REPLICA_VARIABLES = {
     "REPLICA_SOURCE",
     "REPLICA_NAME_PREFIX",
     "PARTITION_ID",
+    "PARTITION_OFFSET",
     "PROFILES",
     "DATA_PATH_TEMPLATE",
     "NODE_CONFIG",
@@ -281,6 +282,8 @@ def test_replica_argv_with_its_own_data_and_extra_arguments() -> None:
     ]  # fmt: skip
     with pytest.raises(replica.ReplicaError, match="not in"):
         replica.client_argv(3, {"NUM_PARTITIONS": "3"})
+    offset = {"NUM_PARTITIONS": "5", "PARTITION_OFFSET": "3"}
+    assert replica.client_argv(1, offset)[2:] == ["--partition-id", "4", "--num-partitions", "5"]
     with pytest.raises(replica.ReplicaError, match="NUM_PARTITIONS"):
         replica.client_argv(0, {})
 
