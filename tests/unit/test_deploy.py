@@ -377,3 +377,163 @@ def test_log_to_stdout_is_a_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     assert Settings().log_to_stdout is True
     monkeypatch.delenv("FLORIST_LOG_TO_STDOUT")
     assert Settings().log_to_stdout is False
+
+
+# --- Helm chart: rendered by Helm's own engine, checked against Kubernetes' schemas --------
+
+CHART = DEPLOY / "helm" / "florist"
+KUBE_VERSIONS = ("1.30.0", "1.37.0")  # the oldest and newest Kubernetes we check against
+SITE = {  # a second release: clients only, joining a SuperLink elsewhere
+    "superlink": {"enabled": False, "address": "fleet.example.org:9092"},
+    "api": {"enabled": False},
+    "postgresql": {"enabled": False},
+    "supernodes": {"replicas": 4, "numPartitions": 7, "partitionOffset": 3, "profiles": ["slow"]},
+}
+
+
+def render(values: dict[str, Any], name: str = "fl") -> list[dict[str, Any]]:
+    """`helm template` through Helm's Go SDK (helm-python-sdk), every manifest parsed."""
+    helm = pytest.importorskip("helm_python", reason="helm-python-sdk: the dev extras")
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values, name=name, namespace="florist", is_install=True)
+    docs = []
+    for path, text in files.items():
+        if path.endswith(".yaml"):
+            docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def by_kind(docs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+
+def containers(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {
+        c["name"]: c
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+
+
+def plain_env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+VALUE_SETS = {
+    "defaults": {},
+    "site": SITE,
+    "external-database": {
+        "postgresql": {"enabled": False},
+        "externalDatabase": {"url": "postgresql://florist:pw@db.example.org/florist"},
+        "superlink": {"service": {"type": "LoadBalancer"}},
+    },
+    "own-data-and-security": {
+        "postgresql": {"password": "pw"},
+        "supernodes": {"dataPathTemplate": "/data/site-{index}", "data": {"hostPath": "/srv"}},
+        "security": {
+            "tls": {"enabled": True, "ca": "CA", "cert": "CERT", "key": "KEY"},
+            "supernodeAuth": {"enabled": True, "key": "NODE KEY"},
+        },
+        "imagePullSecrets": [{"name": "registry"}],
+    },
+}
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_SETS))
+def test_chart_renders_manifests_valid_for_kubernetes(case: str) -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    docs = render(VALUE_SETS[case])
+    assert docs
+    for doc in docs:
+        for version in KUBE_VERSIONS:
+            # strict: an unknown field (a typo, a misplaced key) is an error too.
+            kubernetes_validate.validate(doc, version, strict=True)
+    # Every Secret a pod reads is one this release makes (or a value names).
+    names = {d["metadata"]["name"] for d in docs if d["kind"] == "Secret"}
+    for container in containers(docs).values():
+        for env in container.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] in names, (case, env)
+        for key in plain_env(container):
+            if key.startswith("FLORIST_"):
+                assert key in SETTINGS | PENDING, (case, key)
+
+
+def test_chart_default_install_has_every_piece_and_real_commands() -> None:
+    docs = render({})
+    objects = by_kind(docs)
+    assert {
+        ("Deployment", "fl-superlink"), ("Service", "fl-superlink"),
+        ("PersistentVolumeClaim", "fl-superlink"), ("Deployment", "fl-api"), ("Service", "fl-api"),
+        ("StatefulSet", "fl-postgresql"), ("Service", "fl-postgresql"), ("Secret", "fl-database"),
+        ("StatefulSet", "fl-supernode"), ("Service", "fl-supernode"),
+    } <= set(objects)  # fmt: skip
+    runner = CliRunner()
+    pods = containers(docs)
+    for name in ("superlink", "api"):
+        argv = pods[name]["args"]
+        help_text = runner.invoke(app, [argv[0], "--help"], terminal_width=200).output
+        assert "Usage" in help_text
+        for option in (a for a in argv[1:] if a.startswith("--")):
+            assert option in help_text, (name, option)
+    superlink = pods["superlink"]
+    database = superlink["args"][superlink["args"].index("--database") + 1]
+    [mount] = [m for m in superlink["volumeMounts"] if m["name"] == "state"]
+    assert database.startswith(mount["mountPath"] + "/")
+    health = superlink["args"][superlink["args"].index("--health") + 1]
+    assert superlink["readinessProbe"]["grpc"]["port"] == int(health.rsplit(":", 1)[1])
+    assert pods["api"]["readinessProbe"]["httpGet"]["path"] == "/api/v1/healthz"
+    assert plain_env(pods["api"])["FLORIST_SUPERLINK_CONTROL"] == "fl-superlink:8000"
+    secret = objects[("Secret", "fl-database")]["stringData"]
+    assert secret["database-url"] == (
+        f"postgresql://florist:{secret['postgres-password']}@fl-postgresql:5432/florist"
+    )
+
+
+def test_chart_supernode_replicas_take_partition_and_profile_from_their_ordinal() -> None:
+    docs = render({"supernodes": {"replicas": 5}})
+    statefulset = by_kind(docs)[("StatefulSet", "fl-supernode")]
+    [pod] = statefulset["spec"]["template"]["spec"]["containers"]
+    assert pod["command"] == ["florist-replica"]
+    env = plain_env(pod)
+    assert env["FLORIST_SUPERLINK_FLEET"] == "fl-superlink:9092"
+    parts = []
+    for ordinal in range(statefulset["spec"]["replicas"]):
+        # The pod's hostname is its name: <statefulset>-<ordinal>.
+        index = replica.replica_index({**env, "HOSTNAME": f"fl-supernode-{ordinal}"})
+        argv = replica.client_argv(index, env)
+        args = dict(zip(argv[2::2], argv[3::2], strict=True))
+        parts.append(int(args["--partition-id"]))
+        assert args["--num-partitions"] == "5"
+        assert args["--profile"] == ["fast", "normal", "slow"][ordinal % 3]
+    assert parts == [0, 1, 2, 3, 4]
+
+
+def test_chart_second_release_adds_a_site_to_an_existing_superlink() -> None:
+    docs = render(SITE, name="site-b")
+    assert {d["kind"] for d in docs} == {"StatefulSet", "Service"}
+    [pod] = containers(docs).values()
+    env = plain_env(pod)
+    assert env["FLORIST_SUPERLINK_FLEET"] == "fleet.example.org:9092"
+    partitions = [
+        replica.client_argv(replica.ordinal_index(f"site-b-florist-supernode-{i}"), env)[3]
+        for i in range(4)
+    ]
+    assert partitions == ["3", "4", "5", "6"]
+    helm = pytest.importorskip("helm_python")
+    with pytest.raises(helm.HelmError, match=r"superlink\.address"):
+        render({**SITE, "superlink": {"enabled": False}})
+    with pytest.raises(helm.HelmError, match="numPartitions"):
+        render({**SITE, "supernodes": {"replicas": 5, "numPartitions": 7, "partitionOffset": 3}})
+
+
+def test_chart_values_are_documented() -> None:
+    """Every value has a comment on it or on its section; Helm's own lint finds no error."""
+    lines = (CHART / "values.yaml").read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[a-zA-Z]\w*:", line):  # a top-level section or value
+            assert lines[i - 1].startswith("#"), f"values.yaml: {line!r} has no comment"
+    helm = pytest.importorskip("helm_python")
+    assert helm.lint(str(CHART), strict=True)["errors"] == []
