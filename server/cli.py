@@ -315,7 +315,8 @@ def up(
     console.print(
         f"[green]Florist is up[/green]: dashboard and API at {base} "
         f"(docs {base}/docs), {clients} SuperNodes "
-        f"({fleet or ', '.join(str(p['profile']) for p in profiles)}); logs in {logs}"
+        f"({fleet or ', '.join(str(p['profile']) for p in profiles)}); "
+        + ("logs on this console" if settings.log_to_stdout else f"logs in {logs}")
     )
     if demo or experiment:
         body = load_experiment(experiment) if experiment else dict(DEMO_EXPERIMENT)
