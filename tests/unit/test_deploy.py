@@ -221,7 +221,7 @@ def test_dockerfile_copies_what_exists_and_exposes_the_ports_in_use(
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     for line in dockerfile.splitlines():
         if line.startswith("COPY ") and "--from=" not in line:
-            for src in shlex.split(line)[1:-1]:
+            for src in (w for w in shlex.split(line)[1:-1] if not w.startswith("--")):
                 assert (ROOT / src).exists(), f"COPY source {src} is missing"
     exposed = set(re.findall(r"^EXPOSE (.+)$", dockerfile, re.M)[0].split())
     ports = [p for service in compose["services"].values() for p in service.get("ports", [])]
@@ -235,6 +235,9 @@ def test_dockerfile_copies_what_exists_and_exposes_the_ports_in_use(
     assert len(re.findall(r"^FROM ", dockerfile, re.M)) >= 2, "multi-stage"
     assert re.search(r"^USER 10001$", dockerfile, re.M), "non-root"
     assert "HEALTHCHECK" in dockerfile and "FLORIST_LOG_TO_STDOUT=true" in dockerfile
+    # The names compose and the chart call the entry-point helpers by.
+    for script, name in (("replica", "florist-replica"), ("healthcheck", "florist-healthcheck")):
+        assert re.search(rf"^COPY .*deploy/{script}\.py /usr/local/bin/{name}$", dockerfile, re.M)
     for variable in re.findall(r"\b(FLORIST_[A-Z_]+)=", dockerfile):
         assert variable in SETTINGS
 
