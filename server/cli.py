@@ -300,7 +300,7 @@ def up(
         profiles = [{"profile": mix[i % len(mix)]} for i in range(clients)]
     settings = get_settings()
     logs = _prepare(settings)
-    sup = Supervisor()
+    sup = Supervisor(log_to_stdout=settings.log_to_stdout)
     try:
         _start_server(sup, settings, logs)
         for i, profile in enumerate(profiles):
@@ -315,7 +315,8 @@ def up(
     console.print(
         f"[green]Florist is up[/green]: dashboard and API at {base} "
         f"(docs {base}/docs), {clients} SuperNodes "
-        f"({fleet or ', '.join(str(p['profile']) for p in profiles)}); logs in {logs}"
+        f"({fleet or ', '.join(str(p['profile']) for p in profiles)}); "
+        + ("logs on this console" if settings.log_to_stdout else f"logs in {logs}")
     )
     if demo or experiment:
         body = load_experiment(experiment) if experiment else dict(DEMO_EXPERIMENT)
@@ -337,13 +338,48 @@ def server() -> None:
     """Start the server side alone (database, SuperLink, API), as a server container does."""
     settings = get_settings()
     logs = _prepare(settings)
-    sup = Supervisor()
+    sup = Supervisor(log_to_stdout=settings.log_to_stdout)
     _start_server(sup, settings, logs)
     console.print(
         f"[green]server up[/green]: API {api_url(settings)}, "
         f"Fleet API (gRPC) {settings.superlink_fleet}"
     )
     _supervise(sup)
+
+
+@app.command()
+def superlink(
+    database: Annotated[
+        Path | None,
+        typer.Option(
+            help="The SuperLink's state file (SQLite): runs and node ids survive a restart, so "
+            "SuperNodes reconnect as the same nodes. Default: in memory, lost on restart"
+        ),
+    ] = None,
+    health: Annotated[
+        str | None,
+        typer.Option(help="host:port of Flower's gRPC health server, for probes"),
+    ] = None,
+) -> None:
+    """Run the SuperLink alone in the foreground, as its own container does."""
+    settings = get_settings()
+    settings.home.mkdir(parents=True, exist_ok=True)
+    if database is not None:
+        database.parent.mkdir(parents=True, exist_ok=True)
+    cmd = superlink_command(
+        control=settings.superlink_control,
+        fleet=settings.superlink_fleet,
+        health=health,
+        database=database,
+        insecure=settings.insecure,
+    )
+    # The SuperLink starts the ServerApp, which records every round in Florist's database.
+    env = flower_env(
+        settings.home.resolve(), {"FLORIST_DATABASE_URL": settings.resolved_database_url()}
+    )
+    # exec, not a supervisor: the container runtime restarts it, its output is the container's,
+    # and Flower's own SIGTERM handler shuts it down gracefully.
+    os.execvpe(cmd[0], cmd, env)
 
 
 @app.command()
@@ -441,7 +477,7 @@ def client(
         )
         os.execvpe(cmd[0], cmd, flower_env(settings.home.resolve()))
     settings.home = settings.home.resolve()
-    sup = Supervisor()
+    sup = Supervisor(log_to_stdout=settings.log_to_stdout)
     _add_supernode(sup, "supernode", settings, node_config, port, settings.home / "logs", warm)
     data = (
         f"data {node_config['data-path']}"

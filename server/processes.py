@@ -169,12 +169,16 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @dataclass
 class Managed:
-    """One supervised process: its command, where its output goes, how often it restarted."""
+    """One supervised process: its command, where its output goes, how often it restarted.
+
+    ``log_path=None`` leaves the child on the supervisor's own stdout/stderr (in a container,
+    where the runtime collects them; a file inside it would be invisible to `docker logs`).
+    """
 
     name: str
     argv: Sequence[str]
     env: Mapping[str, str]
-    log_path: Path
+    log_path: Path | None
     restart: bool = True
     proc: subprocess.Popen[bytes] | None = None
     restarts: int = 0
@@ -182,16 +186,18 @@ class Managed:
     _log: object = field(default=None, repr=False)
 
     def start(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self._log = log_file
+        log_file = None
+        if self.log_path is not None:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+            self._log = log_file
         # A new session so Ctrl-C in the terminal reaches the supervisor only, which then
-        # stops the children in order.
+        # stops the children in order. Without a file the child inherits our stdout/stderr.
         self.proc = subprocess.Popen(
             list(self.argv),
             env=dict(self.env),
             stdout=log_file,
-            stderr=subprocess.STDOUT,
+            stderr=subprocess.STDOUT if log_file is not None else None,
             start_new_session=True,
         )
         self.last_start = time.monotonic()
@@ -217,18 +223,22 @@ class Managed:
 class Supervisor:
     """Starts processes in order, restarts one that dies (with back-off), stops all in reverse."""
 
-    def __init__(self, max_restarts: int = 5) -> None:
+    def __init__(self, max_restarts: int = 5, *, log_to_stdout: bool = False) -> None:
         self.processes: list[Managed] = []
         self.max_restarts = max_restarts
+        # One switch for every child (FLORIST_LOG_TO_STDOUT) rather than a flag per call site.
+        self.log_to_stdout = log_to_stdout
 
     def add(self, managed: Managed) -> Managed:
+        if self.log_to_stdout:
+            managed.log_path = None
         managed.start()
         self.processes.append(managed)
         log.info(
             "started %s (pid %s), log %s",
             managed.name,
             managed.proc and managed.proc.pid,
-            managed.log_path,
+            managed.log_path or "to stdout",
         )
         return managed
 

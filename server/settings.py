@@ -33,6 +33,11 @@ class Settings(BaseSettings):
         description="ClientApp-side API port of `florist up`'s first SuperNode; the next get +1.",
     )
     insecure: bool = Field(default=True, description="Plain-text links, for loopback only.")
+    log_to_stdout: bool = Field(
+        default=False,
+        description="Supervised processes write to this process's stdout/stderr instead of "
+        "files under `home`/logs: a container's runtime collects them (`docker logs`).",
+    )
     status_poll_s: float = Field(default=1.0, gt=0, description="How often runs are followed.")
     max_model_parameters: int = Field(
         default=50_000_000,
