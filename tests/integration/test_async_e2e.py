@@ -125,6 +125,31 @@ def test_virtual_clock_runs_are_reproducible(api: Api) -> None:
     assert first[1] != other[1]
 
 
+def test_fedcompass_gives_slower_nodes_fewer_steps_on_the_wall_clock(
+    api: Api, database_url: str
+) -> None:
+    # FedCompass through REST on real SuperNodes of different speeds (0.2, 0.2, 0.6, 1.2 s per
+    # step). After the first group (Q_max = 20 steps for all: no speed known yet), the 0.6 s node
+    # joins the fast nodes' group with ⌊(20·0.2)/0.6⌋ = 6 steps; the 1.2 s node would get 3 < Q_min
+    # and opens its own group of 20.
+    body = fedasync("e2e-fedcompass-wall", budget=None) | {
+        "strategy": {"name": "fedcompass", "config": {"q_min": 5, "q_max": 20}},
+        "rounds": 3,
+    }
+    exp = api.submit(body)
+    done = api.wait_finished(exp["id"], timeout=240)
+    assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+    updates = updates_of(api, exp["id"])
+    assert_no_update_lost(api, exp["id"], updates)
+    assigned = [a for e in events_of(api, exp["id"], "fedcompass-assign") for a in e["assignments"]]
+    first = {a["node_id"]: a["local_steps"] for a in assigned[: len(SPEEDS)]}
+    assert set(first.values()) == {20}, assigned
+    later = [a for a in assigned[len(SPEEDS) :]]
+    assert later and min(a["local_steps"] for a in later) < 20, assigned
+    by_node = {u["node_id"]: u for u in updates if u["status"] == "accepted"}
+    assert len(by_node) == len(SPEEDS)
+
+
 # Last in this module: it kills one of the module's SuperNodes.
 def test_a_node_killed_mid_task_does_not_stop_the_run(api: Api, database_url: str) -> None:
     # Short tasks (5 steps: 1 s to 6 s of profile time) and a deadline that a healthy task meets
