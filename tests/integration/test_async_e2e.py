@@ -150,6 +150,24 @@ def test_fedcompass_gives_slower_nodes_fewer_steps_on_the_wall_clock(
     assert len(by_node) == len(SPEEDS)
 
 
+def test_fedfix_aggregates_every_period_with_whoever_finished(api: Api, database_url: str) -> None:
+    # FedFix through REST on the wall clock: 20 steps take 4 s on the fast nodes and 24 s on the
+    # slowest. With Δt = 6 s the early ticks aggregate the fast nodes only; every task is a row.
+    body = fedasync("e2e-fedfix-wall", budget=None) | {
+        "strategy": {"name": "fedfix", "config": {"period_s": 6.0}},
+        "rounds": 4,
+    }
+    exp = api.submit(body)
+    done = api.wait_finished(exp["id"], timeout=240)
+    assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+    updates = updates_of(api, exp["id"])
+    assert_no_update_lost(api, exp["id"], updates)
+    rounds = api.client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
+    assert len(rounds) == 4
+    first = [u for u in updates if u["server_round"] == 1 and u["status"] == "accepted"]
+    assert 0 < len(first) < len(SPEEDS), first  # the slowest was still training at the tick
+
+
 # Last in this module: it kills one of the module's SuperNodes.
 def test_a_node_killed_mid_task_does_not_stop_the_run(api: Api, database_url: str) -> None:
     # Short tasks (5 steps: 1 s to 6 s of profile time) and a deadline that a healthy task meets
