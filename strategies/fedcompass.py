@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Self
 
 from pydantic import Field, model_validator
@@ -290,13 +290,7 @@ class FedCompass(EventStrategy):
             },
             kind="fedcompass-aggregate",
         )
-        return Decision(
-            weights=new,
-            dispatch=decision.dispatch,
-            local_steps=decision.local_steps,
-            wake_in=decision.wake_in,
-            notes=(note, *decision.notes),
-        )
+        return replace(decision, notes=(note, *decision.notes))
 
     def on_arrival(self, arrival: Arrival, weights: Weights) -> Decision:
         self.now = max(self.now, arrival.arrived_at)
@@ -322,16 +316,10 @@ class FedCompass(EventStrategy):
             decision = Decision(wake_in=self._wake_in())
         if not retry.dispatch:  # given up
             self.nodes.discard(node_id)
-            return Decision(
-                weights=decision.weights,
-                dispatch=decision.dispatch,
-                local_steps=decision.local_steps,
-                wake_in=decision.wake_in,
-                notes=(*decision.notes, *retry.notes),
-            )
+            return replace(decision, notes=(*decision.notes, *retry.notes))
         again = self._dispatch([node_id])
-        return Decision(
-            weights=decision.weights,
+        return replace(
+            decision,
             dispatch=(*decision.dispatch, *again.dispatch),
             local_steps={**decision.local_steps, **again.local_steps},
             wake_in=again.wake_in,

@@ -13,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from florist.client.task import WorkloadRef
+from florist.client.workloads import WorkloadConfig
 from florist.server.api.deps import (
     DB_INT_MAX,
     PAGE_LIMIT_DEFAULT,
@@ -24,7 +25,7 @@ from florist.server.api.deps import (
     SettingsDep,
 )
 from florist.server.api.errors import ErrorPublic, body_problems, error_responses
-from florist.server.api.external import external_to_public
+from florist.server.api.external import external_to_public, row_fields
 from florist.server.api.schemas import (
     CheckpointPublic,
     CheckpointsPublic,
@@ -72,28 +73,13 @@ def to_public(exp: Experiment, progress: Progress | None = None) -> ExperimentPu
     if exp.source == EXTERNAL:
         return external_to_public(exp, progress)
     spec = ExperimentSpec.model_validate(exp.spec)
-    progress = progress or Progress()
     return ExperimentPublic(
-        id=exp.id,
-        name=exp.name,
-        status=exp.status,
+        **row_fields(exp, progress),
         strategy=spec.strategy,
         workload=spec.workload_ref,
         training=spec.training.model_dump(mode="json"),
         clients=spec.clients,
-        num_rounds=exp.num_rounds,
-        current_round=progress.current_round,
         asynchronous=_is_asynchronous(spec.strategy.name),
-        accepted_updates=progress.accepted_updates,
-        best_accuracy=progress.best_accuracy,
-        best_round=progress.best_round,
-        best_val_accuracy=progress.best_val_accuracy,
-        best_by=progress.best_by,
-        flwr_run_id=None if exp.flwr_run_id is None else str(exp.flwr_run_id),
-        error=exp.error,
-        created_at=exp.created_at,
-        started_at=exp.started_at,
-        finished_at=exp.finished_at,
     )
 
 
@@ -171,10 +157,10 @@ async def checked_body(request: Request) -> None:
     _check_strict(ExperimentCreate, raw)
 
 
-def check_spec(spec: ExperimentSpec, *, max_parameters: int | None = None) -> None:
+def check_spec(spec: ExperimentSpec, *, max_parameters: int | None = None) -> WorkloadConfig:
     """What field validation cannot see: the strategy's and the workload's own configs (in
     strict mode, as the body), and whether the workload's model can be built and is not too
-    large (``max_parameters``)."""
+    large (``max_parameters``). Returns the validated workload config."""
     try:
         plugin, config = resolve_strategy(spec.strategy)
         workload, workload_config = resolve_workload(spec.workload_ref)
@@ -224,6 +210,7 @@ def check_spec(spec: ExperimentSpec, *, max_parameters: int | None = None) -> No
                 }
             ]
         )
+    return workload_config
 
 
 def _get(session: SessionDep, experiment_id: int) -> Experiment:
@@ -243,11 +230,10 @@ def _get(session: SessionDep, experiment_id: int) -> Experiment:
 def create_experiment(
     body: ExperimentCreate, session: SessionDep, follower: FollowerDep, settings: SettingsDep
 ) -> ExperimentPublic:
-    check_spec(body, max_parameters=settings.max_model_parameters)
+    workload_config = check_spec(body, max_parameters=settings.max_model_parameters)
     spec = ExperimentSpec.model_validate(body.model_dump())
     # Stored with every default spelled out: a run reads the same settings even if a default
     # changes in a later version.
-    _, workload_config = resolve_workload(spec.workload_ref)
     spec.workload = WorkloadRef(
         name=spec.workload_ref.name, config=workload_config.model_dump(mode="json")
     )
