@@ -192,6 +192,8 @@ def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:
             superlink_command(
                 control=settings.superlink_control,
                 fleet=settings.superlink_fleet,
+                # A SuperLink the supervisor restarts knows its runs and nodes again.
+                database=settings.superlink_state_file(),
                 insecure=settings.insecure,
             ),
             env,

@@ -23,6 +23,7 @@ from florist.server.db.repository import (
     list_active_experiment_ids,
     record_submission,
     release_claim,
+    requeue_lost_run,
     stale_claims,
     update_experiment,
 )
@@ -64,6 +65,7 @@ class RunFollower:
         interval: float = 1.0,
         submit_timeout: timedelta = timedelta(minutes=5),
         claim_timeout: timedelta = timedelta(seconds=15),
+        auto_resume: int = 3,
     ) -> None:
         self._sessions = sessions
         self._control_factory = control
@@ -74,6 +76,7 @@ class RunFollower:
         # How long a submission may stay unrecorded before reconcile() looks for its run: more
         # than a StartRun takes, so a live follower's submission is not second-guessed.
         self._claim_timeout = claim_timeout
+        self._auto_resume = auto_resume  # resubmissions of a lost run before it fails
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -298,7 +301,7 @@ class RunFollower:
             return
         if state is None:
             # An in-memory SuperLink that restarted has forgotten the run.
-            _fail(session, exp, "the SuperLink no longer knows this run (restarted?)")
+            self._lost(session, exp, "the SuperLink no longer knows it (restarted?)")
             return
         if not state.finished:
             if state.status == "running" and exp.status == ExperimentStatus.SUBMITTED:
@@ -316,6 +319,14 @@ class RunFollower:
             outcome = ExperimentStatus.CANCELLED
         elif state.sub_status == "completed" and exp.error is None:
             outcome = ExperimentStatus.COMPLETED
+        elif exp.error is None and exp.status in (
+            ExperimentStatus.SUBMITTED,
+            ExperimentStatus.RUNNING,
+        ):
+            # Flower ended the run, its ServerApp never did (it records every end it lives to
+            # see): it died, or never started.
+            self._lost(session, exp, state.details or f"it ended {state.sub_status}")
+            return
         else:
             outcome = ExperimentStatus.FAILED
             # Keep the ServerApp's own error when it recorded one: it says more than Flower's.
@@ -339,6 +350,29 @@ class RunFollower:
             message=f"Flower run {exp.flwr_run_id}: {state.status}:{state.sub_status}",
             data={"details": state.details},
         )
+
+    def _lost(self, session: Session, exp: Experiment, why: str) -> None:
+        """The experiment's run is gone without its ServerApp finishing it: submit it again, to
+        resume from its last committed round, up to ``auto_resume`` times; then it fails."""
+        assert exp.flwr_run_id is not None
+        lost = f"Flower run {exp.flwr_run_id} was lost: {why}"
+        if exp.source != "florist":
+            _fail(session, exp, lost)  # another app's run: Florist cannot start it again
+            return
+        if exp.resumes >= self._auto_resume:
+            tried = f"resumed {exp.resumes} times already" if exp.resumes else "auto-resume is off"
+            _fail(session, exp, f"{lost} ({tried}; POST /api/v1/experiments/{exp.id}/resume)")
+            return
+        if requeue_lost_run(session, experiment_id=exp.id, flwr_run_id=exp.flwr_run_id):
+            add_event(
+                session,
+                experiment_id=exp.id,
+                kind="run-lost",
+                message=f"{lost}; submitted again to resume from its last committed round "
+                f"(attempt {exp.resumes + 1} of {self._auto_resume})",
+                data={"flwr_run_id": str(exp.flwr_run_id), "details": why},
+            )
+            self.wake()
 
 
 def discovered_experiment(run: RunState) -> dict[str, Any]:

@@ -18,12 +18,14 @@ from florist.client.training import evaluate, pick_device
 from florist.client.workloads import WorkloadConfig, WorkloadDataError, WorkloadPlugin
 from florist.datasets import XY
 from florist.server.metrics import LOSS, VAL_PREFIX
-from florist.server.recording import RoundRecord, RunRecorder
+from florist.server.recording import RoundRecord, RunRecorder, StoredResume
+from florist.server.recording.artifacts import from_safetensors
 from florist.server.runtime import EventLoop
+from florist.server.runtime.resume import ResumeError, ResumePoint, loads
 from florist.server.spec import ExperimentSpec, resolve_strategy, resolve_workload, server_setup
 from florist.strategies import StrategyConfig, StrategyPlugin
 from florist.strategies.events import EventStrategy
-from florist.strategies.flower_adapter import as_scheduler
+from florist.strategies.flower_adapter import as_scheduler, to_record
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +37,30 @@ def initial_arrays(spec: ExperimentSpec) -> ArrayRecord:
     workload, config = resolve_workload(spec.workload_ref)
     torch.manual_seed(spec.seed)
     return ArrayRecord(workload.build_model(config).state_dict())
+
+
+def resume_point(
+    spec: ExperimentSpec, stored: StoredResume, initial: ArrayRecord
+) -> tuple[ArrayRecord, ResumePoint]:
+    """The model and loop state a run of an experiment with committed rounds goes on from;
+    ResumeError (the run fails, saying why) when the last round left no usable point: starting
+    over would record its rounds twice."""
+    if stored.state is None or stored.model is None:
+        missing = "resume point" if stored.state is None else "model"
+        raise ResumeError(
+            f"round {stored.server_round} is committed but its {missing} is not stored "
+            "(see the run's not-resumable event): the experiment cannot resume"
+        )
+    point = loads(stored.state)
+    if point.version != stored.server_round:
+        raise ResumeError(
+            f"the resume point is of round {point.version}, the last round {stored.server_round}"
+        )
+    weights = from_safetensors(stored.model)
+    if set(weights) != set(initial):
+        raise ResumeError("the stored model does not have the workload model's arrays")
+    # In the model's own order, as every message of the run that stored it had them.
+    return to_record({k: weights[k] for k in initial}), point
 
 
 class NoServerData(Exception):
@@ -116,10 +142,14 @@ def run_experiment(
 ) -> RunResult:
     """Run ``spec`` on the Grid's nodes on Florist's one loop; every round is committed as it
     completes."""
+    stored = recorder.resume_from(experiment_id)
     run_id = recorder.start_run(experiment_id=experiment_id, flwr_run_id=flwr_run_id)
     # Schedulers sample nodes with the global `random` module, as Flower's strategies do.
     random.seed(spec.seed)
     try:
+        start, resume = initial_arrays(spec), None
+        if stored is not None:
+            start, resume = resume_point(spec, stored, start)
         plugin, config = resolve_strategy(spec.strategy)
         try:
             evaluator = centralized_evaluator(spec, plugin, config)
@@ -142,14 +172,14 @@ def run_experiment(
             poll_interval=poll_interval,
             node_poll_s=node_poll_s,
         )
-        final = loop.run(initial_arrays(spec))
+        final = loop.run(start, resume)
         result = RunResult(final, loop.history, loop.initial_metrics, loop.strategy)
+        final_metrics = result.history[-1].metrics if result.history else loop.last_metrics
     except BaseException as exc:
         # A stop from the SuperLink arrives as an exception too; the API sets the final status.
         recorder.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
         log.error("experiment %d failed:\n%s", experiment_id, traceback.format_exc())
         raise
-    final_metrics = result.history[-1].metrics if result.history else {}
     recorder.finish_run(run_id, status="completed", final_metrics=final_metrics)
     return result
 

@@ -59,6 +59,26 @@ class Settings(BaseSettings):
         "the client reconnects with Last-Event-ID and misses nothing.",
     )
 
+    auto_resume: int = Field(
+        default=3,
+        ge=0,
+        le=1000,
+        description="Times an experiment whose run was lost (its ServerApp or the SuperLink "
+        "died) is submitted again, resuming from its last committed round, before it fails; "
+        "0: a lost run fails the experiment (POST …/resume still resumes it).",
+    )
+    superlink_database: str = Field(
+        default="superlink.db",
+        description="The SuperLink's state file (runs, nodes, messages), relative to `home`, "
+        "so that a restarted SuperLink knows its runs and nodes; `:memory:` keeps it in memory.",
+    )
+
+    def superlink_state_file(self) -> Path | None:
+        """Where ``florist up``/``florist server`` keep the SuperLink's state (None: memory)."""
+        if self.superlink_database == ":memory:":
+            return None
+        return (self.home / self.superlink_database).resolve()
+
     def resolved_database_url(self) -> str:
         if self.database_url:
             return self.database_url

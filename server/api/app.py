@@ -40,7 +40,11 @@ def create_app(
                 lambda: ControlClient(settings.superlink_control, insecure=settings.insecure)
             )
             app.state.follower = RunFollower(
-                app.state.sessions, factory, database_url=url, interval=settings.status_poll_s
+                app.state.sessions,
+                factory,
+                database_url=url,
+                interval=settings.status_poll_s,
+                auto_resume=settings.auto_resume,
             )
             app.state.follower.start()
         try:

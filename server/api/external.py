@@ -27,6 +27,7 @@ def row_fields(exp: Experiment, progress: Progress | None) -> dict[str, Any]:
         "best_by": progress.best_by,
         "flwr_run_id": None if exp.flwr_run_id is None else str(exp.flwr_run_id),
         "error": exp.error,
+        "resumes": exp.resumes,
         "created_at": exp.created_at,
         "started_at": exp.started_at,
         "finished_at": exp.finished_at,

@@ -70,6 +70,11 @@ class ExperimentPublic(BaseModel):
         "and accepted_updates is the measure of progress.",
     )
     accepted_updates: int = Field(default=0, description="Client updates aggregated so far.")
+    resumes: int = Field(
+        default=0,
+        description="Times a new run took the experiment over from its last committed round "
+        "(its run was lost, or a resume was requested).",
+    )
     best_accuracy: float | None = Field(
         default=None,
         description="Test accuracy of the best round (best_round). The best round is chosen on "

@@ -269,6 +269,52 @@ def record_submission(
     return cast(CursorResult[Any], result).rowcount == 1
 
 
+def requeue_lost_run(session: Session, *, experiment_id: int, flwr_run_id: int) -> bool:
+    """The experiment's Flower run ``flwr_run_id`` was lost while it ran: the experiment is
+    pending again (run id and claim cleared, ``resumes`` counted), to be submitted anew and
+    resume from its last committed round. False, writing nothing, if it is no longer that run's
+    or no longer submitted or running (a cancel or a finish got there first)."""
+    assert ExperimentStatus.RUNNING.may_become(ExperimentStatus.PENDING)
+    result = session.execute(
+        update(Experiment)
+        .where(
+            Experiment.id == experiment_id,
+            Experiment.flwr_run_id == flwr_run_id,
+            Experiment.status.in_(
+                [ExperimentStatus.SUBMITTED.value, ExperimentStatus.RUNNING.value]
+            ),
+        )
+        .values(
+            status=ExperimentStatus.PENDING.value,
+            flwr_run_id=None,
+            submission_token=None,
+            claimed_at=None,
+            resumes=Experiment.resumes + 1,
+        )
+    )
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
+def reopen_failed(session: Session, *, experiment_id: int) -> bool:
+    """A user's resume of a failed experiment: pending again, its error and end cleared, to
+    go on from its last committed round. The one way out of FAILED, a terminal status for
+    everything else (the follower never revisits it on its own). False if it is not failed."""
+    result = session.execute(
+        update(Experiment)
+        .where(Experiment.id == experiment_id, Experiment.status == ExperimentStatus.FAILED.value)
+        .values(
+            status=ExperimentStatus.PENDING.value,
+            flwr_run_id=None,
+            submission_token=None,
+            claimed_at=None,
+            finished_at=None,
+            error=None,
+            resumes=Experiment.resumes + 1,
+        )
+    )
+    return cast(CursorResult[Any], result).rowcount == 1
+
+
 def release_claim(session: Session, *, experiment_id: int, token: str) -> bool:
     """Give up ``token``'s claim (no run carries it): the experiment may be submitted again."""
     result = session.execute(

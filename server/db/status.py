@@ -50,8 +50,12 @@ TRANSITIONS: Mapping[ExperimentStatus, frozenset[ExperimentStatus]] = {
     _S.PENDING: frozenset({_S.SUBMITTED, _S.RUNNING, _S.FAILED, _S.CANCELLED}),
     # COMPLETED and FAILED straight from SUBMITTED: the follower may only see the run after
     # Flower has already finished it.
-    _S.SUBMITTED: frozenset({_S.RUNNING, _S.COMPLETED, _S.FAILED, _S.CANCELLING, _S.CANCELLED}),
-    _S.RUNNING: frozenset({_S.COMPLETED, _S.FAILED, _S.CANCELLING, _S.CANCELLED}),
+    # PENDING from SUBMITTED and RUNNING: the run was lost (its ServerApp died, the SuperLink
+    # forgot it) and the follower submits the experiment again, to resume from its last round.
+    _S.SUBMITTED: frozenset(
+        {_S.PENDING, _S.RUNNING, _S.COMPLETED, _S.FAILED, _S.CANCELLING, _S.CANCELLED}
+    ),
+    _S.RUNNING: frozenset({_S.PENDING, _S.COMPLETED, _S.FAILED, _S.CANCELLING, _S.CANCELLED}),
     # A requested cancel ends cancelled whatever the run did, unless the run is lost (FAILED).
     _S.CANCELLING: frozenset({_S.CANCELLED, _S.FAILED}),
     _S.COMPLETED: frozenset(),

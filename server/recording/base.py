@@ -99,6 +99,16 @@ class ModelCheckpoint:
 
 
 @dataclass(frozen=True)
+class StoredResume:
+    """What a run resumes from: the experiment's last committed round, its resume point (None
+    when that round has none) and its global model (safetensors)."""
+
+    server_round: int
+    state: bytes | None
+    model: bytes | None
+
+
+@dataclass(frozen=True)
 class RoundRecord:
     """One finished server round and every client update it handled."""
 
@@ -111,6 +121,9 @@ class RoundRecord:
     updates: tuple[UpdateRecord, ...]
     virtual_time_s: float | None = None
     checkpoint: ModelCheckpoint | None = None
+    # The loop's resume point after this round (server/runtime/resume.py), stored in the round's
+    # transaction in place of the experiment's previous one.
+    resume: bytes | None = None
 
     def __post_init__(self) -> None:
         _require_aware("started_at", self.started_at)
@@ -203,6 +216,10 @@ class RunRecorder(ABC):
         still in flight, under the round they would have contributed to. Raises
         DuplicateRoundError if that round is already recorded: its updates came with it.
         """
+
+    @abstractmethod
+    def resume_from(self, experiment_id: int) -> StoredResume | None:
+        """Where a new run of the experiment starts: None before its first committed round."""
 
     @abstractmethod
     def rounds(self, run_id: int) -> list[RoundRecord]:

@@ -25,6 +25,7 @@ from .base import (
     RunFinishedError,
     RunOutcome,
     RunRecorder,
+    StoredResume,
     UnknownRunError,
     UpdateRecord,
     _node_configs,
@@ -89,6 +90,8 @@ class InMemoryRunRecorder(RunRecorder):
         self.node_configs: dict[int, dict[str, Any]] = {}
         # experiment id -> round -> the global model (safetensors)
         self.models: dict[int, dict[int, bytes]] = {}
+        # experiment id -> (round, resume point) after its last committed round
+        self.resume_points: dict[int, tuple[int, bytes | None]] = {}
         # The async runtime may record from several threads.
         self._lock = threading.Lock()
 
@@ -101,6 +104,10 @@ class InMemoryRunRecorder(RunRecorder):
             experiment.status = to
             experiment.started_at = now
             experiment.flwr_run_id = flwr_run_id
+            for earlier in self.runs.values():
+                if earlier.experiment_id == experiment_id and earlier.finished_at is None:
+                    earlier.status, earlier.finished_at = "interrupted", now
+                    earlier.error = f"lost; Flower run {flwr_run_id} took over the experiment"
             run_id = len(self.runs) + 1
             self.runs[run_id] = InMemoryRun(
                 experiment_id=experiment_id, flwr_run_id=flwr_run_id, started_at=now
@@ -123,7 +130,7 @@ class InMemoryRunRecorder(RunRecorder):
     def record_round(self, run_id: int, record: RoundRecord) -> None:
         with self._lock:
             run = self._open_run(run_id)
-            if record.server_round in run.rounds:
+            if record.server_round in self._experiment_rounds(run.experiment_id):
                 raise DuplicateRoundError(
                     f"round {record.server_round} of run {run_id} is already recorded"
                 )
@@ -136,6 +143,24 @@ class InMemoryRunRecorder(RunRecorder):
                 models[record.server_round] = record.checkpoint.safetensors
                 for old in record.checkpoint.drop_rounds:
                     models.pop(old, None)
+            self.resume_points[run.experiment_id] = (record.server_round, record.resume)
+
+    def _experiment_rounds(self, experiment_id: int) -> set[int]:
+        runs = [run for run in self.runs.values() if run.experiment_id == experiment_id]
+        return {r for run in runs for r in run.rounds}
+
+    def resume_from(self, experiment_id: int) -> StoredResume | None:
+        with self._lock:
+            rounds = self._experiment_rounds(experiment_id)
+            if not rounds:
+                return None
+            last = max(rounds)
+            saved_round, state = self.resume_points.get(experiment_id, (None, None))
+            return StoredResume(
+                last,
+                state if saved_round == last else None,
+                self.models.get(experiment_id, {}).get(last),
+            )
 
     def checkpoints(self, run_id: int) -> dict[int, bytes]:
         with self._lock:

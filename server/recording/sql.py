@@ -6,13 +6,20 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.engine import URL, Engine
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from florist.server.db.engine import make_engine, make_session_factory
-from florist.server.db.models import Checkpoint, ClientUpdate, Round, Run, utcnow
+from florist.server.db.models import (
+    Checkpoint,
+    ClientUpdate,
+    ResumePointRow,
+    Round,
+    Run,
+    utcnow,
+)
 from florist.server.db.repository import (
     ExperimentNotFoundError,
     add_event,
@@ -34,6 +41,7 @@ from .base import (
     RunFinishedError,
     RunOutcome,
     RunRecorder,
+    StoredResume,
     UnknownExperimentError,
     UnknownRunError,
     UpdateRecord,
@@ -84,6 +92,17 @@ class SqlRunRecorder(RunRecorder):
                 )
             except ExperimentNotFoundError as exc:
                 raise UnknownExperimentError(str(exc)) from exc
+            # An earlier run of the experiment still open was lost (its ServerApp died): it is
+            # closed now, so nothing it might still send is recorded beside this run's rounds.
+            session.execute(
+                update(Run)
+                .where(Run.experiment_id == experiment_id, Run.finished_at.is_(None))
+                .values(
+                    status="interrupted",
+                    finished_at=now,
+                    error=f"lost; Flower run {flwr_run_id} took over the experiment",
+                )
+            )
             run = Run(
                 experiment_id=experiment_id,
                 flwr_run_id=flwr_run_id,
@@ -96,8 +115,12 @@ class SqlRunRecorder(RunRecorder):
 
     @staticmethod
     def _round_exists(session: Session, run_id: int, server_round: int) -> bool:
+        # Any run of the experiment: a resumed run never records a round an earlier one did.
+        experiment_id = select(Run.experiment_id).where(Run.id == run_id).scalar_subquery()
         found = session.scalar(
-            select(Round.id).where(Round.run_id == run_id, Round.server_round == server_round)
+            select(Round.id).where(
+                Round.experiment_id == experiment_id, Round.server_round == server_round
+            )
         )
         return found is not None
 
@@ -142,6 +165,7 @@ class SqlRunRecorder(RunRecorder):
                 )
                 if record.checkpoint is not None:
                     _store_checkpoint(session, run, record.server_round, record.checkpoint)
+                _store_resume_point(session, run, record.server_round, record.resume)
         except IntegrityError as error:
             # Another writer may have stored the same round between our check and insert.
             with self._session_factory() as session:
@@ -160,6 +184,30 @@ class SqlRunRecorder(RunRecorder):
                 .order_by(Checkpoint.server_round)
             ).all()
             return {r: bytes(data) for r, data in rows}
+
+    def resume_from(self, experiment_id: int) -> StoredResume | None:
+        with self._session_factory() as session:
+            last = session.scalar(
+                select(func.max(Round.server_round)).where(Round.experiment_id == experiment_id)
+            )
+            if last is None:
+                return None
+            state = session.scalar(
+                select(ResumePointRow.data).where(
+                    ResumePointRow.experiment_id == experiment_id,
+                    ResumePointRow.server_round == last,
+                )
+            )
+            model = session.scalar(
+                select(Checkpoint.data).where(
+                    Checkpoint.experiment_id == experiment_id, Checkpoint.server_round == last
+                )
+            )
+            return StoredResume(
+                last,
+                bytes(state) if state is not None else None,
+                bytes(model) if model is not None else None,
+            )
 
     def record_updates(
         self, run_id: int, server_round: int, updates: Sequence[UpdateRecord]
@@ -344,3 +392,20 @@ def _store_checkpoint(
             data=data,
         )
     )
+
+
+def _store_resume_point(session: Session, run: Run, server_round: int, data: bytes | None) -> None:
+    # Replaced in the round's transaction: the point on record always follows the last
+    # committed round, or there is none (a strategy whose state cannot be saved).
+    session.execute(delete(ResumePointRow).where(ResumePointRow.experiment_id == run.experiment_id))
+    if data is not None:
+        session.add(
+            ResumePointRow(
+                experiment_id=run.experiment_id,
+                run_id=run.id,
+                server_round=server_round,
+                sha256=digest(data),
+                num_bytes=len(data),
+                data=data,
+            )
+        )

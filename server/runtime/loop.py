@@ -56,6 +56,7 @@ from florist.client.task import flatten
 from florist.server.db.models import utcnow
 from florist.server.recording import ModelCheckpoint, RoundRecord, RunRecorder, UpdateRecord
 from florist.server.recording.artifacts import rounds_to_drop, to_safetensors
+from florist.server.runtime.resume import ResumePoint, RngStates, SavedTask, Then, dumps
 from florist.server.spec import ExperimentSpec
 from florist.strategies.events import (
     Arrival,
@@ -204,6 +205,7 @@ class Task:
     dispatched_mono: float
     virtual_start: float
     seq: int  # dispatch order in the run: on the virtual clock, equal end times go first-sent first
+    config: Mapping[str, Any]  # the task's ConfigRecord entries: a resumed run sends them again
 
 
 @dataclass
@@ -276,14 +278,18 @@ class EventLoop:
         self.checks = spec.reply_checks
         self.norms = UpdateNorms(self.checks.norm_bound)  # recent accepted update norms
         self.refused_models = 0  # new models not adopted in a row
+        self.unresumable = False  # the strategy's state could not be saved (said once)
+        self.last_metrics: dict[str, float] = {}  # the last committed round's, when resumed
         # Before anything runs: a policy the strategy cannot honour fails the run at once.
         strategy.use_dropout_policy(spec.dropout)
 
     # --- the loop -------------------------------------------------------------------------
 
-    def run(self, initial: ArrayRecord) -> ArrayRecord:
+    def run(self, initial: ArrayRecord, resume: ResumePoint | None = None) -> ArrayRecord:
+        """Run from ``initial`` (round 0), or go on from ``resume``, the point stored with the
+        last committed round, whose model ``initial`` then is."""
         try:
-            self._run(initial)
+            self._run(initial, resume)
         except BaseException:
             # Best effort: what the run did so far is worth keeping, but not worth hiding the
             # error that ended it.
@@ -295,20 +301,23 @@ class EventLoop:
         self._record_unfinished()
         return to_record(self.weights)
 
-    def _run(self, initial: ArrayRecord) -> None:
+    def _run(self, initial: ArrayRecord, resume: ResumePoint | None) -> None:
         self.weights = {k: v.numpy() for k, v in initial.items()}
         nodes = self._wait_for_nodes()
         self.known, self.nodes_checked = set(nodes), time.monotonic()
-        self.initial_metrics = self.evaluate(0, initial)
-        self.recorder.record_event(
-            run_id=self.run_id,
-            kind="initial-evaluation",
-            message="global model evaluated before any update",
-            data=self.initial_metrics,
-        )
-        self.started = time.monotonic()
-        self.round_started = utcnow()
-        self._apply(self.strategy.begin(nodes, self.weights))
+        if resume is not None:
+            self._resume(resume)
+        else:
+            self.initial_metrics = self.evaluate(0, initial)
+            self.recorder.record_event(
+                run_id=self.run_id,
+                kind="initial-evaluation",
+                message="global model evaluated before any update",
+                data=self.initial_metrics,
+            )
+            self.started = time.monotonic()
+            self.round_started = utcnow()
+            self._apply(self.strategy.begin(nodes, self.weights))
         while not self._done():
             if not (self.inflight or self.held or self.refused) and self.wake_at is None:
                 raise RuntimeError("the strategy left no task in flight: the run cannot go on")
@@ -321,6 +330,120 @@ class EventLoop:
                     self._handle(event)
                 if self._done():
                     break
+
+    def _resume(self, point: ResumePoint) -> None:
+        """Go on from ``point`` as the run that stored it would have: its state back, its tasks
+        in flight sent again as they were (same model, config and place on the clock, so on the
+        virtual clock their replies are the ones it would have had), then the rest of its last
+        decision."""
+        self.strategy = point.strategy
+        self.version, self.vtime = point.version, point.vtime
+        self.started = time.monotonic() - point.clock_s
+        self.round_started = utcnow()
+        self.known |= set(point.known)
+        self.dispatched, self.repeats = Counter(point.dispatched), Counter(point.repeats)
+        self.kept_checkpoints = list(point.kept_checkpoints)
+        self.norms = point.norms
+        self.initial_metrics = dict(point.initial_metrics)
+        self.last_metrics = dict(point.last_metrics)
+        point.rng.restore()
+        records = {v: to_record(w) for v, w in point.models.items()}
+        for saved in point.tasks:
+            task = Task(
+                node_id=saved.node_id,
+                version=saved.version,
+                sent=dict(point.models[saved.version]),
+                bytes_down=saved.bytes_down,
+                dispatched_at=utcnow(),
+                dispatched_mono=time.monotonic(),
+                virtual_start=saved.virtual_start,
+                seq=saved.seq,
+                config=saved.config,
+            )
+            if self._done():
+                # Nothing more runs: the task is recorded as unanswered when the run ends.
+                self.inflight[f"resumed-{saved.seq}"] = task
+                continue
+            message = Message(
+                content=RecordDict(
+                    {ARRAYS_KEY: records[saved.version], "config": ConfigRecord(dict(saved.config))}
+                ),
+                dst_node_id=saved.node_id,
+                message_type=MessageType.TRAIN,
+                ttl=self.spec.round_timeout_s,
+            )
+            msg_id = next(iter(self.grid.push_messages([message])), None)
+            if msg_id is None:
+                self._refused_push(task)
+            else:
+                self.inflight[msg_id] = task
+        self.recorder.record_event(
+            run_id=self.run_id,
+            kind="resumed",
+            message=f"resumed after round {point.version}: {len(point.tasks)} tasks in flight "
+            "then sent again",
+            data={
+                "model_version": point.version,
+                "clock_s": point.clock_s,
+                "node_ids": [str(t.node_id) for t in point.tasks],
+            },
+        )
+        self.wake_at = point.wake_at
+        self._apply(
+            Decision(
+                dispatch=point.then.dispatch,
+                local_steps=point.then.local_steps,
+                config=point.then.config,
+                wake_in=point.then.wake_in,
+            )
+        )
+
+    def _resume_point(
+        self, record: RoundRecord, weights: Weights, decision: Decision
+    ) -> bytes | None:
+        """The state after ``record``'s aggregation, to be stored with it (None, with an event,
+        if the strategy's state cannot be saved: the run goes on, but cannot resume)."""
+        drop = set(record.checkpoint.drop_rounds) if record.checkpoint else set()
+        unanswered = [*self.inflight.values(), *(e.task for e in self.held)]
+        unanswered += [e.task for e in [*self.queue, *self.refused] if isinstance(e, Event)]
+        tasks = sorted(unanswered, key=lambda t: t.seq)
+        point = ResumePoint(
+            version=record.server_round,
+            clock_s=self._clock(),
+            vtime=self.vtime,
+            wake_at=self.wake_at,
+            strategy=self.strategy,
+            known=tuple(sorted(self.known)),
+            dispatched=self.dispatched,
+            repeats=self.repeats,
+            kept_checkpoints=(
+                *(r for r in self.kept_checkpoints if r not in drop),
+                record.server_round,
+            ),
+            norms=self.norms,
+            initial_metrics=self.initial_metrics,
+            last_metrics=record.metrics,
+            tasks=tuple(
+                SavedTask(t.node_id, t.version, t.config, t.bytes_down, t.virtual_start, t.seq)
+                for t in tasks
+            ),
+            models={t.version: t.sent for t in tasks},
+            then=Then(decision.dispatch, decision.local_steps, decision.config, decision.wake_in),
+            rng=RngStates.capture(),
+        )
+        try:
+            return dumps(point)
+        except Exception as exc:  # a third party's strategy holding a lock, a socket, a lambda
+            if not self.unresumable:
+                self.unresumable = True
+                self.recorder.record_event(
+                    run_id=self.run_id,
+                    kind="not-resumable",
+                    message=f"the strategy's state cannot be saved ({type(exc).__name__}: "
+                    f"{exc}): rounds are recorded, but this run cannot resume after a crash",
+                    data={"model_version": record.server_round},
+                )
+            return None
 
     def _clock(self) -> float:
         """Now on the experiment's clock: virtual seconds, or wall seconds since the start."""
@@ -389,6 +512,7 @@ class EventLoop:
             dispatched_mono=time.monotonic(),
             virtual_start=self.vtime,
             seq=sum(self.dispatched.values()),
+            config=config,
         )
         # Flower's push gives None for a message it refused, or no ids when the whole push
         # was too large for the SuperLink.
@@ -586,7 +710,7 @@ class EventLoop:
                 self._refuse_aggregate(str(exc))
             else:
                 self.refused_models = 0
-                self._aggregated(decision.weights, decision.metrics)
+                self._aggregated(decision.weights, decision)
         if self._done():
             return  # a task sent now could only be abandoned when the run ends
         for node_id in decision.dispatch:
@@ -628,7 +752,7 @@ class EventLoop:
                 return
         log.warning("refused update from node %d not found among pending ones", node_id)
 
-    def _aggregated(self, weights: Weights, own_metrics: Mapping[str, float]) -> None:
+    def _aggregated(self, weights: Weights, decision: Decision) -> None:
         # The version moves on only once the round is stored: if evaluating or recording it
         # fails, its updates are recorded at the end under the round they were meant for.
         version = self.version + 1
@@ -646,12 +770,13 @@ class EventLoop:
                     if u.status == "accepted" and u.num_examples is not None
                 ]
             )
-            | dict(own_metrics),
+            | dict(decision.metrics),
             evaluate_metrics=federated,
             updates=tuple(self.pending),
             virtual_time_s=self.vtime if self.virtual else None,
             checkpoint=self._checkpoint(version, weights),
         )
+        record = replace(record, resume=self._resume_point(record, weights, decision))
         self.recorder.record_round(self.run_id, record)
         if record.checkpoint is not None:
             dropped = set(record.checkpoint.drop_rounds)

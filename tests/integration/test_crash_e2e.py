@@ -1,5 +1,7 @@
-"""Crashes that must lose nothing: the API process SIGKILLed mid-run (the run goes on; every
-round is in the database exactly once afterwards, and the final model downloads)."""
+"""Crashes that must lose nothing: the API process SIGKILLed mid-run (the run goes on), and the
+ServerApp SIGKILLed mid-run (Flower fails the run, the follower submits the experiment again and
+the new run resumes from the last committed round); either way every round is in the database
+exactly once afterwards, and the final model downloads."""
 
 from __future__ import annotations
 
@@ -91,4 +93,85 @@ def test_the_api_killed_mid_run_loses_nothing(
     # Assert: the run finished on its own; every round is there exactly once.
     assert done["status"] == "completed", f"{done}\n{flower_stack.logs()}"
     assert [r["server_round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert model.status_code == 200 and model.headers["x-florist-round"] == "6"
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (read from /proc: children of children included)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _serverapps(stack: FlowerStack) -> list[int]:
+    superlink = next(m for m in stack.supervisor.processes if m.name == "superlink")
+    assert superlink.proc is not None
+    out = []
+    for pid in _descendants(superlink.proc.pid):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if b"flwr-serverapp" in cmdline:
+            out.append(pid)
+    return out
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_serverapp_killed_mid_run_resumes_from_its_last_round(
+    flower_stack: FlowerStack, migrated_url: str, tmp_path: Path
+) -> None:
+    # Prepare: an experiment running on the API (auto-resume on, its default).
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    body = {
+        "name": "serverapp-killed",
+        "strategy": {"name": "fedavg", "config": {}},
+        "workload": {"name": "digits", "config": {"partitioner": {"name": "iid"}}},
+        "training": {"local_steps": 20},
+        "rounds": 6,
+        "clients": {"min": 3},
+    }
+    api = _api(flower_stack, migrated_url, tmp_path, port, 3)
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            exp = client.post("/api/v1/experiments", json=body).json()
+            running = _wait(client, exp["id"], lambda e: e["current_round"] >= 2)
+
+            # Execute: the ServerApp dies without a chance to clean up, mid-run.
+            pids = _serverapps(flower_stack)
+            assert pids, flower_stack.logs()
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            # Flower fails a run whose ServerApp stopped sending heartbeats (about a minute).
+            done = _wait(
+                client, exp["id"], lambda e: e["status"] in ("completed", "failed"), timeout=400
+            )
+            rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
+            log = client.get(f"/api/v1/experiments/{exp['id']}/log", params={"limit": 500})
+            model = client.get(f"/api/v1/experiments/{exp['id']}/model")
+    finally:
+        api.stop()
+
+    # Assert: resumed once by a new Flower run, every round exactly once, the model of round 6.
+    assert done["status"] == "completed", f"{done}\n{flower_stack.logs()}"
+    assert done["resumes"] == 1
+    assert done["flwr_run_id"] != running["flwr_run_id"]
+    assert [r["server_round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    kinds = [e["kind"] for e in log.json()["data"]]
+    assert kinds.count("run-lost") == 1 and kinds.count("resumed") == 1, kinds
+    resumed = next(e for e in log.json()["data"] if e["kind"] == "resumed")
+    assert resumed["data"]["model_version"] >= running["current_round"]
     assert model.status_code == 200 and model.headers["x-florist-round"] == "6"

@@ -191,6 +191,39 @@ def test_cancel_pending_experiment(client: TestClient) -> None:
     assert again.status_code == 409
 
 
+def test_resume_reopens_a_failed_experiment_only(client: TestClient) -> None:
+    # Prepare: a failed experiment and a pending one.
+    failed = client.post("/api/v1/experiments", json=BODY).json()
+    pending = client.post("/api/v1/experiments", json=BODY).json()
+    app = cast(FastAPI, client.app)
+    with app.state.sessions.begin() as session:
+        repository.update_experiment(
+            session,
+            experiment_id=failed["id"],
+            status="failed",
+            finished_at=utcnow(),
+            error="run lost",
+        )
+
+    # Execute
+    resumed = client.post(f"/api/v1/experiments/{failed['id']}/resume")
+    again = client.post(f"/api/v1/experiments/{failed['id']}/resume")
+    not_failed = client.post(f"/api/v1/experiments/{pending['id']}/resume")
+    missing = client.post("/api/v1/experiments/999/resume")
+
+    # Assert: pending again, error and end cleared, counted, recorded; anything else refused.
+    assert resumed.status_code == 200, resumed.text
+    body = resumed.json()
+    assert (body["status"], body["error"], body["finished_at"]) == ("pending", None, None)
+    assert body["resumes"] == 1
+    assert again.status_code == 409 and "only a failed experiment" in again.json()["detail"]
+    assert not_failed.status_code == 409
+    assert missing.status_code == 404
+    events = client.get(f"/api/v1/experiments/{failed['id']}/log").json()["data"]
+    resume = [e for e in events if e["kind"] == "resume"]
+    assert len(resume) == 1 and resume[0]["data"] == {"previous_error": "run lost"}
+
+
 def test_strategies_with_config_schemas(client: TestClient) -> None:
     data = client.get("/api/v1/strategies").json()
     by_name = {s["name"]: s for s in data["data"]}

@@ -31,7 +31,7 @@ from florist.server.db.status import TRANSITIONS, ExperimentStatus, IllegalTrans
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 # The newest migration: bump it with each new revision.
-HEAD = "0005"
+HEAD = "0006"
 
 
 def _experiment(session: Session, name: str = "exp") -> Experiment:
@@ -368,7 +368,7 @@ def _row(session: Session, experiment_id: int) -> tuple[object, ...]:
 def test_every_allowed_transition_is_stored(session_factory: sessionmaker[Session]) -> None:
     # Prepare
     pairs = [(current, to) for current, targets in TRANSITIONS.items() for to in targets]
-    assert len(pairs) == 15  # the table in docs/architecture.md
+    assert len(pairs) == 17  # the table in docs/architecture.md
     with session_factory.begin() as session:
         ids = {pair: _experiment_in(session, pair[0]).id for pair in pairs}
 
@@ -417,7 +417,9 @@ def test_an_illegal_transition_is_refused_and_stores_nothing(
     with session_factory() as session:
         after = {pair: _row(session, experiment_id) for pair, experiment_id in ids.items()}
     assert after == before
-    assert {pair[0] for pair in pairs} == set(ExperimentStatus)  # every status was tried
+    # Every status with a target it may not take was tried (a submitted experiment may take
+    # every other status: its run may be lost, i.e. pending again, or end any way).
+    assert {pair[0] for pair in pairs} == set(ExperimentStatus) - {ExperimentStatus.SUBMITTED}
 
 
 def test_terminal_statuses_are_never_left(session_factory: sessionmaker[Session]) -> None:

@@ -137,7 +137,7 @@ def test_flower_failure_keeps_the_serverapps_error(
     session_factory: sessionmaker[Session], fake: FakeControl
 ) -> None:
     a, b = new_experiment(session_factory), new_experiment(session_factory)
-    f = follower(session_factory, fake)
+    f = follower(session_factory, fake, auto_resume=0)
     f.tick()
     with session_factory() as s:
         repo.update_experiment(s, experiment_id=a, error="ValueError: diverged")
@@ -146,7 +146,8 @@ def test_flower_failure_keeps_the_serverapps_error(
     fake.finish(2**64 - 2, "failed", "ServerApp exited with code 1")
     f.tick()
     assert status(session_factory, a) == ("failed", "ValueError: diverged")
-    assert status(session_factory, b) == ("failed", "ServerApp exited with code 1")
+    state, error = status(session_factory, b)
+    assert state == "failed" and "lost: ServerApp exited with code 1" in (error or "")
 
 
 def test_cancel_sends_stop_and_ends_cancelled(
@@ -167,12 +168,87 @@ def test_forgotten_run_fails_clearly(
     session_factory: sessionmaker[Session], fake: FakeControl
 ) -> None:
     exp_id = new_experiment(session_factory)
-    f = follower(session_factory, fake)
+    f = follower(session_factory, fake, auto_resume=0)
     f.tick()
     fake.states.clear()  # an in-memory SuperLink restarted
     f.tick()
     state, error = status(session_factory, exp_id)
     assert state == "failed" and "no longer knows" in (error or "")
+    assert "auto-resume is off" in (error or "")
+
+
+def resumes(sessions: sessionmaker[Session], experiment_id: int) -> int:
+    with sessions() as s:
+        exp = repo.get_experiment(s, experiment_id=experiment_id)
+        assert exp is not None
+        return exp.resumes
+
+
+def test_a_lost_run_is_submitted_again_until_the_limit_then_fails(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    # Prepare: a running experiment whose ServerApp dies (Flower fails the run, nothing of
+    # Florist's recorded an end), three times over, with auto-resume 2.
+    exp_id = new_experiment(session_factory)
+    f = follower(session_factory, fake, auto_resume=2)
+    f.tick()
+    for attempt in (1, 2):
+        run_id = 2**64 - attempt
+        fake.set(run_id, "running")
+        f.tick()
+        assert status(session_factory, exp_id) == ("running", None)
+
+        # Execute: the run is lost.
+        fake.finish(run_id, "failed", "No heartbeat received from the run.")
+        f.tick()  # pending again
+        assert status(session_factory, exp_id) == ("pending", None)
+        f.tick()  # submitted again
+
+        # Assert: a new run carries the experiment, counted as a resume, with an event.
+        assert len(fake.started) == attempt + 1
+        assert fake.started[-1]["experiment-id"] == exp_id
+        assert status(session_factory, exp_id) == ("submitted", None)
+        assert resumes(session_factory, exp_id) == attempt
+    with session_factory() as s:
+        kinds = [e.kind for e in repo.list_events(s, experiment_id=exp_id)]
+    assert kinds.count("run-lost") == 2
+
+    # The third loss is past the limit: failed, naming the run and how to resume by hand.
+    fake.finish(2**64 - 3, "failed", "No heartbeat received from the run.")
+    f.tick()
+    state, error = status(session_factory, exp_id)
+    assert state == "failed" and "resumed 2 times already" in (error or "")
+    assert f"/experiments/{exp_id}/resume" in (error or "")
+    assert len(fake.started) == 3
+
+
+def test_a_failure_the_serverapp_recorded_is_not_resumed(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    exp_id = new_experiment(session_factory)
+    f = follower(session_factory, fake, auto_resume=3)
+    f.tick()
+    with session_factory() as s:
+        repo.update_experiment(s, experiment_id=exp_id, error="AggregationError: no node")
+        s.commit()
+    fake.finish(2**64 - 1, "failed", "ServerApp exited with code 1")
+    f.tick()
+    assert status(session_factory, exp_id) == ("failed", "AggregationError: no node")
+    assert len(fake.started) == 1
+
+
+def test_a_lost_external_run_fails_and_is_not_started_again(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    fake.flwr_run(7, "running")
+    f = follower(session_factory, fake, auto_resume=3)
+    f.tick()
+    fake.finish(7, "failed", "No heartbeat received from the run.")
+    f.tick()
+    with session_factory() as s:
+        (exp,), _ = repo.list_experiments(s)
+        assert exp.status == "failed" and "was lost" in (exp.error or "")
+    assert fake.started == []
 
 
 class RacingControl(FakeControl):

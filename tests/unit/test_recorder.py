@@ -29,6 +29,7 @@ from florist.server.recording import (
     RunFinishedError,
     RunRecorder,
     SqlRunRecorder,
+    StoredResume,
     UnknownExperimentError,
     UnknownRunError,
     UpdateRecord,
@@ -297,6 +298,39 @@ class RunRecorderContract:
         # Assert: a failed round neither stores its model nor drops any; a stored one does both.
         assert after_failure == {1: models[1], 2: models[2]}
         assert harness.recorder.checkpoints(run_id) == {2: models[2], 3: models[3]}
+
+    def test_a_new_run_resumes_from_the_last_round_and_never_records_it_twice(
+        self, harness: Harness, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        # Prepare: rounds 1 and 2 committed with their models and resume points; round 3 fails
+        # after writing its row (so neither its point nor its model may be left behind).
+        experiment_id = harness.new_experiment()
+        assert harness.recorder.resume_from(experiment_id) is None
+        lost = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        for r in (1, 2):
+            record = replace(
+                make_round(r), checkpoint=ModelCheckpoint(f"m{r}".encode()), resume=f"p{r}".encode()
+            )
+            harness.recorder.record_round(lost, record)
+        harness.break_node_tracking(monkeypatch)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            harness.recorder.record_round(lost, replace(make_round(3), resume=b"p3"))
+        monkeypatch.undo()
+
+        # Execute: a new run of the experiment takes over.
+        stored = harness.recorder.resume_from(experiment_id)
+        taken_over = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=2)
+
+        # Assert: it starts from round 2's point and model; the lost run is closed; no round is
+        # recorded twice across the two runs; a round without a point leaves none behind.
+        assert stored == StoredResume(2, b"p2", b"m2")
+        with pytest.raises(RunFinishedError):
+            harness.recorder.record_round(lost, make_round(3))
+        with pytest.raises(DuplicateRoundError):
+            harness.recorder.record_round(taken_over, make_round(2))
+        third = replace(make_round(3), checkpoint=ModelCheckpoint(b"m3"), resume=None)
+        harness.recorder.record_round(taken_over, third)
+        assert harness.recorder.resume_from(experiment_id) == StoredResume(3, None, b"m3")
 
     def test_finish_run_completes_the_experiment(self, harness: Harness) -> None:
         # Prepare

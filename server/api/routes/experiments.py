@@ -1,4 +1,4 @@
-"""Experiments: submit, list, read rounds, updates and the event log, cancel."""
+"""Experiments: submit, list, read rounds, updates and the event log, cancel, resume."""
 
 from __future__ import annotations
 
@@ -461,6 +461,46 @@ def cancel_experiment(
             raise HTTPException(status.HTTP_409_CONFLICT, str(exc)) from exc
         repo.add_event(session, experiment_id=exp.id, kind="cancel", message="cancel requested")
         session.commit()
+    if follower is not None:
+        follower.wake()
+    return get_experiment(experiment_id, session)
+
+
+@router.post(
+    "/{experiment_id}/resume",
+    response_model=ExperimentPublic,
+    responses=error_responses(404, 409),
+    summary="Resume a failed experiment from its last committed round",
+    description="A failed experiment is submitted again: its new run goes on from the last "
+    "committed round (the model and the whole strategy state stored with it), so no round is "
+    "lost or run twice. A run lost while running (its ServerApp or the SuperLink died) is "
+    "resumed automatically (`FLORIST_AUTO_RESUME` times); this is for the rest. 409 unless "
+    "the experiment failed, or when it is another app's (external) run.",
+)
+def resume_experiment(
+    experiment_id: ExperimentId, session: SessionDep, follower: FollowerDep
+) -> ExperimentPublic:
+    exp = _get(session, experiment_id)
+    if exp.source != "florist":
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"experiment {experiment_id} is another app's Flower run: Florist cannot start it",
+        )
+    previous = exp.error
+    if not repo.reopen_failed(session, experiment_id=exp.id):
+        session.rollback()
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"experiment {experiment_id} is {exp.status}: only a failed experiment resumes",
+        )
+    repo.add_event(
+        session,
+        experiment_id=exp.id,
+        kind="resume",
+        message="resume requested: submitted again to go on from its last committed round",
+        data={"previous_error": previous},
+    )
+    session.commit()
     if follower is not None:
         follower.wake()
     return get_experiment(experiment_id, session)
