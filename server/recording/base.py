@@ -48,6 +48,16 @@ class RunFinishedError(RecorderError):
     """The run has already finished and takes no more rounds or outcomes."""
 
 
+class RunSupersededError(RunFinishedError):
+    """The run's experiment has moved on to another Flower run (this one was lost and the
+    experiment resumed elsewhere): it writes no more rounds."""
+
+
+def superseded_message(run_id: int, flwr_run_id: int, current: int | None) -> str:
+    now = "is waiting to be submitted again" if current is None else f"is Flower run {current}'s"
+    return f"run {run_id} (Flower run {flwr_run_id}) was lost: its experiment {now}"
+
+
 def _require_aware(name: str, value: datetime) -> None:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware (UTC), got {value!r}")

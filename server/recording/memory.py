@@ -25,12 +25,14 @@ from .base import (
     RunFinishedError,
     RunOutcome,
     RunRecorder,
+    RunSupersededError,
     StoredResume,
     UnknownRunError,
     UpdateRecord,
     _node_configs,
     _refused_finish,
     _seen_node_ids,
+    superseded_message,
 )
 
 
@@ -114,12 +116,15 @@ class InMemoryRunRecorder(RunRecorder):
             )
             return run_id
 
-    def _open_run(self, run_id: int) -> InMemoryRun:
+    def _open_run(self, run_id: int, *, current: bool = True) -> InMemoryRun:
         run = self.runs.get(run_id)
         if run is None:
             raise UnknownRunError(f"run {run_id} does not exist")
         if run.finished_at is not None:
             raise RunFinishedError(f"run {run_id} has already finished")
+        now = self.experiments[run.experiment_id].flwr_run_id
+        if current and now != run.flwr_run_id:
+            raise RunSupersededError(superseded_message(run_id, run.flwr_run_id, now))
         return run
 
     def _touch_nodes(self, updates: Sequence[UpdateRecord], seen_at: datetime) -> None:
@@ -189,12 +194,18 @@ class InMemoryRunRecorder(RunRecorder):
     ) -> None:
         now = utcnow()
         with self._lock:
-            run = self._open_run(run_id)
+            run = self._open_run(run_id, current=False)
             run.status = status
             run.finished_at = now
             run.error = error
             run.final_metrics = dict(final_metrics) if final_metrics is not None else None
             experiment = self.experiments[run.experiment_id]
+            if experiment.flwr_run_id != run.flwr_run_id:
+                message = superseded_message(run_id, run.flwr_run_id, experiment.flwr_run_id)
+                message += f"; its own end ({status}) leaves the experiment as it is"
+                event = InMemoryEvent(run.experiment_id, run_id, FINISH_REFUSED, message, None, now)
+                self.events.append(event)
+                return
             plan = finish_plan(_EXPERIMENT_STATUS_FOR[status])
             try:
                 to = plan_target(plan, experiment.status, experiment_id=run.experiment_id)

@@ -15,6 +15,7 @@ from florist.server.db.engine import make_engine, make_session_factory
 from florist.server.db.models import (
     Checkpoint,
     ClientUpdate,
+    Experiment,
     ResumePointRow,
     Round,
     Run,
@@ -41,6 +42,7 @@ from .base import (
     RunFinishedError,
     RunOutcome,
     RunRecorder,
+    RunSupersededError,
     StoredResume,
     UnknownExperimentError,
     UnknownRunError,
@@ -48,6 +50,7 @@ from .base import (
     _node_configs,
     _refused_finish,
     _seen_node_ids,
+    superseded_message,
 )
 
 
@@ -75,12 +78,18 @@ class SqlRunRecorder(RunRecorder):
             self._owned_engine.dispose()
 
     @staticmethod
-    def _open_run(session: Session, run_id: int) -> Run:
+    def _open_run(session: Session, run_id: int, *, current: bool = True) -> Run:
+        """The run, open; ``current``: and still its experiment's run (a ServerApp that
+        outlived its lost run must not write beside the run that took over)."""
         run = session.get(Run, run_id)
         if run is None:
             raise UnknownRunError(f"run {run_id} does not exist")
         if run.finished_at is not None:
             raise RunFinishedError(f"run {run_id} has already finished")
+        if current:
+            now = _current_flwr_run(session, run)
+            if now != run.flwr_run_id:
+                raise RunSupersededError(superseded_message(run_id, run.flwr_run_id, now))
         return run
 
     def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
@@ -236,12 +245,24 @@ class SqlRunRecorder(RunRecorder):
     ) -> None:
         now = utcnow()
         with self._session_factory() as session, session.begin():
-            run = self._open_run(session, run_id)
+            run = self._open_run(session, run_id, current=False)
             run.status = status
             run.finished_at = now
             run.error = error
             run.final_metrics = dict(final_metrics) if final_metrics is not None else None
             session.flush()
+            current = _current_flwr_run(session, run)
+            if current != run.flwr_run_id:
+                # Its end is not the experiment's: another run carries it on.
+                message = superseded_message(run_id, run.flwr_run_id, current)
+                add_event(
+                    session,
+                    kind=FINISH_REFUSED,
+                    message=f"{message}; its own end ({status}) leaves the experiment as it is",
+                    experiment_id=run.experiment_id,
+                    run_id=run_id,
+                )
+                return
             try:
                 # The status is decided inside one UPDATE, so that a cancellation the API
                 # commits meanwhile is never overwritten by a stale read.
@@ -409,3 +430,7 @@ def _store_resume_point(session: Session, run: Run, server_round: int, data: byt
                 data=data,
             )
         )
+
+
+def _current_flwr_run(session: Session, run: Run) -> int | None:
+    return session.scalar(select(Experiment.flwr_run_id).where(Experiment.id == run.experiment_id))

@@ -52,12 +52,17 @@ class FlowerStack:
 
 @contextmanager
 def start_stack(
-    home: Path, node_configs: list[dict[str, int | float | str]], *, warm: bool = True
+    home: Path,
+    node_configs: list[dict[str, int | float | str]],
+    *,
+    warm: bool = True,
+    superlink_database: Path | None = None,
 ) -> Iterator[FlowerStack]:
     """A SuperLink and one SuperNode per node-config (partition ids added), on free ports.
 
     ``warm``: Florist's default client (tuned SuperNode polls, a warm executor beside it);
     otherwise stock ``flower-supernode`` starting a ClientApp process per message.
+    ``superlink_database``: the SuperLink's state file (default: in memory).
     """
     control, fleet = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     # The third-party plugin must be importable where the ServerApp and ClientApps run.
@@ -66,7 +71,7 @@ def start_stack(
     sup = Supervisor()
     logs = home / "logs"
     try:
-        cmd = superlink_command(control=control, fleet=fleet)
+        cmd = superlink_command(control=control, fleet=fleet, database=superlink_database)
         sup.add(Managed("superlink", cmd, env, logs / "superlink.log", restart=False))
         wait_for_port(control)
         wait_for_port(fleet)

@@ -1,7 +1,9 @@
-"""Crashes that must lose nothing: the API process SIGKILLed mid-run (the run goes on), and the
-ServerApp SIGKILLed mid-run (Flower fails the run, the follower submits the experiment again and
-the new run resumes from the last committed round); either way every round is in the database
-exactly once afterwards, and the final model downloads."""
+"""Crashes that must lose nothing, on real processes: the API SIGKILLed mid-run (the run goes
+on); the ServerApp, or the SuperLink with it, SIGKILLed mid-run (Flower fails the run, the
+follower submits the experiment again and the new run resumes from the last committed round); a
+SuperNode SIGKILLed and started again (its task is lost, the round goes on without it, the node
+comes back). Every round is in the database exactly once afterwards, and the final model
+downloads."""
 
 from __future__ import annotations
 
@@ -27,7 +29,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 def flower_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerStack]:
     # Slow enough nodes that the API can be killed and restarted while the run is going.
     profile: dict[str, int | float | str] = {"seconds-per-step": 0.05}
-    with start_stack(tmp_path_factory.mktemp("flower"), [dict(profile) for _ in range(3)]) as s:
+    home = tmp_path_factory.mktemp("flower")
+    # The SuperLink keeps its state in a file, as under `florist up`: it can be killed and
+    # started again.
+    nodes = [dict(profile) for _ in range(3)]
+    with start_stack(home, nodes, superlink_database=home / "superlink.db") as s:
         yield s
 
 
@@ -175,3 +181,100 @@ def test_the_serverapp_killed_mid_run_resumes_from_its_last_round(
     resumed = next(e for e in log.json()["data"] if e["kind"] == "resumed")
     assert resumed["data"]["model_version"] >= running["current_round"]
     assert model.status_code == 200 and model.headers["x-florist-round"] == "6"
+
+
+def _body(name: str, rounds: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "strategy": {"name": "fedavg", "config": {}},
+        "workload": {"name": "digits", "config": {"partitioner": {"name": "iid"}}},
+        "training": {"local_steps": 20},
+        "rounds": rounds,
+        "clients": {"min": 3},
+    } | extra
+
+
+def _managed(stack: FlowerStack, name: str) -> Managed:
+    return next(m for m in stack.supervisor.processes if m.name == name)
+
+
+def _kill(managed: Managed) -> None:
+    """SIGKILL the process and everything it started (its process group), as a container dies."""
+    assert managed.proc is not None
+    os.killpg(managed.proc.pid, signal.SIGKILL)
+    managed.proc.wait(10)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_superlink_killed_mid_run_comes_back_and_the_run_resumes(
+    flower_stack: FlowerStack, migrated_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    api = _api(flower_stack, migrated_url, tmp_path, port, 4)
+    superlink = _managed(flower_stack, "superlink")
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            exp = client.post("/api/v1/experiments", json=_body("superlink-killed", 6)).json()
+            _wait(client, exp["id"], lambda e: e["current_round"] >= 2)
+
+            # Execute: the SuperLink dies with its ServerApp, and is started again on its
+            # state file (as a supervisor or a container runtime restarts it).
+            _kill(superlink)
+            time.sleep(2)
+            superlink.start()
+            wait_for_port(flower_stack.control)
+            done = _wait(
+                client, exp["id"], lambda e: e["status"] in ("completed", "failed"), timeout=400
+            )
+            rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
+            log = client.get(f"/api/v1/experiments/{exp['id']}/log", params={"limit": 500})
+            model = client.get(f"/api/v1/experiments/{exp['id']}/model")
+    finally:
+        api.stop()
+
+    # Assert: the SuperNodes came back to it, the run resumed, every round exactly once.
+    assert done["status"] == "completed", f"{done}\n{flower_stack.logs()}"
+    assert done["resumes"] >= 1
+    assert [r["server_round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    assert "resumed" in [e["kind"] for e in log.json()["data"]]
+    assert model.status_code == 200 and model.headers["x-florist-round"] == "6"
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_a_supernode_killed_mid_run_loses_its_task_not_the_run(
+    flower_stack: FlowerStack, migrated_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    api = _api(flower_stack, migrated_url, tmp_path, port, 5)
+    node = [_managed(flower_stack, n) for n in ("supernode-2", "supernode-2-executor")]
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            body = _body("supernode-killed", 6, round_timeout_s=20)
+            exp = client.post("/api/v1/experiments", json=body).json()
+            _wait(client, exp["id"], lambda e: e["current_round"] >= 1)
+
+            # Execute: one SuperNode and its executor die mid-run, and start again.
+            for managed in node:
+                _kill(managed)
+            time.sleep(1)
+            for managed in node:
+                managed.start()
+            done = _wait(
+                client, exp["id"], lambda e: e["status"] in ("completed", "failed"), timeout=400
+            )
+            rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
+            updates = client.get(
+                f"/api/v1/experiments/{exp['id']}/updates", params={"limit": 500}
+            ).json()["data"]
+    finally:
+        api.stop()
+
+    # Assert: the run completed in one go; the lost task is one failed update; the node took
+    # part again after it came back.
+    assert done["status"] == "completed", f"{done}\n{flower_stack.logs()}"
+    assert done["resumes"] == 0
+    assert [r["server_round"] for r in rounds] == [1, 2, 3, 4, 5, 6]
+    failed = [u for u in updates if u["status"] == "failed"]
+    assert failed, updates
+    last_round = [u for u in updates if u["server_round"] == 6 and u["status"] == "accepted"]
+    assert len(last_round) == 3, updates

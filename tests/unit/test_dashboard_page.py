@@ -598,6 +598,19 @@ def build_app(api: FakeApi) -> FastAPI:
         api.experiments[experiment_id] = experiment
         return experiment
 
+    @app.post("/api/v1/experiments/{experiment_id}/resume", response_model=None)
+    def resume(experiment_id: int) -> dict[str, Any] | JSONResponse:
+        if experiment_id not in api.experiments:
+            return _not_found(experiment_id)
+        experiment = copy.deepcopy(api.experiments[experiment_id])
+        if experiment["status"] != "failed":
+            detail = f"experiment {experiment_id} is {experiment['status']}"
+            return JSONResponse({"detail": detail}, status_code=409)
+        experiment |= {"status": "pending", "error": None, "finished_at": None}
+        experiment["resumes"] = experiment.get("resumes", 0) + 1
+        api.experiments[experiment_id] = experiment
+        return experiment
+
     mount_dashboard(app)
     return app
 
@@ -900,6 +913,28 @@ def test_cancel_button_cancels_a_running_experiment(session: PageSession) -> Non
     expect(button).to_have_count(0)
     expect(session.page.locator("#action-message")).to_contain_text("Cancellation")
     assert session.server.api.experiments[1]["status"] == "cancelling"
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_resume_button_reopens_a_failed_experiment(session: PageSession) -> None:
+    # Prepare: the failed experiment offers Resume; a running one does not.
+    session.goto("/experiments/1")
+    expect(session.page.locator("#detail-status")).not_to_have_text("failed")
+    expect(session.page.locator("#resume-button")).to_have_count(0)
+    session.goto("/experiments/3")
+    button = session.page.locator("#resume-button")
+
+    # Execute
+    button.click()
+
+    # Assert: the page follows the experiment again, pending, its error gone, the resume counted.
+    expect(session.page.locator("#detail-status")).to_have_text("pending")
+    expect(session.page.locator("#error-message")).to_have_count(0)
+    expect(session.page.locator("#resume-button")).to_have_count(0)
+    expect(session.page.locator("[data-testid=detail-resumes]")).to_have_text("1 time")
+    assert session.server.api.experiments[3]["status"] == "pending"
     assert session.errors == []
 
 

@@ -28,6 +28,7 @@ from florist.server.recording import (
     RoundRecord,
     RunFinishedError,
     RunRecorder,
+    RunSupersededError,
     SqlRunRecorder,
     StoredResume,
     UnknownExperimentError,
@@ -128,6 +129,10 @@ class Harness(ABC):
         status with its finished_at, as every writer of one sets it)."""
 
     @abstractmethod
+    def lose_run(self, experiment_id: int, flwr_run_id: int) -> None:
+        """Play the follower finding the experiment's run lost: pending again, no run."""
+
+    @abstractmethod
     def experiment(self, experiment_id: int) -> ExperimentView:
         """Read the experiment back."""
 
@@ -154,6 +159,11 @@ class InMemoryHarness(Harness):
         experiment.status = ExperimentStatus(status)
         if experiment.status.terminal:
             experiment.finished_at = utcnow()
+
+    def lose_run(self, experiment_id: int, flwr_run_id: int) -> None:
+        experiment = self.recorder.experiments[experiment_id]
+        assert experiment.flwr_run_id == flwr_run_id
+        experiment.status, experiment.flwr_run_id = ExperimentStatus.PENDING, None
 
     def experiment(self, experiment_id: int) -> ExperimentView:
         e = self.recorder.experiments[experiment_id]
@@ -187,6 +197,12 @@ class SqlHarness(Harness):
         with self.session_factory.begin() as session:
             repository.update_experiment(
                 session, experiment_id=experiment_id, status=status, **ended
+            )
+
+    def lose_run(self, experiment_id: int, flwr_run_id: int) -> None:
+        with self.session_factory.begin() as session:
+            assert repository.requeue_lost_run(
+                session, experiment_id=experiment_id, flwr_run_id=flwr_run_id
             )
 
     def experiment(self, experiment_id: int) -> ExperimentView:
@@ -331,6 +347,32 @@ class RunRecorderContract:
         third = replace(make_round(3), checkpoint=ModelCheckpoint(b"m3"), resume=None)
         harness.recorder.record_round(taken_over, third)
         assert harness.recorder.resume_from(experiment_id) == StoredResume(3, None, b"m3")
+
+    def test_a_lost_run_that_lives_on_writes_nothing_beside_its_successor(
+        self, harness: Harness
+    ) -> None:
+        # Prepare: run 1 records round 1, then the follower finds it lost (its ServerApp lives
+        # on, cut off) and the experiment waits to be submitted again.
+        experiment_id = harness.new_experiment()
+        lost = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        harness.recorder.record_round(lost, make_round(1))
+        harness.lose_run(experiment_id, 1)
+
+        # Execute / Assert: it can record no round and no update; its end (it fails, cut off)
+        # closes it but leaves the experiment pending, with an event saying why.
+        with pytest.raises(RunSupersededError, match="waiting to be submitted again"):
+            harness.recorder.record_round(lost, make_round(2))
+        with pytest.raises(RunSupersededError):
+            harness.recorder.record_updates(lost, 2, LEFT_AT_THE_END)
+        harness.recorder.finish_run(lost, status="failed", error="KeyboardInterrupt")
+        view = harness.experiment(experiment_id)
+        assert (view.status, view.error, view.finished_at) == ("pending", None, None)
+        assert harness.event_kinds(experiment_id)[-1] == recorder_module.FINISH_REFUSED
+
+        # The run that takes over records round 2.
+        taken_over = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=2)
+        harness.recorder.record_round(taken_over, make_round(2))
+        assert harness.recorder.rounds(taken_over) == [make_round(2)]
 
     def test_finish_run_completes_the_experiment(self, harness: Harness) -> None:
         # Prepare

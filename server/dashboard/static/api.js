@@ -76,6 +76,7 @@ export function listLog(id, { kinds = [], after = 0 } = {}) {
   return requestAll(`${experimentPath(id)}/log`, query);
 }
 export const cancelExperiment = (id) => request(`${experimentPath(id)}/cancel`, { method: "POST" });
+export const resumeExperiment = (id) => request(`${experimentPath(id)}/resume`, { method: "POST" });
 export const listStrategies = () => request("/strategies");
 export const listWorkloads = () => request("/workloads");
 export const listNodes = () => requestAll("/nodes");

@@ -1,6 +1,6 @@
 // One experiment, live: a server-sent event stream feeds the charts, the timeline and the tables.
 
-import { cancelExperiment, eventsUrl, getExperiment, listLog, listNodes } from "../api.js";
+import { cancelExperiment, eventsUrl, getExperiment, listLog, listNodes, resumeExperiment } from "../api.js";
 import { renderLineChart } from "../chart.js";
 import {
   ACTIVE_STATUSES,
@@ -177,6 +177,22 @@ export function mountExperimentPage(id) {
     render();
   }
 
+  async function onResume() {
+    state.cancelInFlight = true;
+    state.actionMessage = null;
+    render();
+    try {
+      await resumeExperiment(id);
+      // A new run goes on from the last committed round: follow it from the start.
+      window.location.reload();
+      return;
+    } catch (err) {
+      state.actionMessage = { kind: "error", text: `Could not resume: ${err.message}` };
+    }
+    state.cancelInFlight = false;
+    render();
+  }
+
   // ------------------------------------------------------------ rendering
 
   function render() {
@@ -241,6 +257,19 @@ export function mountExperimentPage(id) {
               state.cancelInFlight ? "Cancelling…" : "Cancel",
             )
           : null,
+        e.status === "failed" && e.source !== "external"
+          ? h(
+              "button",
+              {
+                id: "resume-button",
+                type: "button",
+                disabled: state.cancelInFlight,
+                onClick: onResume,
+                title: "Submit it again: a new run goes on from the last committed round",
+              },
+              state.cancelInFlight ? "Resuming…" : "Resume",
+            )
+          : null,
       ),
       state.actionMessage
         ? h("p", { id: "action-message", class: `banner banner-${state.actionMessage.kind}` }, state.actionMessage.text)
@@ -281,6 +310,10 @@ export function mountExperimentPage(id) {
       ["Finished", formatTime(e.finished_at)],
       ["Duration", formatDuration(experimentDuration(e)), "", "duration"],
     ];
+    if (e.resumes > 0) {
+      // Each resume is a new run that took over from the last committed round.
+      rows.push(["Resumed", `${e.resumes} time${e.resumes === 1 ? "" : "s"}`, "", "resumes"]);
+    }
     return h(
       "dl",
       { class: "facts" },
