@@ -213,7 +213,8 @@ def paragraph(
         f"{fz['final_objective_mean']:.4g}. Queries to reach {summary['target']:.4g} (the "
         f"worst final objective of any run): FZooS {fz['queries_to_target']}, FedZO "
         f"{zo['queries_to_target']}. Chosen on the tuning seed: FZooS lr {lrs['fzoos'][0]}, "
-        f"ℓ {lrs['fzoos'][1]}; FedZO lr {lrs['fedzo'][0]}, μ {lrs['fedzo'][1]}. Runtime: FZooS {fz['seconds']:.0f} s, "
+        f"ℓ {lrs['fzoos'][1]}; FedZO lr {lrs['fedzo'][0]}, μ {lrs['fedzo'][1]}. "
+        f"Runtime: FZooS {fz['seconds']:.0f} s, "
         f"FedZO {zo['seconds']:.0f} s."
     )
     if "attack_success_at_common_budget_mean" in fz:
@@ -262,10 +263,24 @@ def plot(all_runs: dict[str, dict[str, list[dict[str, Any]]]], path: Path) -> No
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--output", default="zoo", help="results/NAME.json and NAME.png")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--lrs", type=float, nargs="+", default=[0.01, 0.03, 0.1, 0.3, 1.0])
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument(
+        "--fedzo-mus", type=float, nargs="+", default=SCALES["fedzo"][1], help="FedZO's μ grid"
+    )
+    parser.add_argument(
+        "--fzoos-lengthscales",
+        type=float,
+        nargs="+",
+        default=SCALES["fzoos"][1],
+        help="FZooS's ℓ grid (1.0 alone: the reference code's fixed lengthscale)",
+    )
     args = parser.parse_args(argv)
+    SCALES["fedzo"] = ("mu", args.fedzo_mus)
+    SCALES["fzoos"] = ("lengthscale", args.fzoos_lengthscales)
+    output = args.output
     logging.getLogger("flwr").setLevel(logging.WARNING)
     torch.set_num_threads(1)
 
@@ -312,8 +327,8 @@ def main(argv: list[str] | None = None) -> None:
         print(text, flush=True)
     result["total_seconds"] = time.perf_counter() - started
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "zoo.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(all_runs, RESULTS / "zoo.png")
+    (RESULTS / f"{output}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(all_runs, RESULTS / f"{output}.png")
     print("\n".join(texts))
 
 

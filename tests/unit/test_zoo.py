@@ -454,3 +454,34 @@ def test_bad_zeroth_order_configs_are_422_naming_the_field(
     locs = [err["loc"] for err in response.json()["detail"]]
     assert any(got[: len(loc)] == loc for got in locs), locs
     assert client.get("/api/v1/experiments").json()["count"] == 0
+
+
+def test_fzoos_on_one_client_is_the_same_for_every_gamma() -> None:
+    # With one client the averaged surrogate is its own: the correction vanishes, so FZooS with
+    # γ = 1 runs exactly as with γ = 0 (local surrogate descent), round after round.
+    from florist.server.runtime.localgrid import run_local
+    from florist.server.spec import ExperimentSpec
+
+    def final(gamma: float) -> tuple[np.ndarray, list[float]]:
+        spec = ExperimentSpec.model_validate(
+            {
+                "name": "one",
+                "strategy": {"name": "fzoos", "config": {"gamma": gamma, "init_queries": 3}},
+                "workload": {
+                    "name": "quadratic",
+                    "config": {"dimension": 6, "num_clients": 1, "surrogate_features": 40},
+                },
+                "training": {"local_steps": 3, "lr": 0.05},
+                "rounds": 3,
+                "clients": {"min": 1},
+            }
+        )
+        result, _ = run_local(spec, 1, node_configs=[{"partition-id": 0, "num-partitions": 1}])
+        assert result.final_arrays is not None
+        norms = [r.updates[0].metrics["fzoos-correction-norm"] for r in result.history]
+        return result.final_arrays["x"].numpy(), norms
+
+    with_gamma, norms = final(1.0)
+    without, _ = final(0.0)
+    np.testing.assert_allclose(with_gamma, without, rtol=1e-12, atol=0)
+    assert norms[1] == pytest.approx(0.0, abs=1e-9) and norms[2] == pytest.approx(0.0, abs=1e-9)
