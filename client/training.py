@@ -145,21 +145,23 @@ class RunningMetrics:
     """Example-weighted train loss and accuracy over a round's minibatches."""
 
     def __init__(self) -> None:
-        self.steps, self.seen, self.loss_sum, self.correct = 0, 0, 0.0, 0
+        self.steps, self.seen, self.loss_sum, self.correct, self.classified = 0, 0, 0.0, 0, 0
 
     def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> None:
         self.steps += 1
         self.seen += len(y)
         self.loss_sum += float(loss.detach()) * len(y)
-        self.correct += int((logits.argmax(1) == y).sum())
+        # Accuracy only for class scores: a black-box task's outputs may be residuals.
+        if logits.ndim == 2:
+            self.classified += len(y)
+            self.correct += int((logits.argmax(1) == y).sum())
 
     def result(self, num_examples: int, **extra: float) -> TrainResult:
         if self.seen == 0:
             return TrainResult(num_examples=num_examples, steps=0, metrics={})
-        metrics = {
-            "train-loss": self.loss_sum / self.seen,
-            "train-accuracy": self.correct / self.seen,
-        }
+        metrics = {"train-loss": self.loss_sum / self.seen}
+        if self.classified:
+            metrics["train-accuracy"] = self.correct / self.classified
         return TrainResult(num_examples=num_examples, steps=self.steps, metrics=metrics | extra)
 
 

@@ -63,6 +63,9 @@ class StrategyPlugin:
     # Extra centralized metrics per round (e.g. FAL's robust accuracy): (global model, held-out
     # test data, config) -> metrics recorded with the round beside accuracy and loss.
     server_metrics: Callable[[nn.Module, XY, Any], dict[str, float]] | None = None
+    # Why the plugin cannot train a workload's model (e.g. FZooS needs a surrogate buffer), or
+    # None; the API checks it on the model built on the meta device and refuses with a 422.
+    model_check: Callable[[nn.Module], str | None] | None = None
     paper: str = ""
     tags: tuple[str, ...] = field(default_factory=tuple)
 

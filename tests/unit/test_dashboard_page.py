@@ -1522,3 +1522,50 @@ def test_dispatched_nodes_are_training_and_decisions_are_listed(session: PageSes
     expect(rows.nth(0).locator("td").nth(2)).to_have_text("given-up")
     expect(newcomer.get_by_test_id("client-status")).to_have_text("idle")
     assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
+def test_zeroth_order_run_plots_its_objective_against_cumulative_queries(
+    session: PageSession,
+) -> None:
+    # Prepare: experiment 2 as a FedZO run spending 100, 200 and 300 queries in rounds 1-3.
+    api = session.server.api
+    api.rounds[2] = [
+        r
+        | {
+            "metrics": {**r["metrics"], "objective": 10.0 - 2 * r["server_round"]},
+            "train_metrics": {
+                **r["train_metrics"],
+                **(
+                    {
+                        "zoo-queries": 100.0 * r["server_round"],
+                        "zoo-objective": 12.0 - 2 * r["server_round"],
+                    }
+                    if r["server_round"] > 0
+                    else {}
+                ),
+            },
+        }
+        for r in api.rounds[2]
+    ]
+
+    # Execute
+    session.goto("/experiments/2")
+    page = session.page
+
+    # Assert: F after each round at the queries spent up to it (0, 100, 300, 600); the clients'
+    # mean objective of the model they were sent at the queries spent before their round.
+    chart = page.locator("#queries-chart")
+    expect(chart.locator('circle[data-series="objective"]')).to_have_count(4)
+    expect(chart.locator('circle[data-series="zoo-objective"]')).to_have_count(3)
+    expect(page.locator("#queries-panel figcaption")).to_have_text("600 queries so far")
+    last = chart.locator('circle[data-series="objective"][data-round="3"] title')
+    expect(last).to_contain_text("Round 3 after 600 queries")
+    first_client = chart.locator('circle[data-series="zoo-objective"][data-round="1"] title')
+    expect(first_client).to_contain_text("Round 1 after 0 queries")
+    # A run that counts no queries has no such panel.
+    session.goto("/experiments/1")
+    expect(page.locator("#accuracy-chart")).to_be_visible()
+    expect(page.locator("#queries-panel")).to_have_count(0)
+    assert session.script_errors() == []

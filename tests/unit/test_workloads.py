@@ -271,6 +271,18 @@ def test_every_strategy_trains_a_third_party_workload(
         time_budget_s=10_000.0,
     )
 
+    # A strategy that needs something of the model (FZooS: a surrogate buffer, which only the
+    # black-box workloads have) says why it cannot run this one, as the API does with a 422.
+    from florist.strategies import default_registry
+
+    plugin = default_registry().get(strategy)
+    if plugin.model_check is not None:
+        workload, config = resolve_workload(s.workload_ref)
+        reason = plugin.model_check(workload.build_model(config))
+        if reason is not None:
+            assert "black-box workload" in reason
+            return
+
     # Execute
     result, recorder = run_local(s, 3, node_configs=configs)
 

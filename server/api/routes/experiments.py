@@ -198,6 +198,8 @@ def check_spec(spec: ExperimentSpec, *, max_parameters: int | None = None) -> Wo
         raise _body_errors(
             [{"loc": model_loc, "msg": str(exc), "type": "model_dataset_mismatch"}]
         ) from exc
+    if plugin.model_check is not None and (reason := plugin.model_check(model)):
+        raise _body_errors([{"loc": ("workload", "name"), "msg": reason, "type": "unsupported"}])
     parameters = sum(p.numel() for p in model.parameters())
     if max_parameters is not None and parameters > max_parameters:
         raise _body_errors(

@@ -284,6 +284,7 @@ export function mountExperimentPage(id) {
         : null,
       facts(e),
       chartsPanel(e, rounds),
+      queriesPanel(rounds),
       strategyPanels(e, rounds),
       h("h3", {}, "Client timeline"),
       h("div", { id: "client-timeline", "data-testid": "client-timeline", class: "timeline-box" }),
@@ -416,6 +417,62 @@ export function mountExperimentPage(id) {
         h("figure", {}, h("figcaption", {}, "Accuracy"), accuracyChart),
         h("figure", {}, h("figcaption", {}, "Loss"), lossChart),
       ),
+    );
+  }
+
+  /**
+   * Zeroth-order runs (FedZO, FZooS: rounds whose train metrics count `zoo-queries`): the objective
+   * against the federation's cumulative function queries, the budget these methods are compared on.
+   */
+  function queriesPanel(rounds) {
+    if (!rounds.some((r) => typeof r.train_metrics?.["zoo-queries"] === "number")) return null;
+    const sorted = [...rounds].sort((a, b) => a.server_round - b.server_round);
+    let total = 0;
+    const before = new Map(); // round -> queries spent before it
+    const after = new Map(); // round -> queries spent up to and including it
+    for (const r of sorted) {
+      before.set(r.server_round, total);
+      total += r.train_metrics?.["zoo-queries"] ?? 0;
+      after.set(r.server_round, total);
+    }
+    const at = (where, pick) =>
+      sorted
+        .map((r) => ({ x: where.get(r.server_round), y: pick(r), round: r.server_round }))
+        .filter((p) => typeof p.y === "number" && Number.isFinite(p.y));
+    const box = h("div", { id: "queries-chart", class: "chart-box", "data-testid": "queries-chart" });
+    const series = [
+      // The server's objective F of the round's new model, after the round's queries.
+      { name: "objective", label: "Objective F (server eval)", color: COLORS.loss, points: at(after, (r) => r.metrics?.objective) },
+      // Each client's f_i at the model it was sent, averaged: F of the previous round's model.
+      {
+        name: "zoo-objective",
+        label: "Clients' objective at the model sent (mean)",
+        color: COLORS.trainLoss,
+        points: at(before, (r) => r.train_metrics?.["zoo-objective"]),
+      },
+    ];
+    const held = at(after, (r) => r.metrics?.["val-objective"]);
+    if (held.length) series.push({ name: "val-objective", label: "Objective on held-out data", color: COLORS.valLoss, points: held });
+    renderLineChart(box, {
+      title: "Objective against function queries",
+      xLabel: "function queries (all clients, cumulative)",
+      yLabel: "objective",
+      xDomain: [0, Math.max(total, 1)],
+      xInteger: false,
+      formatX: (x) => formatMetric(x),
+      xTicks: 6,
+      pointLabel: (x, p) => `Round ${p.round} after ${Math.round(x)} queries`,
+      yDomain: [0, 0],
+      formatY: formatMetric,
+      formatTick: formatMetric,
+      emptyText: "No round recorded yet",
+      series,
+    });
+    return h(
+      "div",
+      { id: "queries-panel" },
+      h("h3", {}, "Objective against queries"),
+      h("div", { class: "charts" }, h("figure", {}, h("figcaption", {}, `${Math.round(total)} queries so far`), box)),
     );
   }
 
