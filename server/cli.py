@@ -256,7 +256,8 @@ def list_experiments(
     if not rows:
         console.print("no experiments")
         return
-    table = Table("id", "name", "status", "strategy", "round", "best acc", "created")
+    table = Table("id", "name", "status", "strategy", "round", "best acc")
+    table.add_column("created", no_wrap=True)
     for row in rows:
         table.add_row(
             str(row["id"]),
@@ -369,7 +370,7 @@ def logs(
     def show(lines: list[tuple[str, str]]) -> None:
         # Both sources are read at the same moment: print them in the order they happened.
         for _, text in sorted(lines, key=lambda line: line[0]):
-            console.print(text, highlight=False)
+            console.print(text, highlight=False, soft_wrap=True)
 
     with Api(api, timeout=60) as remote:
         remote.get(f"/api/v1/experiments/{experiment_id}")  # a clear 404 before anything else
@@ -404,6 +405,7 @@ def logs(
                                 f"experiment {experiment_id} {end['status']}"
                                 + (f": {escape(end['error'])}" if end.get("error") else ""),
                                 highlight=False,
+                                soft_wrap=True,
                             )
                             return
             except httpx.TransportError as exc:

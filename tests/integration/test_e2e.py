@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load as st_load
 
 from florist.client.task import WorkloadRef
@@ -34,10 +35,42 @@ FEDAVG: dict[str, Any] = {
 }
 
 
+def experiment_series(api: Api, experiment_id: int) -> dict[str, float]:
+    """The experiment's samples in the API's /metrics, by name (and status, for updates)."""
+    text = api.client.get("/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("experiment_id") == str(experiment_id) and "metric" not in s.labels:
+                out[s.name + (f":{s.labels['status']}" if "status" in s.labels else "")] = s.value
+    return out
+
+
 def test_fedavg_digits_five_rounds(api: Api) -> None:
     exp = api.submit(FEDAVG)
+    api.wait(exp["id"], lambda e: e["current_round"] >= 1)
+    early = experiment_series(api, exp["id"])
     done = api.wait_finished(exp["id"])
     assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+
+    # /metrics, scraped while the run went on and after it: the experiment's series moved, and
+    # the ServerApp's costs (aggregation time, traffic) came through the rounds it recorded.
+    late = experiment_series(api, exp["id"])
+    assert 1 <= early["florist_experiment_rounds_done"] < late["florist_experiment_rounds_done"]
+    assert late["florist_experiment_rounds_done"] == 5
+    assert early["florist_experiment_updates_total:accepted"] < 15
+    assert late["florist_experiment_updates_total:accepted"] == 15
+    assert late["florist_experiment_updates_total:failed"] == 0
+    assert late["florist_experiment_round_duration_seconds_count"] == 5
+    assert late["florist_experiment_aggregate_seconds_count"] == 5
+    assert late["florist_experiment_aggregate_seconds_sum"] > 0
+    assert late["florist_experiment_received_bytes_total"] > 0
+    # Every task took the model out and brought an update of the same arrays back.
+    assert (
+        late["florist_experiment_sent_bytes_total"]
+        == late["florist_experiment_received_bytes_total"]
+    )
+    assert late["florist_experiment_connected_nodes"] == 3
 
     rounds = api.client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()
     assert rounds["count"] == 5
