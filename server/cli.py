@@ -393,9 +393,14 @@ def logs(
                         stream.read()
                         errors.print(f"[red]{escape(stream.text)}[/red]")
                         raise typer.Exit(1)
+                    read_at = 0.0
                     for event, event_id, data in _sse(stream.iter_lines()):
                         last_id = event_id or last_id
-                        lines = new_events()
+                        # A replayed history sends an update event per task: the log is read
+                        # at a round, the end, a keep-alive, or a second after the last read.
+                        lines = []
+                        if event != "update" or time.monotonic() - read_at >= 1.0:
+                            lines, read_at = new_events(), time.monotonic()
                         if event == "round" and rounds:
                             lines.append(_round_line(json.loads(data)))
                         show(lines)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,9 +20,24 @@ from florist.client.training import evaluate
 from florist.server.control import ControlClient
 from florist.server.spec import resolve_workload
 
-from .conftest import Api
+from .conftest import NUM_NODES, Api, FlowerStack, start_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def flower_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerStack]:
+    """The shared stack, its processes told to log JSON: the ServerApps the SuperLink starts
+    inherit the setting, and their lines land in the SuperLink's log."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLORIST_LOG_FORMAT", "json")
+        stack = start_stack(tmp_path_factory.mktemp("flower"), [{} for _ in range(NUM_NODES)])
+        running = stack.__enter__()
+    try:
+        yield running
+    finally:
+        stack.__exit__(None, None, None)
+
 
 # Local training that reaches the accuracy bar: the defaults (2 local epochs of SGD, lr 0.05,
 # momentum 0.9, batch 32) on an MLP with one hidden layer of 64 units.
@@ -71,6 +88,20 @@ def test_fedavg_digits_five_rounds(api: Api) -> None:
         == late["florist_experiment_received_bytes_total"]
     )
     assert late["florist_experiment_connected_nodes"] == 3
+
+    # The ServerApp logged JSON lines naming the experiment and its Flower run. Flower keeps
+    # a ServerApp's output off every console and hands it to the SuperLink (`flwr log`).
+    control = ControlClient(api.stack.control)
+    text = control.run_log(int(done["flwr_run_id"]))
+    control.close()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    recorded = [
+        line
+        for line in lines
+        if line["experiment_id"] == exp["id"] and line["message"].startswith("round ")
+    ]
+    assert len(recorded) == 5, text[-3000:]
+    assert {line["flwr_run_id"] for line in recorded} == {int(done["flwr_run_id"])}
 
     rounds = api.client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()
     assert rounds["count"] == 5

@@ -191,7 +191,8 @@ def a_round(server_round: int, *, ago_s: float, node_base: int = 10) -> RoundRec
             UpdateRecord(
                 node_id=node_base + 1, status="rejected", bytes_up=1000, bytes_down=1500, **arrived
             ),
-            UpdateRecord(node_id=node_base + 2, status="failed", bytes_down=1500),
+            # An error reply: it came back, but the node did not train.
+            UpdateRecord(node_id=node_base + 2, status="failed", bytes_down=1500, **arrived),
         ),
         aggregate_s=0.5,
     )
