@@ -185,7 +185,8 @@ class Api:
     def unreachable(self, exc: Exception) -> typer.Exit:
         errors.print(
             f"[red]cannot reach the Florist API at {escape(self.base)}[/red]: {escape(str(exc))}\n"
-            "Is it running (`florist up`, `florist server`, `florist api`)? Point --api at it."
+            "Is it running (`florist up`, `florist server`, `florist api`)? Point --api at it.",
+            soft_wrap=True,
         )
         return typer.Exit(1)
 
@@ -773,7 +774,15 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    settings = get_settings()
+    from pydantic import ValidationError
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "FLORIST_" + "_".join(str(p) for p in error["loc"]).upper()
+            errors.print(f"[red]{name}[/red]: {escape(error['msg'])}")
+        raise SystemExit(2) from None
     configure_logging(settings.log_format, level=settings.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll drowns the bar
     # A container runtime stops us with SIGTERM: treat it like Ctrl-C so children stop in order.

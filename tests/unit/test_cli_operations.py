@@ -136,6 +136,24 @@ def test_an_api_that_is_not_there_is_named_not_a_traceback() -> None:
         assert result.exception is None or isinstance(result.exception, SystemExit)
 
 
+def test_a_bad_log_setting_is_named_before_anything_runs(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FLORIST_LOG_FORMAT": "xml", "FLORIST_HOME": str(tmp_path)}
+    out = subprocess.run(
+        [sys.executable, "-m", "florist.server.cli", "ls"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "FLORIST_LOG_FORMAT" in out.stderr and "Traceback" not in out.stderr
+    assert Settings(log_level="debug").log_level == "DEBUG"  # type: ignore[arg-type]
+
+
 def test_cancel_a_pending_and_a_running_experiment_and_refuse_an_ended_one(
     served: Served,
 ) -> None:
