@@ -100,6 +100,9 @@ class TextFormatter(logging.Formatter):
         return super().format(record)
 
 
+_UVICORN = ("uvicorn", "uvicorn.error", "uvicorn.access")
+
+
 def _is_ours(handler: logging.Handler) -> bool:
     return getattr(handler, "florist", False)
 
@@ -122,6 +125,10 @@ def configure_logging(
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level)
+    for name in _UVICORN:
+        # A uvicorn started with its own logging config keeps these to itself.
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
     flower = logging.getLogger("flwr")
     if log_format == "json":
         from flwr.common.logger import console_handler

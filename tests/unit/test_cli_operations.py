@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
 import threading
 import time
 from collections.abc import Iterator
@@ -239,4 +238,3 @@ def test_api_access_lines_in_json_name_the_experiment_of_the_path(served: Served
     (strategies,) = [line for line in access if "/strategies" in line["message"]]
     assert rounds["experiment_id"] == exp["id"]
     assert strategies["experiment_id"] is None
-    logging.getLogger("uvicorn.access").handlers.clear()

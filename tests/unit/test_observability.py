@@ -24,7 +24,7 @@ from florist.server.api.app import create_app
 from florist.server.db import repository
 from florist.server.db.engine import make_engine, make_session_factory
 from florist.server.db.models import utcnow
-from florist.server.logs import configure_logging, log_context
+from florist.server.logs import _UVICORN, configure_logging, log_context
 from florist.server.observability import ExperimentCollector
 from florist.server.recording import (
     InMemoryRunRecorder,
@@ -64,12 +64,13 @@ def of(samples: Samples, sample: str, /, **labels: str) -> float | None:
 @pytest.fixture
 def logs_restored() -> Iterator[None]:
     """configure_logging changes process-wide state: put it back after the test."""
-    root, flower = logging.getLogger(), logging.getLogger("flwr")
-    saved = (list(root.handlers), root.level, list(flower.handlers), flower.propagate)
+    loggers = [logging.getLogger(name) for name in ("", "flwr", *_UVICORN)]
+    saved = [(list(log.handlers), log.level, log.propagate) for log in loggers]
     yield
-    root.handlers[:], flower.handlers[:] = saved[0], saved[2]
-    root.setLevel(saved[1])
-    flower.propagate = saved[3]
+    for log, (handlers, level, propagate) in zip(loggers, saved, strict=True):
+        log.handlers[:] = handlers
+        log.setLevel(level)
+        log.propagate = propagate
 
 
 # --- round costs: measured by the loop, stored by the recorder --------------------------------
