@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -198,9 +199,10 @@ class Api:
         if response.is_success:
             return response.json()
         try:
-            detail = response.json().get("detail", response.text)
+            body = response.json()
         except ValueError:
-            detail = response.text
+            body = None
+        detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
         if isinstance(detail, list):  # a 422: one line per field
             detail = "; ".join(
                 f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in detail
@@ -211,7 +213,7 @@ class Api:
     def get(self, path: str, **params: Any) -> Any:
         return self.request("GET", path, params=params)
 
-    def pages(self, path: str, **params: Any) -> Any:
+    def pages(self, path: str, **params: Any) -> Iterator[dict[str, Any]]:
         """Every row of a paged listing, page after page (``next_cursor``)."""
         cursor = None
         while True:
@@ -223,7 +225,7 @@ class Api:
 
 
 def _when(value: str | None) -> str:
-    """An API timestamp as local-free UTC seconds: 2026-12-02 04:40:01."""
+    """An API timestamp (UTC) to the second: 2026-12-02 04:40:01."""
     return value[:19].replace("T", " ") if value else "-"
 
 
