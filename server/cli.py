@@ -9,15 +9,19 @@ import signal
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 
 from florist.server.db.status import ExperimentStatus
+from florist.server.logs import configure_logging
 from florist.server.processes import (
     Managed,
     Supervisor,
@@ -33,6 +37,7 @@ app = typer.Typer(help="Florist: federated learning on Flower.", no_args_is_help
 db_app = typer.Typer(help="Database maintenance.")
 app.add_typer(db_app, name="db")
 console = Console()
+errors = Console(stderr=True)
 
 DEMO_EXPERIMENT: dict[str, Any] = {
     "name": "demo-digits-fedavg",
@@ -155,6 +160,276 @@ def export(
     console.print(f"round {kept_round}'s model → {path} ({len(response.content):,} bytes)")
 
 
+# --- operating experiments through the API: ls, status, logs, cancel ---------------------------
+
+ApiOption = Annotated[
+    str | None,
+    typer.Option(help="API base URL (default: http://FLORIST_API_HOST:FLORIST_API_PORT)"),
+]
+ExperimentArg = Annotated[int, typer.Argument(min=0, help="The experiment's id")]
+
+
+class Api:
+    """The REST API as the operating commands use it: every failure is one clear line on
+    stderr and a non-zero exit, never a traceback."""
+
+    def __init__(self, base: str | None, *, timeout: float = 30) -> None:
+        self.base = (base or api_url(get_settings())).rstrip("/")
+        self.client = httpx.Client(base_url=self.base, timeout=timeout)
+
+    def __enter__(self) -> Api:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.client.close()
+
+    def unreachable(self, exc: Exception) -> typer.Exit:
+        errors.print(
+            f"[red]cannot reach the Florist API at {escape(self.base)}[/red]: {escape(str(exc))}\n"
+            "Is it running (`florist up`, `florist server`, `florist api`)? Point --api at it.",
+            soft_wrap=True,
+        )
+        return typer.Exit(1)
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            raise self.unreachable(exc) from None
+        if response.is_success:
+            return response.json()
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        detail = body.get("detail", response.text) if isinstance(body, dict) else response.text
+        if isinstance(detail, list):  # a 422: one line per field
+            detail = "; ".join(
+                f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in detail
+            )
+        errors.print(f"[red]{escape(str(detail))}[/red] (HTTP {response.status_code})")
+        raise typer.Exit(1)
+
+    def get(self, path: str, **params: Any) -> Any:
+        return self.request("GET", path, params=params)
+
+    def pages(self, path: str, **params: Any) -> Iterator[dict[str, Any]]:
+        """Every row of a paged listing, page after page (``next_cursor``)."""
+        cursor = None
+        while True:
+            page = self.get(path, **params, **({"cursor": cursor} if cursor is not None else {}))
+            yield from page["data"]
+            cursor = page.get("next_cursor")
+            if cursor is None:
+                return
+
+
+def _when(value: str | None) -> str:
+    """An API timestamp (UTC) to the second: 2026-12-02 04:40:01."""
+    return value[:19].replace("T", " ") if value else "-"
+
+
+def _accuracy(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+@app.command("ls")
+def list_experiments(
+    status: Annotated[
+        list[str] | None, typer.Option("--status", "-s", help="Only these statuses (repeatable)")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="The newest this many")] = 20,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object a line")] = False,
+    api: ApiOption = None,
+) -> None:
+    """List experiments, newest first."""
+    with Api(api) as remote:
+        params: dict[str, Any] = {"limit": min(limit, 1000)}
+        if status:
+            params["status"] = status
+        rows = []
+        for row in remote.pages("/api/v1/experiments", **params):
+            rows.append(row)
+            if len(rows) >= limit:
+                break
+    if as_json:
+        for row in rows:
+            console.print_json(json.dumps(row), indent=None)
+        return
+    if not rows:
+        console.print("no experiments")
+        return
+    table = Table("id", "name", "status", "strategy", "round", "best acc")
+    table.add_column("created", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            str(row["id"]),
+            escape(row["name"]),
+            row["status"],
+            escape(row["strategy"]["name"]),
+            f"{row['current_round']}/{row['num_rounds']}",
+            _accuracy(row.get("best_accuracy")),
+            _when(row.get("created_at")),
+        )
+    console.print(table)
+
+
+@app.command("status")
+def experiment_status(
+    experiment_id: ExperimentArg,
+    as_json: Annotated[bool, typer.Option("--json", help="The API's JSON")] = False,
+    api: ApiOption = None,
+) -> None:
+    """One experiment: its status, progress, best round and run."""
+    with Api(api) as remote:
+        exp = remote.get(f"/api/v1/experiments/{experiment_id}")
+    if as_json:
+        console.print_json(json.dumps(exp))
+        return
+    best = exp.get("best_round")
+    fields = {
+        "experiment": f"{exp['id']} ({escape(exp['name'])})",
+        "status": exp["status"] + (f": {escape(exp['error'])}" if exp.get("error") else ""),
+        "strategy": escape(exp["strategy"]["name"]),
+        "workload": escape((exp.get("workload") or {}).get("name", "-")),
+        "rounds": f"{exp['current_round']} of {exp['num_rounds']}",
+        "accepted updates": str(exp.get("accepted_updates", 0)),
+        "best accuracy": _accuracy(exp.get("best_accuracy"))
+        + (f" (round {best}, by {exp.get('best_by')})" if best is not None else ""),
+        "Flower run": exp.get("flwr_run_id") or "-",
+        "created": _when(exp.get("created_at")),
+        "started": _when(exp.get("started_at")),
+        "finished": _when(exp.get("finished_at")),
+    }
+    width = max(map(len, fields))
+    for name, value in fields.items():
+        console.print(f"[bold]{name:<{width}}[/bold]  {value}")
+
+
+def _event_line(event: dict[str, Any]) -> tuple[str, str]:
+    return event["created_at"], f"{_when(event['created_at'])}  {event['kind']:<12} " + escape(
+        event["message"]
+    )
+
+
+def _round_line(row: dict[str, Any]) -> tuple[str, str]:
+    shown = {k: v for k, v in row["metrics"].items() if k in ("accuracy", "loss")}
+    metrics = ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items()))
+    text = (
+        f"round {row['server_round']}: {metrics + '; ' if metrics else ''}"
+        f"{row['num_updates']} accepted, {row['num_rejected']} rejected, "
+        f"{row['num_failures']} failed; {row['duration_s']:.1f} s"
+    )
+    return row["finished_at"], f"{_when(row['finished_at'])}  {'round':<12} {text}"
+
+
+def _sse(lines: Any) -> Any:
+    """(event, id, data) of each server-sent event in a stream of lines."""
+    event, event_id, data = "message", None, list[str]()
+    for line in lines:
+        if not line:
+            if data:
+                yield event, event_id, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            yield "comment", event_id, ""  # a keep-alive: a moment to read the log on
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "id":
+                event_id = value
+            elif name == "data":
+                data.append(value)
+
+
+@app.command("logs")
+def logs(
+    experiment_id: ExperimentArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing until the experiment ends")
+    ] = False,
+    kind: Annotated[
+        list[str] | None, typer.Option("--kind", "-k", help="Only these event kinds (repeatable)")
+    ] = None,
+    rounds: Annotated[bool, typer.Option(help="Print each recorded round too")] = True,
+    api: ApiOption = None,
+) -> None:
+    """An experiment's log: its events (submission, the runtime's decisions, the end) and
+    rounds, oldest first; with --follow, new ones as they are recorded."""
+    log_path = f"/api/v1/experiments/{experiment_id}/log"
+    params: dict[str, Any] = {"kind": kind} if kind else {}
+    last_event = 0
+
+    def new_events() -> list[tuple[str, str]]:
+        nonlocal last_event
+        out = []
+        for event in remote.pages(log_path, after=last_event, **params):
+            last_event = max(last_event, event["id"])
+            out.append(_event_line(event))
+        return out
+
+    def show(lines: list[tuple[str, str]]) -> None:
+        # Both sources are read at the same moment: print them in the order they happened.
+        for _, text in sorted(lines, key=lambda line: line[0]):
+            console.print(text, highlight=False, soft_wrap=True)
+
+    with Api(api, timeout=60) as remote:
+        remote.get(f"/api/v1/experiments/{experiment_id}")  # a clear 404 before anything else
+        if not follow:
+            lines = new_events()
+            if rounds:
+                path = f"/api/v1/experiments/{experiment_id}/rounds"
+                lines += [_round_line(r) for r in remote.pages(path)]
+            show(lines)
+            return
+        # The event stream replays the rounds recorded so far, then sends each new one; every
+        # message (a keep-alive at least every few seconds) is a moment to read the log on.
+        last_id: str | None = None
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id else {}
+            path = f"/api/v1/experiments/{experiment_id}/events"
+            try:
+                with remote.client.stream("GET", path, headers=headers, timeout=None) as stream:
+                    if not stream.is_success:
+                        stream.read()
+                        errors.print(f"[red]{escape(stream.text)}[/red]")
+                        raise typer.Exit(1)
+                    read_at = 0.0
+                    for event, event_id, data in _sse(stream.iter_lines()):
+                        last_id = event_id or last_id
+                        # A replayed history sends an update event per task: the log is read
+                        # at a round, the end, a keep-alive, or a second after the last read.
+                        lines = []
+                        if event != "update" or time.monotonic() - read_at >= 1.0:
+                            lines, read_at = new_events(), time.monotonic()
+                        if event == "round" and rounds:
+                            lines.append(_round_line(json.loads(data)))
+                        show(lines)
+                        if event == "end":
+                            end = json.loads(data)
+                            console.print(
+                                f"experiment {experiment_id} {end['status']}"
+                                + (f": {escape(end['error'])}" if end.get("error") else ""),
+                                highlight=False,
+                                soft_wrap=True,
+                            )
+                            return
+            except httpx.TransportError as exc:
+                raise remote.unreachable(exc) from None
+            # The stream closed without an end (its lifetime, a restart): read on after last_id.
+            time.sleep(1.0)
+
+
+@app.command("cancel")
+def cancel(experiment_id: ExperimentArg, api: ApiOption = None) -> None:
+    """Cancel an experiment: its run is stopped, every round it committed is kept."""
+    with Api(api) as remote:
+        exp = remote.request("POST", f"/api/v1/experiments/{experiment_id}/cancel")
+    console.print(f"experiment {exp['id']} ({escape(exp['name'])}): {exp['status']}")
+
+
 @app.command("api")
 def run_api(
     host: Annotated[str | None, typer.Option()] = None,
@@ -168,8 +443,14 @@ def run_api(
     settings = get_settings()
     settings.api_host = host or settings.api_host
     settings.api_port = port or settings.api_port
+    # log_config=None: uvicorn's loggers reach the handler main() set up (FLORIST_LOG_FORMAT),
+    # so its access lines are JSON too, with the experiment id a request's path names.
     uvicorn.run(
-        create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info"
+        create_app(settings),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        log_config=None,
     )
 
 
@@ -497,7 +778,16 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from pydantic import ValidationError
+
+    try:
+        settings = get_settings()
+    except ValidationError as exc:
+        for error in exc.errors():
+            name = "FLORIST_" + "_".join(str(p) for p in error["loc"]).upper()
+            errors.print(f"[red]{name}[/red]: {escape(error['msg'])}")
+        raise SystemExit(2) from None
+    configure_logging(settings.log_format, level=settings.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll drowns the bar
     # A container runtime stops us with SIGTERM: treat it like Ctrl-C so children stop in order.
     signal.signal(signal.SIGTERM, _raise_interrupt)

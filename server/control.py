@@ -20,6 +20,7 @@ from flwr.proto.control_pb2 import (
     ListRunsRequest,
     StartRunRequest,
     StopRunRequest,
+    StreamLogsRequest,
 )
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.proto.run_pb2 import Run as RunProto
@@ -195,6 +196,13 @@ class ControlClient:
         """
         response = self._call("ListNodes", ListNodesRequest())
         return [SuperLinkNode.from_proto(info) for info in response.nodes_info]
+
+    def run_log(self, run_id: int) -> str:
+        """What a finished run's ServerApp wrote: Flower sends it to the SuperLink, not to any
+        console (the call behind ``flwr log``). The SuperLink hands it out once and then clears
+        it; on a run not finished yet this waits until it finishes."""
+        stream = self._call("StreamLogs", StreamLogsRequest(run_id=run_id))
+        return "".join(response.log_output for response in stream)
 
     def close(self) -> None:
         self._client.close()

@@ -29,6 +29,7 @@ from florist.server.db.repository import (
 )
 from florist.server.db.status import ExperimentStatus, IllegalTransition
 from florist.server.external import ExternalSpec, public_run_config
+from florist.server.logs import log_context
 
 log = logging.getLogger(__name__)
 
@@ -132,18 +133,24 @@ class RunFollower:
         with self._sessions() as session:
             ids = list_active_experiment_ids(session)
         for experiment_id in ids:
-            try:
-                with self._sessions() as session, session.begin():
-                    exp = get_experiment(session, experiment_id=experiment_id)
-                    if exp is None or exp.status.terminal:
-                        continue
-                    if exp.status != ExperimentStatus.PENDING:
-                        self._follow(session, exp)
-                        continue
-                # Outside any transaction: the claim is committed before StartRun.
-                self._submit(experiment_id)
-            except Exception:  # one experiment's trouble must not stall the others
-                log.exception("following experiment %d failed", experiment_id)
+            # Every line logged while handling it names the experiment.
+            with log_context(experiment_id=experiment_id):
+                try:
+                    self._advance(experiment_id)
+                except Exception:  # one experiment's trouble must not stall the others
+                    log.exception("following experiment %d failed", experiment_id)
+
+    def _advance(self, experiment_id: int) -> None:
+        """Submit a pending experiment, or follow a submitted one's run by one step."""
+        with self._sessions() as session, session.begin():
+            exp = get_experiment(session, experiment_id=experiment_id)
+            if exp is None or exp.status.terminal:
+                return
+            if exp.status != ExperimentStatus.PENDING:
+                self._follow(session, exp)
+                return
+        # Outside any transaction: the claim is committed before StartRun.
+        self._submit(experiment_id)
 
     def discover(self) -> None:
         """Give each SuperLink run that Florist did not start and has no row for an external
@@ -224,6 +231,7 @@ class RunFollower:
                     message=f"started Flower run {run_id}",
                     data={"flwr_run_id": str(run_id)},
                 )
+                log.info("experiment %d submitted: Flower run %d", experiment_id, run_id)
                 return
             exp = get_experiment(session, experiment_id=experiment_id)
         # Not ours to record. A ServerApp that started already marked it running with this run
@@ -350,6 +358,7 @@ class RunFollower:
             message=f"Flower run {exp.flwr_run_id}: {state.status}:{state.sub_status}",
             data={"details": state.details},
         )
+        log.info("experiment %d %s (Flower run %d)", exp.id, outcome, exp.flwr_run_id)
 
     def _lost(self, session: Session, exp: Experiment, why: str) -> None:
         """The experiment's run is gone without its ServerApp finishing it: submit it again, to

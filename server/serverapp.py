@@ -190,9 +190,12 @@ def main(grid: Grid, context: Context) -> None:
     from florist.client.flower_tuning import tune_object_pulls
     from florist.server.db.engine import make_engine, make_session_factory
     from florist.server.db.repository import get_experiment
+    from florist.server.logs import configure_logging, log_context
     from florist.server.recording import SqlRunRecorder
     from florist.server.settings import get_settings
 
+    settings = get_settings()
+    configure_logging(settings.log_format, level=settings.log_level)
     # Replies are pulled as objects: skip Flower's 1 s initial back-off (version-checked).
     tune_object_pulls()
     experiment_id = int(context.run_config["experiment-id"])
@@ -205,10 +208,11 @@ def main(grid: Grid, context: Context) -> None:
         if experiment is None:
             raise ValueError(f"experiment {experiment_id} is not in the database at {url}")
         spec = ExperimentSpec.model_validate(experiment.spec)
-    run_experiment(
-        grid,
-        spec,
-        SqlRunRecorder(sessions),
-        experiment_id=experiment_id,
-        flwr_run_id=context.run_id,
-    )
+    with log_context(experiment_id=experiment_id, flwr_run_id=context.run_id):
+        run_experiment(
+            grid,
+            spec,
+            SqlRunRecorder(sessions),
+            experiment_id=experiment_id,
+            flwr_run_id=context.run_id,
+        )

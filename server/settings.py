@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -38,6 +39,33 @@ class Settings(BaseSettings):
         description="Supervised processes write to this process's stdout/stderr instead of "
         "files under `home`/logs: a container's runtime collects them (`docker logs`).",
     )
+    log_format: Literal["text", "json"] = Field(
+        default="text",
+        description="How Florist's processes (API and run follower, ServerApp) write their logs: "
+        "`text`, or `json` (one object a line, with the experiment and run ids it concerns).",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="The lowest level logged."
+    )
+    metrics_recent_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="`/metrics` reports each unfinished experiment and those that finished "
+        "this many seconds ago or less.",
+    )
+    metrics_max_experiments: int = Field(
+        default=50,
+        ge=1,
+        le=1000,
+        description="At most this many experiments (the newest) in `/metrics`: a scrape costs "
+        "a few grouped queries over their rows, whatever the database holds.",
+    )
+    metrics_node_window_s: float = Field(
+        default=300.0,
+        gt=0,
+        description="An experiment's node counts as connected while its latest recorded reply "
+        "is at most this many seconds old.",
+    )
     status_poll_s: float = Field(default=1.0, gt=0, description="How often runs are followed.")
     max_model_parameters: int = Field(
         default=50_000_000,
@@ -58,6 +86,11 @@ class Settings(BaseSettings):
         description="A server-sent event stream ends after this long with a `reconnect` event; "
         "the client reconnects with Last-Event-ID and misses nothing.",
     )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_any_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     auto_resume: int = Field(
         default=3,

@@ -14,6 +14,8 @@ from florist.server.api.routes import api_router
 from florist.server.control import ControlClient
 from florist.server.db.engine import make_engine, make_session_factory, upgrade_database
 from florist.server.follower import RunFollower
+from florist.server.logs import ExperimentLogContext
+from florist.server.observability import instrument
 from florist.server.settings import Settings, get_settings
 
 
@@ -60,6 +62,9 @@ def create_app(
         summary="Federated learning on Flower: submit experiments, follow every round.",
         lifespan=lifespan,
     )
+    # Request metrics and /metrics first: a route added later is measured all the same.
+    instrument(app, settings)
+    app.add_middleware(ExperimentLogContext)
     app.add_exception_handler(RequestValidationError, validation_exception_handler)
     app.add_exception_handler(StarletteHTTPException, http_exception_handler)
     app.include_router(api_router)

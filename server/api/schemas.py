@@ -138,6 +138,17 @@ class RoundPublic(BaseModel):
         default=None,
         description="Simulated seconds since the run began when the round was aggregated.",
     )
+    aggregate_s: float | None = Field(
+        default=None,
+        description="Wall seconds the strategy took to make the round's model (null on rounds "
+        "recorded before it was measured).",
+    )
+    bytes_in: int | None = Field(
+        default=None, description="Bytes of the updates the server received in the round."
+    )
+    bytes_out: int | None = Field(
+        default=None, description="Bytes of the models the server sent for the round's tasks."
+    )
 
 
 class RoundsPublic(Paged):

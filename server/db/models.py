@@ -225,6 +225,12 @@ class Round(Base):
     num_failures: Mapped[int] = mapped_column(Integer)
     # Simulated seconds since the run began when the round was aggregated (virtual clock only).
     virtual_time_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # What the round cost the server: the strategy's time to make the new model, and the
+    # training traffic (models sent to nodes, updates received). None on rounds recorded before
+    # they were measured.
+    aggregate_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    bytes_in: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    bytes_out: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     run: Mapped[Run] = relationship(back_populates="rounds")
 

@@ -134,12 +134,26 @@ class RoundRecord:
     # The loop's resume point after this round (server/runtime/resume.py), stored in the round's
     # transaction in place of the experiment's previous one.
     resume: bytes | None = None
+    # Wall seconds the strategy took to make this round's model (None: not measured).
+    aggregate_s: float | None = None
 
     def __post_init__(self) -> None:
         _require_aware("started_at", self.started_at)
         _require_aware("finished_at", self.finished_at)
         if self.finished_at < self.started_at:
             raise ValueError("finished_at is earlier than started_at")
+        if self.aggregate_s is not None and not self.aggregate_s >= 0:
+            raise ValueError(f"aggregate_s must be a non-negative number, got {self.aggregate_s}")
+
+    @property
+    def bytes_in(self) -> int:
+        """Bytes of the updates the server received in this round (their arrays)."""
+        return sum(update.bytes_up for update in self.updates)
+
+    @property
+    def bytes_out(self) -> int:
+        """Bytes of the models the server sent for the tasks this round handled."""
+        return sum(update.bytes_down for update in self.updates)
 
     @property
     def num_updates(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -52,6 +53,8 @@ from .base import (
     _seen_node_ids,
     superseded_message,
 )
+
+log = logging.getLogger(__name__)
 
 
 class SqlRunRecorder(RunRecorder):
@@ -120,7 +123,12 @@ class SqlRunRecorder(RunRecorder):
             )
             session.add(run)
             session.flush()
-            return run.id
+            run_id = run.id
+        # Named on the line itself: the ServerApp's log context knows the experiment, not the
+        # run that this call opens.
+        ids = {"experiment_id": experiment_id, "run_id": run_id, "flwr_run_id": flwr_run_id}
+        log.info("run %d started (Flower run %d)", run_id, flwr_run_id, extra=ids)
+        return run_id
 
     @staticmethod
     def _round_exists(session: Session, run_id: int, server_round: int) -> bool:
@@ -157,6 +165,9 @@ class SqlRunRecorder(RunRecorder):
                         num_rejected=record.num_rejected,
                         num_failures=record.num_failures,
                         virtual_time_s=record.virtual_time_s,
+                        aggregate_s=record.aggregate_s,
+                        bytes_in=record.bytes_in,
+                        bytes_out=record.bytes_out,
                     )
                 )
                 # The round goes first, so a concurrent duplicate fails here on the unique
@@ -175,12 +186,26 @@ class SqlRunRecorder(RunRecorder):
                 if record.checkpoint is not None:
                     _store_checkpoint(session, run, record.server_round, record.checkpoint)
                 _store_resume_point(session, run, record.server_round, record.resume)
+                experiment_id = run.experiment_id
         except IntegrityError as error:
             # Another writer may have stored the same round between our check and insert.
             with self._session_factory() as session:
                 if self._round_exists(session, run_id, record.server_round):
                     raise duplicate from error
             raise
+        log.info(
+            "round %d recorded: %d accepted, %d rejected, %d failed; %.1f s, aggregation %s; "
+            "%d bytes in, %d bytes out",
+            record.server_round,
+            record.num_updates,
+            record.num_rejected,
+            record.num_failures,
+            (record.finished_at - record.started_at).total_seconds(),
+            "not measured" if record.aggregate_s is None else f"{record.aggregate_s:.3f} s",
+            record.bytes_in,
+            record.bytes_out,
+            extra={"experiment_id": experiment_id, "run_id": run_id},
+        )
 
     def checkpoints(self, run_id: int) -> dict[int, bytes]:
         with self._session_factory() as session:
@@ -246,6 +271,7 @@ class SqlRunRecorder(RunRecorder):
         now = utcnow()
         with self._session_factory() as session, session.begin():
             run = self._open_run(session, run_id, current=False)
+            experiment_id = run.experiment_id
             run.status = status
             run.finished_at = now
             run.error = error
@@ -282,6 +308,8 @@ class SqlRunRecorder(RunRecorder):
                     experiment_id=run.experiment_id,
                     run_id=run_id,
                 )
+        ids = {"experiment_id": experiment_id, "run_id": run_id}
+        log.info("run %d finished %s%s", run_id, status, f": {error}" if error else "", extra=ids)
 
     def record_event(
         self, *, run_id: int | None, kind: str, message: str, data: dict[str, Any] | None = None
@@ -322,6 +350,7 @@ class SqlRunRecorder(RunRecorder):
                     evaluate_metrics=dict(row.evaluate_metrics),
                     updates=tuple(updates[row.server_round]),
                     virtual_time_s=row.virtual_time_s,
+                    aggregate_s=row.aggregate_s,
                 )
                 for row in rows
             ]

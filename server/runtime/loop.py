@@ -230,6 +230,9 @@ class Tick:
 class EventLoop:
     """Runs an :class:`EventStrategy` on the Grid until ``rounds`` aggregations or the budget."""
 
+    # Wall seconds of the strategy's latest timed call (_timed); a new model's round takes it.
+    decision_s: float | None = None
+
     def __init__(
         self,
         grid: Grid,
@@ -608,13 +611,13 @@ class EventLoop:
         if joined:
             self.known.update(joined)
             log.info("nodes joined: %s", joined)
-            self._apply(self.strategy.on_nodes_joined(joined, self.weights))
+            self._apply(self._timed(self.strategy.on_nodes_joined, joined, self.weights))
 
     def _tick(self, tick: Tick) -> None:
         if self.wake_at is None or self.wake_at > tick.at:
             return  # replaced by a later timer while the replies before it were handled
         self.wake_at = None
-        self._apply(self.strategy.on_tick(tick.at, self.weights))
+        self._apply(self._timed(self.strategy.on_tick, tick.at, self.weights))
 
     def _fields(self, task: Task) -> dict[str, Any]:
         """What every record of a task holds, whatever became of it."""
@@ -652,7 +655,8 @@ class EventLoop:
         if sound is None:
             if update.status == "rejected":
                 log.warning("rejected update from node %d: %s", task.node_id, update.reason)
-            self._apply(self.strategy.on_failure(task.node_id, update.reason or "", self.weights))
+            reason = update.reason or ""
+            self._apply(self._timed(self.strategy.on_failure, task.node_id, reason, self.weights))
             return
         arrival = Arrival(
             node_id=task.node_id,
@@ -669,7 +673,7 @@ class EventLoop:
             arrived_at=self._clock(),
         )
         try:
-            decision = self.strategy.on_arrival(arrival, self.weights)
+            decision = self._timed(self.strategy.on_arrival, arrival, self.weights)
         except (AggregationError, DropoutPolicyError):
             raise  # the strategy's own verdict that the run cannot go on
         except Exception as exc:
@@ -680,10 +684,18 @@ class EventLoop:
             log.warning("node %d: %s", task.node_id, reason)
             self.pending[-1] = replace(update, status="rejected", reason=reason)
             self._note_rejection("strategy-error", task.node_id, reason)
-            decision = self.strategy.on_failure(task.node_id, reason, self.weights)
+            decision = self._timed(self.strategy.on_failure, task.node_id, reason, self.weights)
         else:
             self.norms.observe(sound.update_norm)
         self._apply(decision)
+
+    def _timed(self, call: Callable[..., Decision], *args: Any) -> Decision:
+        """The strategy's decision on an event, timed: when it carries a new model, this is how
+        long the strategy took to aggregate it (recorded with the round, ``aggregate_s``)."""
+        started = time.perf_counter()
+        decision = call(*args)
+        self.decision_s = time.perf_counter() - started
+        return decision
 
     def _note_rejection(self, kind: str, node_id: int, reason: str) -> None:
         self.recorder.record_event(
@@ -775,6 +787,7 @@ class EventLoop:
             updates=tuple(self.pending),
             virtual_time_s=self.vtime if self.virtual else None,
             checkpoint=self._checkpoint(version, weights),
+            aggregate_s=self.decision_s,
         )
         record = replace(record, resume=self._resume_point(record, weights, decision))
         self.recorder.record_round(self.run_id, record)

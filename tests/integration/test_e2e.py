@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load as st_load
 
 from florist.client.task import WorkloadRef
@@ -17,9 +20,24 @@ from florist.client.training import evaluate
 from florist.server.control import ControlClient
 from florist.server.spec import resolve_workload
 
-from .conftest import Api
+from .conftest import NUM_NODES, Api, FlowerStack, start_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def flower_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerStack]:
+    """The shared stack, its processes told to log JSON: the ServerApps the SuperLink starts
+    inherit the setting, and their lines land in the SuperLink's log."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("FLORIST_LOG_FORMAT", "json")
+        stack = start_stack(tmp_path_factory.mktemp("flower"), [{} for _ in range(NUM_NODES)])
+        running = stack.__enter__()
+    try:
+        yield running
+    finally:
+        stack.__exit__(None, None, None)
+
 
 # Local training that reaches the accuracy bar: the defaults (2 local epochs of SGD, lr 0.05,
 # momentum 0.9, batch 32) on an MLP with one hidden layer of 64 units.
@@ -34,10 +52,56 @@ FEDAVG: dict[str, Any] = {
 }
 
 
+def experiment_series(api: Api, experiment_id: int) -> dict[str, float]:
+    """The experiment's samples in the API's /metrics, by name (and status, for updates)."""
+    text = api.client.get("/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.labels.get("experiment_id") == str(experiment_id) and "metric" not in s.labels:
+                out[s.name + (f":{s.labels['status']}" if "status" in s.labels else "")] = s.value
+    return out
+
+
 def test_fedavg_digits_five_rounds(api: Api) -> None:
     exp = api.submit(FEDAVG)
+    api.wait(exp["id"], lambda e: e["current_round"] >= 1)
+    early = experiment_series(api, exp["id"])
     done = api.wait_finished(exp["id"])
     assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+
+    # /metrics, scraped while the run went on and after it: the experiment's series moved, and
+    # the ServerApp's costs (aggregation time, traffic) came through the rounds it recorded.
+    late = experiment_series(api, exp["id"])
+    assert 1 <= early["florist_experiment_rounds_done"] < late["florist_experiment_rounds_done"]
+    assert late["florist_experiment_rounds_done"] == 5
+    assert early["florist_experiment_updates_total:accepted"] < 15
+    assert late["florist_experiment_updates_total:accepted"] == 15
+    assert late["florist_experiment_updates_total:failed"] == 0
+    assert late["florist_experiment_round_duration_seconds_count"] == 5
+    assert late["florist_experiment_aggregate_seconds_count"] == 5
+    assert late["florist_experiment_aggregate_seconds_sum"] > 0
+    assert late["florist_experiment_received_bytes_total"] > 0
+    # Every task took the model out and brought an update of the same arrays back.
+    assert (
+        late["florist_experiment_sent_bytes_total"]
+        == late["florist_experiment_received_bytes_total"]
+    )
+    assert late["florist_experiment_connected_nodes"] == 3
+
+    # The ServerApp logged JSON lines naming the experiment and its Flower run. Flower keeps
+    # a ServerApp's output off every console and hands it to the SuperLink (`flwr log`).
+    control = ControlClient(api.stack.control)
+    text = control.run_log(int(done["flwr_run_id"]))
+    control.close()
+    lines = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+    recorded = [
+        line
+        for line in lines
+        if line["experiment_id"] == exp["id"] and line["message"].startswith("round ")
+    ]
+    assert len(recorded) == 5, text[-3000:]
+    assert {line["flwr_run_id"] for line in recorded} == {int(done["flwr_run_id"])}
 
     rounds = api.client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()
     assert rounds["count"] == 5

@@ -495,6 +495,52 @@ def test_chart_default_install_has_every_piece_and_real_commands() -> None:
     )
 
 
+def test_chart_exposes_the_apis_metrics_to_prometheus(tmp_path: Path) -> None:
+    # Prepare: the route the chart points at is the API's own
+    from florist.server.api.app import create_app
+    from florist.server.settings import Settings
+
+    routes = {getattr(r, "path", None) for r in create_app(Settings(home=tmp_path)).routes}
+    assert "/metrics" in routes
+
+    # Execute
+    default = by_kind(render({}))
+    quiet = by_kind(render({"api": {"metrics": {"podAnnotations": False}}}))
+    monitored = by_kind(
+        render(
+            {
+                "logFormat": "json",
+                "api": {
+                    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kp"}}}
+                },
+            }
+        )
+    )
+
+    # Assert: annotations by default, on the port the API listens on
+    template = default[("Deployment", "fl-api")]["spec"]["template"]
+    annotations = template["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/path"] == "/metrics"
+    (api,) = template["spec"]["containers"]
+    assert int(annotations["prometheus.io/port"]) == api["ports"][0]["containerPort"]
+    assert "annotations" not in quiet[("Deployment", "fl-api")]["spec"]["template"]["metadata"]
+    assert not [key for key in default if key[0] == "ServiceMonitor"]
+    # The ServiceMonitor selects the API's Service and scrapes its named port.
+    monitor, service = monitored[("ServiceMonitor", "fl-api")], monitored[("Service", "fl-api")]
+    assert (
+        monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    )
+    assert monitor["metadata"]["labels"]["release"] == "kp"
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["path"] == "/metrics"
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    # The log format reaches every Florist pod.
+    for container in containers(list(monitored.values())).values():
+        if container["name"] != "postgresql":
+            assert plain_env(container)["FLORIST_LOG_FORMAT"] == "json", container["name"]
+
+
 def test_chart_supernode_replicas_take_partition_and_profile_from_their_ordinal() -> None:
     docs = render({"supernodes": {"replicas": 5}})
     statefulset = by_kind(docs)[("StatefulSet", "fl-supernode")]

@@ -63,6 +63,8 @@ app.kubernetes.io/component: {{ index . 1 }}
   value: {{ .Values.insecure | quote }}
 - name: FLORIST_LOG_TO_STDOUT
   value: "true"
+- name: FLORIST_LOG_FORMAT
+  value: {{ .Values.logFormat | quote }}
 {{- if .Values.security.tls.enabled }}
 # Takes effect once the security work lands (issue 14).
 - name: FLORIST_TLS_CA_CERT
