@@ -430,6 +430,17 @@ def cancel(experiment_id: ExperimentArg, api: ApiOption = None) -> None:
     console.print(f"experiment {exp['id']} ({escape(exp['name'])}): {exp['status']}")
 
 
+@app.command("resume")
+def resume(experiment_id: ExperimentArg, api: ApiOption = None) -> None:
+    """Resume a failed experiment: a new run goes on from its last committed round."""
+    with Api(api) as remote:
+        exp = remote.request("POST", f"/api/v1/experiments/{experiment_id}/resume")
+    console.print(
+        f"experiment {exp['id']} ({escape(exp['name'])}): {exp['status']}, "
+        f"resumed {exp['resumes']} time(s); it goes on from its last committed round"
+    )
+
+
 @app.command("api")
 def run_api(
     host: Annotated[str | None, typer.Option()] = None,

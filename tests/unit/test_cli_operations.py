@@ -1,4 +1,4 @@
-"""`florist ls`, `status`, `logs`, `cancel` against the real API (uvicorn, a real database)."""
+"""`florist ls`, `status`, `logs`, `cancel`, `resume` against the real API and database."""
 
 from __future__ import annotations
 
@@ -169,6 +169,26 @@ def test_cancel_a_pending_and_a_running_experiment_and_refuse_an_ended_one(
     assert again.exit_code == 1 and "already cancelled" in again.output and "409" in again.output
     state = served.http.get(f"/api/v1/experiments/{running['id']}").json()
     assert state["status"] == "cancelling"
+
+
+def test_resume_reopens_a_failed_experiment_and_refuses_a_running_one(served: Served) -> None:
+    failed = served.submit("failed")
+    running = served.submit("running")
+    record_rounds(served.url, running["id"], 1)
+    recorder = SqlRunRecorder.from_url(served.url)
+    run_id = recorder.start_run(experiment_id=failed["id"], flwr_run_id=78)
+    recorder.finish_run(run_id, status="failed", error="the run was lost")
+    recorder.close()
+
+    resumed = florist("resume", str(failed["id"]), "--api", served.base)
+    refused = florist("resume", str(running["id"]), "--api", served.base)
+
+    assert resumed.exit_code == 0, resumed.output
+    assert "pending" in resumed.output and "resumed 1 time" in resumed.output
+    assert refused.exit_code == 1 and "409" in refused.output
+    assert "only a failed experiment resumes" in refused.output
+    state = served.http.get(f"/api/v1/experiments/{failed['id']}").json()
+    assert (state["status"], state["error"]) == ("pending", None)
 
 
 def test_logs_print_events_and_rounds_in_order(served: Served) -> None:
