@@ -39,6 +39,24 @@ def initial_arrays(spec: ExperimentSpec) -> ArrayRecord:
     return ArrayRecord(workload.build_model(config).state_dict())
 
 
+def cut_off(exc: BaseException) -> bool:
+    """Whether the run ended because it lost the SuperLink or was told to stop, not by a fault
+    of its own: a signal (Flower raises SIGINT when the SuperLink no longer accepts the run's
+    heartbeat), an exit, or a connection that failed or was refused."""
+    import httpx
+
+    if isinstance(exc, KeyboardInterrupt | SystemExit | ConnectionError | httpx.TransportError):
+        return True
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code in (401, 403, 502, 503, 504)
+    try:
+        import grpc
+    except ImportError:  # pragma: no cover - flwr depends on grpc
+        return False
+    lost = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.CANCELLED}
+    return isinstance(exc, grpc.RpcError) and getattr(exc, "code", lambda: None)() in lost
+
+
 def resume_point(
     spec: ExperimentSpec, stored: StoredResume, initial: ArrayRecord
 ) -> tuple[ArrayRecord, ResumePoint]:
@@ -176,9 +194,16 @@ def run_experiment(
         result = RunResult(final, loop.history, loop.initial_metrics, loop.strategy)
         final_metrics = result.history[-1].metrics if result.history else loop.last_metrics
     except BaseException as exc:
-        # A stop from the SuperLink arrives as an exception too; the API sets the final status.
-        recorder.finish_run(run_id, status="failed", error=f"{type(exc).__name__}: {exc}")
-        log.error("experiment %d failed:\n%s", experiment_id, traceback.format_exc())
+        error = f"{type(exc).__name__}: {exc}"
+        if cut_off(exc):
+            # Not the experiment's failure: the SuperLink stopped the run (a cancel: the API
+            # sets the final status), forgot it (it restarted) or is gone, or this process was
+            # told to stop. The experiment stays as it is; the follower resumes a lost run.
+            recorder.finish_run(run_id, status="interrupted", error=error)
+            log.warning("experiment %d: run interrupted: %s", experiment_id, error)
+        else:
+            recorder.finish_run(run_id, status="failed", error=error)
+            log.error("experiment %d failed:\n%s", experiment_id, traceback.format_exc())
         raise
     recorder.finish_run(run_id, status="completed", final_metrics=final_metrics)
     return result

@@ -5,6 +5,7 @@ One interface (base.py), an in-memory and a SQL implementation, one contract tes
 
 from .base import (
     FINISH_REFUSED,
+    RUN_INTERRUPTED,
     DuplicateRoundError,
     ModelCheckpoint,
     RecorderError,
@@ -24,6 +25,7 @@ from .sql import SqlRunRecorder
 
 __all__ = [
     "FINISH_REFUSED",
+    "RUN_INTERRUPTED",
     "DuplicateRoundError",
     "InMemoryEvent",
     "InMemoryExperiment",

@@ -14,7 +14,9 @@ from florist.server.db.status import (
 )
 
 UpdateStatus = Literal["accepted", "rejected", "failed"]
-RunOutcome = Literal["completed", "failed", "stopped"]
+# "interrupted": the run was cut off from the SuperLink or told to stop; the experiment is not
+# finished by it (the follower resumes it, or a cancel under way ends it).
+RunOutcome = Literal["completed", "failed", "stopped", "interrupted"]
 
 # Experiment status after a run ends on its own; "stopped" only happens when someone stops it.
 # A cancel the user asked for wins over either (status.finish_plan).
@@ -25,6 +27,8 @@ _EXPERIMENT_STATUS_FOR = {
 }
 # The event recorded when a run's outcome comes after its experiment ended otherwise.
 FINISH_REFUSED = "finish-refused"
+# The event recorded when a run ends interrupted: the experiment is left for the follower.
+RUN_INTERRUPTED = "run-interrupted"
 _UINT64_LIMIT = 2**64
 
 

@@ -20,6 +20,7 @@ from florist.server.db.status import (
 from .base import (
     _EXPERIMENT_STATUS_FOR,
     FINISH_REFUSED,
+    RUN_INTERRUPTED,
     DuplicateRoundError,
     RoundRecord,
     RunFinishedError,
@@ -200,6 +201,12 @@ class InMemoryRunRecorder(RunRecorder):
             run.error = error
             run.final_metrics = dict(final_metrics) if final_metrics is not None else None
             experiment = self.experiments[run.experiment_id]
+            if status == "interrupted" and experiment.flwr_run_id == run.flwr_run_id:
+                message = f"run {run_id} was interrupted ({error}); the experiment is left"
+                kind = RUN_INTERRUPTED
+                event = InMemoryEvent(run.experiment_id, run_id, kind, message, None, now)
+                self.events.append(event)
+                return
             if experiment.flwr_run_id != run.flwr_run_id:
                 message = superseded_message(run_id, run.flwr_run_id, experiment.flwr_run_id)
                 message += f"; its own end ({status}) leaves the experiment as it is"

@@ -37,6 +37,7 @@ from .artifacts import digest
 from .base import (
     _EXPERIMENT_STATUS_FOR,
     FINISH_REFUSED,
+    RUN_INTERRUPTED,
     DuplicateRoundError,
     ModelCheckpoint,
     RoundRecord,
@@ -278,6 +279,16 @@ class SqlRunRecorder(RunRecorder):
             run.final_metrics = dict(final_metrics) if final_metrics is not None else None
             session.flush()
             current = _current_flwr_run(session, run)
+            if status == "interrupted" and current == run.flwr_run_id:
+                add_event(
+                    session,
+                    kind=RUN_INTERRUPTED,
+                    message=f"run {run_id} was interrupted ({error}); the experiment is left "
+                    "to resume from its last committed round",
+                    experiment_id=run.experiment_id,
+                    run_id=run_id,
+                )
+                return
             if current != run.flwr_run_id:
                 # Its end is not the experiment's: another run carries it on.
                 message = superseded_message(run_id, run.flwr_run_id, current)

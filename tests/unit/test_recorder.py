@@ -374,6 +374,25 @@ class RunRecorderContract:
         harness.recorder.record_round(taken_over, make_round(2))
         assert harness.recorder.rounds(taken_over) == [make_round(2)]
 
+    def test_an_interrupted_run_closes_and_leaves_its_experiment_to_resume(
+        self, harness: Harness
+    ) -> None:
+        running = harness.new_experiment()
+        cancelling = harness.new_experiment()
+        first = harness.recorder.start_run(experiment_id=running, flwr_run_id=1)
+        second = harness.recorder.start_run(experiment_id=cancelling, flwr_run_id=2)
+        harness.set_status(cancelling, "cancelling")
+
+        harness.recorder.finish_run(first, status="interrupted", error="KeyboardInterrupt: ")
+        harness.recorder.finish_run(second, status="interrupted", error="KeyboardInterrupt: ")
+
+        assert harness.experiment(running).status == "running"
+        assert harness.experiment(running).error is None
+        assert harness.experiment(cancelling).status == "cancelling"
+        assert harness.event_kinds(running) == [recorder_module.RUN_INTERRUPTED]
+        with pytest.raises(RunFinishedError):
+            harness.recorder.record_round(first, make_round(1))
+
     def test_finish_run_completes_the_experiment(self, harness: Harness) -> None:
         # Prepare
         experiment_id = harness.new_experiment()

@@ -190,3 +190,39 @@ def test_a_resume_point_of_another_format_is_refused() -> None:
         loads(b"not a resume point")
     with pytest.raises(ResumeError, match="another version"):
         loads(dumps(point)[: len(b"florist-resume\n")] + pickle.dumps({"format": 1}))
+
+
+class CutOffGrid(LocalGrid):
+    """A Grid whose SuperLink stops taking the run after ``pushes`` tasks: Flower's heartbeat
+    then raises SIGINT in the ServerApp (a KeyboardInterrupt)."""
+
+    def __init__(self, pushes: int, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.left = pushes
+
+    def push_messages(self, messages: Any) -> Any:
+        self.left -= 1
+        if self.left < 0:
+            raise KeyboardInterrupt
+        return super().push_messages(messages)
+
+
+def test_a_run_cut_off_from_the_superlink_is_left_to_resume_not_failed() -> None:
+    # Prepare
+    recorder = DyingRecorder(die_at=None)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    configs = [{"seconds-per-step": s} for s in SPEEDS]
+    grid = CutOffGrid(9, 4, node_configs=configs)
+
+    # Execute: the ServerApp is interrupted after a few rounds, then a new run takes over.
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(grid, spec("fedbuff"), recorder, experiment_id=1, flwr_run_id=1)
+    interrupted = (recorder.experiments[1].status, recorder.runs[1].status)
+    kinds = [e.kind for e in recorder.events]
+    run(spec("fedbuff"), recorder, flwr_run_id=2)
+
+    # Assert: the interruption did not fail the experiment; the next run finished it.
+    assert interrupted == (ExperimentStatus.RUNNING, "interrupted")
+    assert "run-interrupted" in kinds
+    assert recorder.experiments[1].status == ExperimentStatus.COMPLETED
+    assert [r for _, r in committed(recorder)] == [1, 2, 3, 4, 5]
