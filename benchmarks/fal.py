@@ -89,7 +89,7 @@ def check_fedavg_equivalence(rounds: int, seeds: list[int]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tail", type=int, default=5, help="rounds averaged for val and test")
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 rounds, 2 LRs")
