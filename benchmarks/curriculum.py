@@ -21,8 +21,8 @@ training (batch 32, 2 local epochs) and seeds:
 
 Every variant runs the same grid of local learning rates × client momentum (benchmarks/tuning.py)
 and is reported at its setting chosen on validation; 3 seeds and 20 rounds (the budget of 2
-shared cores; the ordering alone, every node every round, is not re-run here). Writes benchmarks/results/curriculum.json and
-curriculum.png.
+shared cores; the ordering alone, every node every round, is not re-run here). Writes
+benchmarks/results/curriculum.json and curriculum.png.
 """
 
 from __future__ import annotations
