@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> None:
             }
         },
         "runs": runs,
+        "runs_seconds": round(tuning.runs_seconds(runs), 1),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     path = tuning.write_results("curriculum", result, args.quick)

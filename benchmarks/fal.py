@@ -16,7 +16,12 @@ seeded random subset of the test split.
 
 Selection is on clean validation accuracy for both methods (the validation split has no robust
 metric), the same rule for both; the robust figures are reported for the chosen setting, never
-used to choose it. Writes benchmarks/results/fal.json and fal.png.
+used to choose it. Grid: lr 0.01, 0.05, 0.2 × momentum 0, 0.9; 30 rounds; the last 5 averaged.
+Writes benchmarks/results/fal.json and fal.png. On a loaded machine, run workers that share the
+per-run cache, then the assembling run::
+
+    for i in 0 1; do .venv/bin/python benchmarks/fal.py --shard $i/2 & done; wait
+    .venv/bin/python benchmarks/fal.py
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tail", type=int, default=5, help="rounds averaged for val and test")
     parser.add_argument("--quick", action="store_true", help="1 seed, 4 rounds, 2 LRs")
+    tuning.add_worker_args(parser)
     args = parser.parse_args(argv)
     lrs, seeds, rounds = LRS, args.seeds, args.rounds
     if args.quick:
@@ -102,10 +108,20 @@ def main(argv: list[str] | None = None) -> None:
     settings = tuning.grid(lrs, MOMENTA)
 
     started = time.perf_counter()
-    check_fedavg_equivalence(min(rounds, 3), seeds)
+    if not args.shard:
+        check_fedavg_equivalence(min(rounds, 3), seeds)
     runs = tuning.run_grid(
-        {m: factory(m, rounds) for m in CONFIGS}, settings, seeds, NODES, tail, ROBUST_KEYS
+        {m: factory(m, rounds) for m in CONFIGS},
+        settings,
+        seeds,
+        NODES,
+        tail,
+        ROBUST_KEYS,
+        cache=tuning.cache_dir("fal", args.quick),
+        shard=args.shard,
     )
+    if args.shard:
+        return  # a worker: its runs are in the cache; the run without --shard writes results
     methods = {m: tuning.summarise(runs[m], settings, tail, ROBUST_KEYS) for m in CONFIGS}
     result = {
         "benchmark": "fal",
@@ -129,6 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         + " Robust accuracies are reported for the chosen setting, not used to choose it.",
         "scenarios": {f"all {NODES} nodes per round": {"methods": methods}},
         "runs": runs,
+        "runs_seconds": round(tuning.runs_seconds(runs), 1),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
     path = tuning.write_results("fal", result, args.quick)

@@ -44,14 +44,21 @@ def _nums(values: list[float]) -> str:
     return ", ".join(f"{v:g}" for v in values)
 
 
+def _minutes(r: dict[str, Any]) -> str:
+    if "runs_seconds" in r:
+        return f" (the runs took {r['runs_seconds'] / 60:.0f} min in sum)"
+    if "total_seconds" in r:
+        return f" ({r['total_seconds'] / 60:.0f} min)"
+    return ""
+
+
 def render(results: list[dict[str, Any]]) -> str:
     lines = []
     for r in results:
         lines.append(
             f"- **{r['benchmark']}**: grid lr {{{_nums(r['grid']['lr'])}}} × client momentum "
             f"{{{_nums(r['grid']['momentum'])}}} for every method; seeds {r['seeds']}; figures "
-            f"are means of the last {r['tail']} rounds; `{r['command']}`"
-            + (f" ({r['total_seconds'] / 60:.0f} min)" if "total_seconds" in r else "")
+            f"are means of the last {r['tail']} rounds; `{r['command']}`" + _minutes(r)
         )
     lines += [
         "",

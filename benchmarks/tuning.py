@@ -15,6 +15,8 @@ validation and test figures, the chosen setting and its test figures under ``sce
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
 import logging
 import statistics
@@ -61,7 +63,17 @@ def quiet() -> None:
     torch.set_num_threads(1)
 
 
-def run_once(spec: ExperimentSpec, nodes: int, extra_keys: Sequence[str] = ()) -> Run:
+def run_once(
+    spec: ExperimentSpec, nodes: int, extra_keys: Sequence[str] = (), cache: Path | None = None
+) -> Run:
+    """One run's curves; with ``cache``, a run already done with the same spec, nodes and keys is
+    read back instead (so an interrupted or sharded benchmark resumes)."""
+    key = json.dumps([spec.model_dump(mode="json"), nodes, list(extra_keys)], sort_keys=True)
+    path = None
+    if cache is not None:
+        path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+        if path.exists():
+            return dict(json.loads(path.read_text()))
     started = time.perf_counter()
     _, recorder = run_local(spec, nodes)
     rounds = recorder.rounds(1)
@@ -69,9 +81,12 @@ def run_once(spec: ExperimentSpec, nodes: int, extra_keys: Sequence[str] = ()) -
         "accuracy": [r.metrics[ACCURACY] for r in rounds],
         "val_accuracy": [r.metrics[VAL_ACCURACY] for r in rounds],
     }
-    for key in extra_keys:
-        out[key] = [r.metrics[key] for r in rounds]
+    for extra in extra_keys:
+        out[extra] = [r.metrics[extra] for r in rounds]
     out["seconds"] = round(time.perf_counter() - started, 2)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(out))
     return out
 
 
@@ -83,21 +98,50 @@ def run_grid(
     tail: int,
     extra_keys: Sequence[str] = (),
     prefix: str = "",
+    cache: Path | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> dict[str, dict[str, list[Run]]]:
-    """runs[method][setting label] = one run per seed, in ``seeds`` order."""
+    """runs[method][setting label] = one run per seed, in ``seeds`` order.
+
+    ``shard = (i, n)`` runs only every n-th (method, setting) pair from the i-th, for n worker
+    processes sharing a ``cache``; the others are left out of the answer.
+    """
     runs: dict[str, dict[str, list[Run]]] = {m: {} for m in methods}
-    for method, factory in methods.items():
-        for setting in settings:
-            per_seed = [run_once(factory(setting, seed), nodes, extra_keys) for seed in seeds]
-            runs[method][label(setting)] = per_seed
-            val = np.mean([tail_mean(r["val_accuracy"], tail) for r in per_seed])
-            secs = sum(r["seconds"] for r in per_seed)
-            print(
-                f"{prefix}{method:12s} {label(setting):24s} val(last {tail}) {val:.3f}"
-                f"  ({secs:.0f} s)",
-                flush=True,
-            )
+    pairs = [(m, s) for m in methods for s in settings]
+    for index, (method, setting) in enumerate(pairs):
+        if shard is not None and index % shard[1] != shard[0]:
+            continue
+        factory = methods[method]
+        per_seed = [run_once(factory(setting, seed), nodes, extra_keys, cache) for seed in seeds]
+        runs[method][label(setting)] = per_seed
+        val = np.mean([tail_mean(r["val_accuracy"], tail) for r in per_seed])
+        secs = sum(r["seconds"] for r in per_seed)
+        print(
+            f"{prefix}{method:12s} {label(setting):24s} val(last {tail}) {val:.3f}  ({secs:.0f} s)",
+            flush=True,
+        )
     return runs
+
+
+def add_worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--shard",
+        type=lambda text: tuple(int(x) for x in text.split("/")),
+        help="I/N: run only this worker's share into the cache, write no results",
+    )
+
+
+def cache_dir(name: str, quick: bool) -> Path:
+    return (QUICK_RESULTS if quick else RESULTS) / "cache" / name
+
+
+def runs_seconds(runs: Any) -> float:
+    """The summed wall time of every run in a nested dict/list of runs (workers run in parallel,
+    so this is the sequential equivalent, not the elapsed time)."""
+    if isinstance(runs, dict) and "seconds" in runs and "accuracy" in runs:
+        return float(runs["seconds"])
+    items = runs.values() if isinstance(runs, dict) else runs
+    return float(sum(runs_seconds(r) for r in items))
 
 
 def tail_mean(curve: Sequence[float], tail: int) -> float:

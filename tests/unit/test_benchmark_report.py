@@ -16,7 +16,7 @@ FIXTURE: dict[str, Any] = {
     "grid": {"lr": [0.1, 0.3], "momentum": [0.0, 0.9]},
     "seeds": [0, 1, 2],
     "tail": 5,
-    "total_seconds": 125.0,
+    "runs_seconds": 125.0,
     "scenarios": {
         "full": {
             "methods": {
@@ -60,6 +60,7 @@ def test_render_gives_one_row_per_method_with_the_chosen_setting_and_test_figure
     )
     assert "grid lr {0.1, 0.3} × client momentum {0, 0.9}" in table
     assert "seeds [0, 1, 2]" in table
+    assert "(the runs took 2 min in sum)" in table
 
 
 def test_main_rewrites_only_the_text_between_the_markers(tmp_path: Path) -> None:
