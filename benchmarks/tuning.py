@@ -103,15 +103,19 @@ def run_grid(
 ) -> dict[str, dict[str, list[Run]]]:
     """runs[method][setting label] = one run per seed, in ``seeds`` order.
 
-    ``shard = (i, n)`` runs only every n-th (method, setting) pair from the i-th, for n worker
-    processes sharing a ``cache``; the others are left out of the answer.
+    ``shard = (i, n)`` runs only every n-th run (method, setting, seed) from the i-th into the
+    ``cache``, for n worker processes sharing it, and answers nothing.
     """
     runs: dict[str, dict[str, list[Run]]] = {m: {} for m in methods}
     pairs = [(m, s) for m in methods for s in settings]
     for index, (method, setting) in enumerate(pairs):
-        if shard is not None and index % shard[1] != shard[0]:
-            continue
         factory = methods[method]
+        if shard is not None:
+            # Runs, not pairs, are shared out, so that cached runs do not unbalance the workers.
+            for k, seed in enumerate(seeds):
+                if (index * len(seeds) + k) % shard[1] == shard[0]:
+                    run_once(factory(setting, seed), nodes, extra_keys, cache)
+            continue
         per_seed = [run_once(factory(setting, seed), nodes, extra_keys, cache) for seed in seeds]
         runs[method][label(setting)] = per_seed
         val = np.mean([tail_mean(r["val_accuracy"], tail) for r in per_seed])
@@ -229,11 +233,15 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
                 marker="o",
                 label=method,
             )
-        curves_ax.set_title(f"{scenario}: test accuracy, chosen setting (mean over seeds)")
+        curves_ax.set_title(
+            f"{scenario}\ntest accuracy at the chosen setting (mean over seeds)", fontsize=9
+        )
         curves_ax.set_xlabel("round")
         curves_ax.grid(alpha=0.3)
         curves_ax.legend(fontsize=8)
-        grid_ax.set_title(f"{scenario}: validation score per grid setting")
+        grid_ax.set_title(
+            f"{scenario}\nvalidation score (selection's) per grid setting", fontsize=9
+        )
         grid_ax.tick_params(axis="x", labelsize=7)
         grid_ax.grid(alpha=0.3)
         grid_ax.legend(fontsize=8)
