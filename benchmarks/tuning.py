@@ -196,6 +196,9 @@ def summarise(
         "metrics": {k: mean_sd([tail_mean(r[k], tail) for r in runs]) for k in extra_keys},
         "grid": table,
         "mean_test_curve": np.mean([r["accuracy"] for r in runs], axis=0).tolist(),
+        "mean_metric_curves": {
+            k: np.mean([r[k] for r in runs], axis=0).tolist() for k in extra_keys
+        },
     }
 
 
@@ -222,11 +225,21 @@ def plot(result: dict[str, Any], path: Path, title: str) -> None:
         curves_ax, grid_ax = row
         for method, summary in body["methods"].items():
             curve = summary["mean_test_curve"]
-            curves_ax.plot(
+            (line,) = curves_ax.plot(
                 range(1, len(curve) + 1),
                 curve,
                 label=f"{method} ({label(summary['chosen'])})",
             )
+            # Extra test metrics (robust accuracy) in the method's colour, dashed then dotted.
+            for key, style in zip(summary.get("mean_metric_curves", {}), ("--", ":"), strict=False):
+                extra = summary["mean_metric_curves"][key]
+                curves_ax.plot(
+                    range(1, len(extra) + 1),
+                    extra,
+                    style,
+                    color=line.get_color(),
+                    label=f"{method}: {key}",
+                )
             grid_ax.plot(
                 [label(g["setting"]).replace(" momentum", "\nm") for g in summary["grid"]],
                 [g["val"] for g in summary["grid"]],
