@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--tail", type=int, default=5, help="rounds averaged for val and test")
     parser.add_argument("--quick", action="store_true", help="1 seed, 5 rounds, 2 LRs")
+    tuning.add_worker_args(parser)
     args = parser.parse_args(argv)
     lrs, seeds, rounds = LRS, args.seeds, args.rounds
     if args.quick:
@@ -95,7 +96,17 @@ def main(argv: list[str] | None = None) -> None:
     settings = tuning.grid(lrs, MOMENTA)
 
     started = time.perf_counter()
-    runs = tuning.run_grid({v: factory(v, rounds) for v in VARIANTS}, settings, seeds, NODES, tail)
+    runs = tuning.run_grid(
+        {v: factory(v, rounds) for v in VARIANTS},
+        settings,
+        seeds,
+        NODES,
+        tail,
+        cache=tuning.cache_dir("curriculum", args.quick),
+        shard=args.shard,
+    )
+    if args.shard:
+        return  # a worker: its runs are in the cache; the run without --shard writes results
     methods = {v: tuning.summarise(runs[v], settings, tail) for v in VARIANTS}
     result = {
         "benchmark": "curriculum",
