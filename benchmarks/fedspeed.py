@@ -1,214 +1,163 @@
-"""FedSpeed vs FedAvg on non-IID digits: validation and test accuracy per round, same data, seeds.
+"""FedSpeed vs tuned FedAvg and FedAvgM on non-IID digits, full and partial participation.
 
 Run from the repository root, either way:
 
-    .venv/bin/python -m benchmarks.fedspeed
-    .venv/bin/python benchmarks/fedspeed.py [--rounds 30] [--seeds 0 1 2 3 4]
+    .venv/bin/python benchmarks/fedspeed.py            # the committed figures
+    .venv/bin/python -m benchmarks.fedspeed --quick    # a smoke run, written to results/quick/
 
-Writes ``benchmarks/results/fedspeed.json`` (test and validation accuracy per round per strategy
-and seed, the config and the command) and ``benchmarks/results/fedspeed.png`` (mean test accuracy
-vs round), and prints a one-paragraph summary. Runs in-process with ``run_local``: about 10 s
-per seed (both strategies) on 2 CPU cores, under a minute in all.
+Every method runs the same grid of local learning rates × client momentum (benchmarks/tuning.py),
+with every seed; each method's setting is chosen on the validation split and only its test
+accuracy is reported. FedAvgM is Flower's FedAvg with server momentum (the ``fedavgm`` plugin,
+server lr 1, β 0.9, not tuned: the grid is the clients'). FedSpeed keeps the paper's ρ = 0.1,
+1/λ = 0.1, α = 1, SAM-normalised ascent; a momentum m > 0 in the grid would mean
+``use_training_momentum`` with training.momentum m, momentum 0 is the paper's plain step.
 
-Setup: scikit-learn digits, Dirichlet α = 0.1 over 10 nodes, all nodes every round, an MLP with one
-hidden layer of 64. Local training follows the reference code (FL-Simulator) where it fits this
-small task: lr 0.1, batch 50, 5 local epochs, weight decay 1e-3, no momentum; FedSpeed with the
-paper's ρ = 0.1 and 1/λ = 0.1, α = 1, SAM-normalised ascent. Both strategies use the same training
-config, so the only difference is FedSpeed's local update.
+Grid: local lr 0.1, 0.3, 0.5, client momentum 0 (the issue found FedAvg's tuned range at lr
+0.3–0.5 or momentum 0.9; momentum 0.9 was left out for the budget); 5 seeds; 20 rounds full, 40
+partial (a node trains in a quarter of the rounds); the last 5 rounds averaged. On a loaded
+machine, run workers that share the per-run cache, then the assembling run, which finds every
+run cached::
 
-The best round and the rounds to reach a target are chosen on the validation split (carved from
-the training side; ``DatasetSpec.validation_fraction``); the test split is only reported: the test
-accuracy at the round chosen on validation, and at the last round.
+    for i in 0 1 2 3 4; do .venv/bin/python benchmarks/fedspeed.py --shard $i/5 & done; wait
+    .venv/bin/python benchmarks/fedspeed.py
+
+Setup: scikit-learn digits, Dirichlet α = 0.1 over 20 nodes, an MLP with one hidden layer of 64,
+batch 50, 5 local epochs, weight decay 1e-3 (the reference code's training, as before). Two
+scenarios: every node every round (full) and 5 of the 20 nodes per round, sampled by the
+strategy from the experiment's seed (partial). Writes benchmarks/results/fedspeed.json and
+fedspeed.png.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 import shlex
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+try:
+    from benchmarks import tuning
+except ModuleNotFoundError:  # run as a script: benchmarks/ itself is on sys.path
+    import tuning  # type: ignore[no-redef]
 
-from florist.server.metrics import ACCURACY, LOSS, VAL_ACCURACY, VAL_LOSS
-from florist.server.runtime.localgrid import run_local
 from florist.server.spec import ExperimentSpec
 
-RESULTS = Path(__file__).resolve().parent / "results"
-NUM_NODES = 10
-TRAINING = {"lr": 0.1, "batch_size": 50, "local_epochs": 5, "momentum": 0.0, "weight_decay": 1e-3}
-STRATEGIES: dict[str, dict[str, Any]] = {
-    "fedavg": {},
-    "fedspeed": {"rho": 0.1, "inv_lambda": 0.1, "alpha": 1.0, "normalized_ascent": True},
-}
+NODES = 20
+PARTIAL = 5
+SCENARIOS = {"full": NODES, "partial": PARTIAL}  # nodes trained per round
+# A node trains in a quarter of the rounds under partial participation: twice the rounds.
+ROUND_FACTOR = {"full": 1, "partial": 2}
+TRAINING = {"batch_size": 50, "local_epochs": 5, "weight_decay": 1e-3}
+FEDSPEED = {"rho": 0.1, "inv_lambda": 0.1, "alpha": 1.0, "normalized_ascent": True}
+FEDAVGM = {"server_learning_rate": 1.0, "server_momentum": 0.9}
+LRS = [0.1, 0.3, 0.5]
+# Client momentum 0 only: 2 shared cores under a load of 10–16 gave no budget for the momentum
+# half of the grid (5 seeds × 3 methods × 2 scenarios per setting).
+MOMENTA = [0.0]
 
 
-def spec(strategy: str, rounds: int, seed: int) -> ExperimentSpec:
-    return ExperimentSpec.model_validate(
-        {
-            "name": f"bench-{strategy}-s{seed}",
-            "strategy": {"name": strategy, "config": STRATEGIES[strategy]},
-            "dataset": {
-                "name": "digits",
-                "partitioner": {"name": "dirichlet", "alpha": 0.1},
-                "seed": seed,
-            },
-            "model": {"name": "mlp", "hidden": [64]},
-            "training": TRAINING,
-            "rounds": rounds,
-            "clients": {"min": NUM_NODES},
-            "seed": seed,
+def strategy(method: str, setting: tuning.Setting) -> dict[str, Any]:
+    if method == "fedspeed":
+        return {
+            "name": "fedspeed",
+            "config": {**FEDSPEED, "use_training_momentum": setting["momentum"] > 0},
         }
-    )
+    if method == "fedavgm":
+        return {"name": "fedavgm", "config": FEDAVGM}
+    return {"name": "fedavg", "config": {}}
 
 
-def run_one(strategy: str, rounds: int, seed: int) -> dict[str, Any]:
-    started = time.perf_counter()
-    recording, recorder = run_local(spec(strategy, rounds, seed), NUM_NODES)
-    rounds_done = recorder.rounds(1)
-    return {
-        "initial_accuracy": recording.initial_metrics[ACCURACY],
-        "accuracy": [r.metrics[ACCURACY] for r in rounds_done],
-        "val_accuracy": [r.metrics[VAL_ACCURACY] for r in rounds_done],
-        "train_metrics": [
+def factory(method: str, rounds: int, per_round: int) -> tuning.SpecFactory:
+    def make(setting: tuning.Setting, seed: int) -> ExperimentSpec:
+        return ExperimentSpec.model_validate(
             {
-                k: v
-                for k, v in r.metrics.items()
-                if k not in (ACCURACY, LOSS, VAL_ACCURACY, VAL_LOSS)
+                "name": f"bench-{method}-s{seed}",
+                "strategy": strategy(method, setting),
+                "dataset": {
+                    "name": "digits",
+                    "partitioner": {"name": "dirichlet", "alpha": 0.1},
+                    "seed": seed,
+                },
+                "model": {"name": "mlp", "hidden": [64]},
+                "training": {**TRAINING, "lr": setting["lr"], "momentum": setting["momentum"]},
+                "rounds": rounds,
+                "clients": {"min": per_round, "fraction_train": per_round / NODES},
+                "seed": seed,
             }
-            for r in rounds_done
-        ],
-        "seconds": time.perf_counter() - started,
-    }
+        )
 
-
-def summarise(runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Mean curves over seeds and the figures the summary quotes. The best round is the one with
-    the highest mean validation accuracy (the earliest on a tie); its test accuracy is reported,
-    never used to choose it."""
-    out: dict[str, Any] = {}
-    for name, per_seed in runs.items():
-        curves = np.array([r["accuracy"] for r in per_seed])
-        val_curves = np.array([r["val_accuracy"] for r in per_seed])
-        mean, val_mean = curves.mean(axis=0), val_curves.mean(axis=0)
-        best = int(val_mean.argmax())
-        out[name] = {
-            "mean_accuracy": mean.tolist(),
-            "mean_val_accuracy": val_mean.tolist(),
-            "final_mean": float(mean[-1]),
-            "final_per_seed": curves[:, -1].tolist(),
-            "best_round": best + 1,
-            "best_val_mean": float(val_mean[best]),
-            "test_at_best_round": float(mean[best]),
-            "seconds": float(sum(r["seconds"] for r in per_seed)),
-        }
-    return out
-
-
-def rounds_to(curve: list[float], target: float) -> int | None:
-    return next((i + 1 for i, a in enumerate(curve) if a >= target), None)
-
-
-def paragraph(summary: dict[str, Any], seeds: list[int]) -> str:
-    avg, speed = summary["fedavg"], summary["fedspeed"]
-    diff = np.array(speed["mean_accuracy"]) - np.array(avg["mean_accuracy"])
-    # The target and the rounds to reach it are read on validation, like the best round.
-    target = 0.9 * avg["best_val_mean"]
-    r_avg, r_speed = (
-        rounds_to(avg["mean_val_accuracy"], target),
-        rounds_to(speed["mean_val_accuracy"], target),
-    )
-    ahead = int((diff > 0).sum())
-    verdict = "beats" if speed["final_mean"] > avg["final_mean"] else "does not beat"
-    return (
-        f"Over {len(seeds)} seed(s) and {len(diff)} rounds on digits (Dirichlet 0.1, "
-        f"{NUM_NODES} nodes, MLP), FedSpeed {verdict} FedAvg at the last round: "
-        f"{speed['final_mean']:.3f} vs {avg['final_mean']:.3f} mean test accuracy "
-        f"({diff[-1] * 100:+.1f} points). Test accuracy at the best round by validation: "
-        f"FedSpeed {speed['test_at_best_round']:.3f} (round {speed['best_round']}) vs FedAvg "
-        f"{avg['test_at_best_round']:.3f} (round {avg['best_round']}). FedSpeed is ahead on test "
-        f"in {ahead} of {len(diff)} rounds; the largest gap is {diff.max() * 100:+.1f} points at "
-        f"round {int(diff.argmax()) + 1}. Rounds to reach 90% of FedAvg's best validation accuracy "
-        f"({target:.3f}, on validation): FedSpeed {r_speed}, FedAvg {r_avg}. "
-        f"Runtime: FedSpeed {speed['seconds']:.0f} s, FedAvg {avg['seconds']:.0f} s "
-        f"(FedSpeed computes two gradients per step)."
-    )
-
-
-def plot(runs: dict[str, list[dict[str, Any]]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.0))
-    for name, per_seed in runs.items():
-        curves = np.array([[r["initial_accuracy"], *r["accuracy"]] for r in per_seed])
-        x = np.arange(curves.shape[1])
-        (line,) = ax.plot(x, curves.mean(axis=0), label=name)
-        if len(per_seed) > 1:
-            ax.fill_between(
-                x, curves.min(axis=0), curves.max(axis=0), alpha=0.2, lw=0, color=line.get_color()
-            )
-    ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy (mean over seeds; band: min–max)")
-    ax.set_title(f"digits, Dirichlet α=0.1, {NUM_NODES} nodes, MLP")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    return make
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=20, help="full; partial runs twice as many")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
+    parser.add_argument("--tail", type=int, default=5, help="rounds averaged for val and test")
+    parser.add_argument("--quick", action="store_true", help="2 seeds, 8 rounds, 2 LRs")
+    tuning.add_worker_args(parser)
     args = parser.parse_args(argv)
-    # Flower logs every round at INFO; the per-seed lines and the summary say enough.
-    logging.getLogger("flwr").setLevel(logging.WARNING)
-    # The models are tiny: one thread is faster than two fighting over small kernels.
-    torch.set_num_threads(1)
+    lrs, seeds, rounds = LRS, args.seeds, args.rounds
+    if args.quick:
+        lrs, seeds, rounds = LRS[:2], seeds[:2], 8
+    tail = min(args.tail, rounds)
+    tuning.quiet()
+    settings = tuning.grid(lrs, MOMENTA)
+    methods = ["fedavg", "fedavgm", "fedspeed"]
 
     started = time.perf_counter()
-    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in STRATEGIES}
-    for seed in args.seeds:
-        for name in STRATEGIES:
-            runs[name].append(run_one(name, args.rounds, seed))
-            print(
-                f"seed {seed} {name}: final accuracy {runs[name][-1]['accuracy'][-1]:.3f}",
-                flush=True,
-            )
-    summary = summarise(runs)
-    text = paragraph(summary, args.seeds)
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    scenarios: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    for scenario, per_round in SCENARIOS.items():
+        runs = tuning.run_grid(
+            {m: factory(m, rounds * ROUND_FACTOR[scenario], per_round) for m in methods},
+            settings,
+            seeds,
+            NODES,
+            tail,
+            prefix=f"{scenario:8s}",
+            cache=tuning.cache_dir("fedspeed", args.quick),
+            shard=args.shard,
+        )
+        raw[scenario] = runs
+        if not args.shard:
+            scenarios[f"{scenario} ({per_round} of {NODES} nodes per round)"] = {
+                "methods": {m: tuning.summarise(runs[m], settings, tail) for m in methods}
+            }
+    if args.shard:
+        return  # a worker: its runs are in the cache; the run without --shard writes results
     result = {
-        "command": shlex.join([".venv/bin/python", "-m", "benchmarks.fedspeed", *sys.argv[1:]]),
+        "benchmark": "fedspeed",
+        "command": shlex.join([".venv/bin/python", "benchmarks/fedspeed.py", *sys.argv[1:]]),
         "config": {
             "dataset": {"name": "digits", "partitioner": {"name": "dirichlet", "alpha": 0.1}},
             "model": {"name": "mlp", "hidden": [64]},
-            "num_nodes": NUM_NODES,
-            "rounds": args.rounds,
-            "seeds": args.seeds,
+            "nodes": NODES,
+            "per_round": SCENARIOS,
+            "rounds": {s: rounds * f for s, f in ROUND_FACTOR.items()},
             "training": TRAINING,
-            "strategies": STRATEGIES,
+            "fedspeed": FEDSPEED,
+            "fedavgm": FEDAVGM,
         },
-        "runs": {
-            name: dict(zip(map(str, args.seeds), per, strict=True)) for name, per in runs.items()
-        },
-        "summary": summary,
-        "text": text,
-        "total_seconds": time.perf_counter() - started,
+        "grid": {"lr": lrs, "momentum": MOMENTA},
+        "seeds": seeds,
+        "tail": tail,
+        "selection": tuning.SELECTION.format(tail=tail),
+        "scenarios": scenarios,
+        "runs": raw,
+        "runs_seconds": round(tuning.runs_seconds(raw), 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
     }
-    (RESULTS / "fedspeed.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(runs, RESULTS / "fedspeed.png")
-    print(text)
+    path = tuning.write_results("fedspeed", result, args.quick)
+    tuning.plot(result, path.with_suffix(".png"), "FedSpeed vs FedAvg vs FedAvgM, digits Dir(0.1)")
+    for scenario, body in scenarios.items():
+        for method, s in body["methods"].items():
+            print(
+                f"{scenario}: {method:9s} chosen {tuning.label(s['chosen'])}: "
+                f"test {s['test']['mean']:.3f} ± {s['test']['sd']:.3f}"
+            )
+    print(f"wrote {path} in {result['total_seconds']} s")
 
 
 if __name__ == "__main__":
