@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from florist.client.profiles import profile_mod
+from florist.client.profiles import profile_from_node_config, profile_mod
 from florist.client.protocol import EvaluateReport, TrainInstruction, TrainReport
 from florist.client.task import NODE_CONFIG_KEY, TaskSpec, task_from_config
 from florist.client.training import TrainTask, evaluate, pick_device
@@ -121,6 +121,8 @@ def train(msg: Message, context: Context) -> Message:
             device=pick_device(),
             loss=workload.loss,
             optimizer=workload.optimizer,
+            # Checked already by the profile mod, which refuses a task on a bad profile.
+            profile=profile_from_node_config(context.node_config),
         )
     )
     report = TrainReport(

@@ -233,12 +233,32 @@ class DeviceProfile(BaseModel):
     bandwidth_mbps: float | None = Field(
         default=None, gt=0, allow_inf_nan=False, description="None = infinite bandwidth."
     )
+    # The local steps this device is willing to run per task, for strategies whose workers
+    # choose their own (AFA); None leaves that bound to the experiment.
+    min_local_steps: int | None = Field(
+        default=None, ge=1, le=100_000, description="Fewest local steps this device runs."
+    )
+    max_local_steps: int | None = Field(
+        default=None, ge=1, le=100_000, description="Most local steps this device runs."
+    )
 
     @model_validator(mode="after")
     def _one_availability(self) -> DeviceProfile:
         if self.availability_trace is not None and self.availability < 1.0:
             raise ValueError("give either availability-trace or availability and period-s")
+        low, high = self.min_local_steps, self.max_local_steps
+        if low is not None and high is not None and low > high:
+            raise ValueError(f"min-local-steps ({low}) exceeds max-local-steps ({high})")
         return self
+
+    def step_range(self, low: int, high: int) -> tuple[int, int]:
+        """The experiment's step range [low, high] under this device's own bounds, which win:
+        a device that runs at least 30 steps runs 30 when the experiment allows at most 20."""
+        if self.min_local_steps is not None:
+            low, high = self.min_local_steps, max(high, self.min_local_steps)
+        if self.max_local_steps is not None:
+            low, high = min(low, self.max_local_steps), self.max_local_steps
+        return low, high
 
     def availability_cycle(self) -> AvailabilityTrace | None:
         """The trace this profile follows, before any phase; None: always online."""
@@ -267,6 +287,8 @@ PROFILE_KEYS: dict[str, str] = {
     "availability-trace": "availability_trace",
     "dropout": "dropout",
     "bandwidth-mbps": "bandwidth_mbps",
+    "min-local-steps": "min_local_steps",
+    "max-local-steps": "max_local_steps",
 }
 NO_BANDWIDTH_LIMIT = ("none", "inf", "infinite", "")
 PERIODIC_KEYS = ("availability", "period-s")
@@ -314,8 +336,9 @@ def profile_from_node_config(node_config: Mapping[str, Any]) -> DeviceProfile:
         return DeviceProfile.model_validate(values)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = str(err["loc"][0])
-        key = next(k for k, f in PROFILE_KEYS.items() if f == field)
+        field = str(err["loc"][0]) if err["loc"] else ""
+        # A rule across fields (a model validator) has no field: its message names the keys.
+        key = next((k for k, f in PROFILE_KEYS.items() if f == field), "node-config")
         # pydantic prefixes a validator's own ValueError; the key already says where it came from.
         message = err["msg"].removeprefix("Value error, ")
         raise ProfileError(f"{key}: {message} (got {err['input']!r})") from None

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from florist.datasets.seeds import derive_seed
 
 if TYPE_CHECKING:
+    from florist.client.profiles import DeviceProfile
     from florist.datasets import XY
 
 # A strategy's config model; bound to pydantic's BaseModel so that this module, below the
@@ -66,6 +67,9 @@ class TrainTask(Generic[C]):
     optimizer: Callable[[list[nn.Parameter], TrainingConfig], torch.optim.Optimizer] = field(
         default_factory=lambda: sgd_optimizer
     )
+    # The node's device profile (its node-config): e.g. the local steps it is willing to run;
+    # None: the neutral profile.
+    profile: DeviceProfile | None = None
 
 
 @dataclass(frozen=True)

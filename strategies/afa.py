@@ -2,10 +2,12 @@
 
 Workers take part when they choose (here: whenever their device profile has them online) and run
 as many local steps K_i as they choose (here: drawn, seeded, from ``[min_local_steps,
-max_local_steps]`` for every task), from whatever model they last received. A worker's update is
-normalised by its own steps: G_i = (x_start − x_end)/(η_L·K_i). The server's step is
-x ← x − η·η_L·G, so with Δ_i = x_end − x_start the learning rate η_L cancels and the server
-applies x ← x + η·Ḡ with Ḡ the mean of Δ_i/K_i — which is why it never needs η_L.
+max_local_steps]`` for every task, where a node's own device profile may set either bound:
+``--node-config "min-local-steps=2 max-local-steps=8"``), from whatever model they last
+received. A worker's update is normalised by its own steps: G_i = (x_start − x_end)/(η_L·K_i).
+The server's step is x ← x − η·η_L·G, so with Δ_i = x_end − x_start the learning rate η_L
+cancels and the server applies x ← x + η·Ḡ with Ḡ the mean of Δ_i/K_i — which is why it never
+needs η_L.
 
 - **AFA-CD** (cross-device) waits for m arrivals and averages their m normalised updates.
 - **AFA-CS** (cross-silo) keeps each worker's latest normalised update; every m arrivals it
@@ -27,6 +29,7 @@ from typing import Self
 import numpy as np
 from pydantic import Field, model_validator
 
+from florist.client.profiles import DeviceProfile
 from florist.client.training import TrainResult, TrainTask, round_seed, train_sgd
 from florist.datasets.seeds import derive_seed
 
@@ -153,8 +156,9 @@ def local_steps_drawn(task: TrainTask[AfaConfig]) -> int:
     """The worker's K_i for this task: uniform on the configured range, seeded per node and
     round (a repeat of the same round draws anew through the task's seed)."""
     rng = np.random.default_rng(derive_seed(round_seed(task), "afa-steps"))
-    config = task.config
-    return int(rng.integers(config.min_local_steps, config.max_local_steps + 1))
+    profile = task.profile or DeviceProfile()
+    low, high = profile.step_range(task.config.min_local_steps, task.config.max_local_steps)
+    return int(rng.integers(low, high + 1))
 
 
 def train(task: TrainTask[AfaConfig]) -> TrainResult:

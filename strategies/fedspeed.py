@@ -31,6 +31,14 @@ Choices where paper and reference are silent or differ from this platform:
 - ĝ_i lives in the node's run state (Flower's Context.state) under ``fedspeed.g_hat``; it starts at
   zero and is reset for every new experiment. It only changes when 1/λ > 0.
 - ‖g1‖ = 0 skips the ascent (x̆ = x_k) instead of dividing by zero.
+- **Partial participation.** The server averages the sampled clients' x̂_i, as the paper's
+  Algorithm 1 writes it. The reference code's server instead takes the mean of the sampled
+  clients' x_K plus a correction from the mean of ĝ over *all* clients (sampled this round or
+  not); with every client in every round the two coincide, with a sample they do not: here a
+  client's ĝ_i is as old as its last selection, and benchmarks/README.md measured FedSpeed far
+  behind FedAvg with 5 of 20 clients per round (Dirichlet 0.1 digits). Use it with full
+  participation; the reference rule is not offered (the server would need each client's ĝ_i,
+  which only the client holds).
 - The server's mean is Flower's FedAvg, weighted by each client's example count. The paper writes
   the plain mean (1/|S|)·Σ x̂_i over clients that hold equally many examples in its experiments,
   where the two coincide; weighting by examples keeps ρ = 0, 1/λ = 0 exactly FedAvg on skewed

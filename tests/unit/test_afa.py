@@ -3,6 +3,7 @@ workers' own step choice, and runs through the one loop."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ from flwr.app import RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from pydantic import ValidationError
 
+from florist.client.profiles import ProfileError, profile_from_node_config
 from florist.client.training import TrainingConfig, TrainTask
 from florist.datasets import XY
 from florist.server.runtime.localgrid import run_local
@@ -103,6 +105,53 @@ def test_workers_draw_their_own_local_steps_in_the_range() -> None:
     # Reproducible, and what the worker reports is what it ran.
     task = _task(3, 2)
     assert train(task).steps == local_steps_drawn(_task(3, 2))
+
+
+@pytest.mark.parametrize(
+    ("node", "expected"),
+    [
+        ({"min-local-steps": 4, "max-local-steps": 5}, {4, 5}),  # inside the experiment's range
+        ({"max-local-steps": 3}, {2, 3}),  # a tighter top
+        ({"min-local-steps": 30}, {30}),  # a device that runs at least 30: its bound wins
+        ({}, set(range(2, 8))),  # no bounds of its own: the experiment's 2–7
+    ],
+)
+def test_a_nodes_own_step_range_bounds_its_draws(node: dict[str, int], expected: set[int]) -> None:
+    profile = profile_from_node_config(node)
+    draws = {
+        local_steps_drawn(replace(_task(seed, r), profile=profile))
+        for seed in range(6)
+        for r in range(1, 8)
+    }
+    assert draws == expected
+
+
+def test_a_crossed_step_range_in_a_node_config_is_named() -> None:
+    with pytest.raises(ProfileError, match=r"min-local-steps \(9\) exceeds max-local-steps \(3\)"):
+        profile_from_node_config({"min-local-steps": 9, "max-local-steps": 3})
+    with pytest.raises(ProfileError, match="max-local-steps"):
+        profile_from_node_config({"max-local-steps": 0})
+
+
+@pytest.mark.parametrize("strategy", ["afa-cd", "afa-cs"])
+def test_nodes_run_the_steps_their_profiles_allow(strategy: str) -> None:
+    # Prepare: one node runs 1–2 steps, one 12–14, one the experiment's 5–8.
+    configs: list[dict[str, Any]] = [
+        {"max-local-steps": 2, "min-local-steps": 1},
+        {"min-local-steps": 12, "max-local-steps": 14},
+        {},
+    ]
+
+    # Execute
+    _, recorder = run_local(spec(strategy, rounds=4), 3, node_configs=configs)
+
+    # Assert: each node's recorded steps stay in its own range.
+    steps: dict[int, set[int]] = {}
+    for r in recorder.rounds(1):
+        for u in r.updates:
+            if u.status == "accepted" and u.local_steps is not None:
+                steps.setdefault(u.node_id, set()).add(u.local_steps)
+    assert steps[1000] <= {1, 2} and steps[1001] <= {12, 13, 14} and steps[1002] <= set(range(5, 9))
 
 
 def spec(strategy: str, **overrides: Any) -> ExperimentSpec:
