@@ -85,7 +85,9 @@ def run_one(
     strategy: str, dataset: str, lr: float, rounds: int, seed: int, attack: str, count: int
 ) -> dict[str, float]:
     configs = [{"attack": attack} if i < count else {} for i in range(NUM_NODES)]
-    _, recorder = run_local(spec(strategy, dataset, lr, rounds, seed), NUM_NODES, node_configs=configs)
+    _, recorder = run_local(
+        spec(strategy, dataset, lr, rounds, seed), NUM_NODES, node_configs=configs
+    )
     last = recorder.rounds(1)[-1].metrics
     return {"accuracy": float(last[ACCURACY]), "val_accuracy": float(last[VAL_ACCURACY])}
 
@@ -95,8 +97,10 @@ def choose_lrs(rounds: int) -> dict[str, dict[str, float]]:
     for dataset in DATASETS:
         chosen[dataset] = {}
         for strategy in STRATEGIES:
-            vals = {lr: run_one(strategy, dataset, lr, rounds, 0, "none", 0)["val_accuracy"]
-                    for lr in LR_GRID}
+            vals = {
+                lr: run_one(strategy, dataset, lr, rounds, 0, "none", 0)["val_accuracy"]
+                for lr in LR_GRID
+            }
             chosen[dataset][strategy] = max(LR_GRID, key=lambda lr: (vals[lr], -lr))
             print(f"lr {dataset} {strategy}: {vals} -> {chosen[dataset][strategy]}", flush=True)
     return chosen
@@ -129,8 +133,14 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         for j, strategy in enumerate(STRATEGIES):
             means = [100 * summary[dataset][f"{a}x3"][strategy]["mean"] for a in ATTACKS]
             stds = [100 * summary[dataset][f"{a}x3"][strategy]["std"] for a in ATTACKS]
-            ax.bar(x + (j - len(STRATEGIES) / 2 + 0.5) * width, means, width, yerr=stds,
-                   label=strategy, capsize=2)
+            ax.bar(
+                x + (j - len(STRATEGIES) / 2 + 0.5) * width,
+                means,
+                width,
+                yerr=stds,
+                label=strategy,
+                capsize=2,
+            )
         clean = 100 * summary[dataset]["clean"]["fedavg"]["mean"]
         ax.axhline(clean, color="black", linestyle="--", linewidth=1, label="clean FedAvg")
         ax.axhline(clean - 5, color="grey", linestyle=":", linewidth=1, label="clean FedAvg − 5")
@@ -160,14 +170,17 @@ def main(argv: list[str] | None = None) -> None:
             runs[dataset][name] = {}
             for strategy in STRATEGIES:
                 accs = [
-                    run_one(strategy, dataset, lrs[dataset][strategy], args.rounds, seed, attack,
-                            count)["accuracy"]
+                    run_one(
+                        strategy, dataset, lrs[dataset][strategy], args.rounds, seed, attack, count
+                    )["accuracy"]
                     for seed in args.seeds
                 ]
                 runs[dataset][name][strategy] = accs
-            print(f"{dataset} {name}: "
-                  + ", ".join(f"{s} {100 * np.mean(a):.1f}" for s, a in runs[dataset][name].items()),
-                  flush=True)
+            print(
+                f"{dataset} {name}: "
+                + ", ".join(f"{s} {100 * np.mean(a):.1f}" for s, a in runs[dataset][name].items()),
+                flush=True,
+            )
     summary = {
         d: {
             n: {s: {"mean": float(np.mean(a)), "std": float(np.std(a))} for s, a in by.items()}
@@ -177,8 +190,14 @@ def main(argv: list[str] | None = None) -> None:
     }
     RESULTS.mkdir(exist_ok=True)
     out = {
-        "command": shlex.join([sys.executable.rsplit("/", 1)[-1], "-m", "benchmarks.byzantine",
-                               *(argv if argv is not None else sys.argv[1:])]),
+        "command": shlex.join(
+            [
+                sys.executable.rsplit("/", 1)[-1],
+                "-m",
+                "benchmarks.byzantine",
+                *(argv if argv is not None else sys.argv[1:]),
+            ]
+        ),
         "config": {
             "nodes": NUM_NODES,
             "num_byzantine_assumed": F,

@@ -85,7 +85,9 @@ def attack_from_node_config(node_config: Mapping[str, Any]) -> Attack | None:
                 raise AttackError(f"{key}: set without {ATTACK_KEY}")
         return None
     if not isinstance(name, str) or name not in DEFAULT_STRENGTH:
-        raise AttackError(f"{ATTACK_KEY}: unknown attack {name!r}; known: {', '.join(DEFAULT_STRENGTH)}")
+        raise AttackError(
+            f"{ATTACK_KEY}: unknown attack {name!r}; known: {', '.join(DEFAULT_STRENGTH)}"
+        )
     raw: dict[str, Any] = {
         "name": name,
         "strength": node_config.get(STRENGTH_KEY, DEFAULT_STRENGTH[name]),
@@ -164,9 +166,7 @@ def num_outputs(model: torch.nn.Module, data: XY) -> int:
     return int(out.shape[-1])
 
 
-def poison_data(
-    data: XY, node_config: Mapping[str, Any], model: torch.nn.Module, seed: int
-) -> XY:
+def poison_data(data: XY, node_config: Mapping[str, Any], model: torch.nn.Module, seed: int) -> XY:
     """The training data a node uses: label-flipped if its attack says so, else as it is."""
     attack = attack_from_node_config(node_config)
     if attack is None or attack.name != "label-flip" or len(data) == 0:
@@ -186,10 +186,16 @@ def _with_repeat(msg: Message, repeat: int) -> Message:
     content = copy.deepcopy(msg.content)
     config = content.config_records["config"]
     config[TrainInstruction.key("task_repeat")] = repeat
-    return Message(content=content, dst_node_id=msg.metadata.dst_node_id, message_type=msg.metadata.message_type)
+    return Message(
+        content=content,
+        dst_node_id=msg.metadata.dst_node_id,
+        message_type=msg.metadata.message_type,
+    )
 
 
-def _estimates(msg: Message, context: Context, call_next: ClientAppCallable, runs: int) -> list[Weights]:
+def _estimates(
+    msg: Message, context: Context, call_next: ClientAppCallable, runs: int
+) -> list[Weights]:
     """``runs`` extra honest models for ALIE/IPM; the node's run state is left as it was."""
     out: list[Weights] = []
     for j in range(runs):
@@ -228,5 +234,7 @@ def attack_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> 
     sent = _weights(msg.content.array_records["arrays"])
     honest = [_weights(reply.content.array_records["arrays"]), *extra]
     bad = poisoned_update(attack, sent, honest, np.random.default_rng(seed))
-    reply.content["arrays"] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in bad.items()})
+    reply.content["arrays"] = ArrayRecord(
+        {k: Array(np.ascontiguousarray(v)) for k, v in bad.items()}
+    )
     return reply

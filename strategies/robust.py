@@ -304,9 +304,7 @@ class CenteredClippingRule(RobustRule):
         center = self.center
         if center is None or center.shape != updates.shape[1:]:
             center = np.zeros(updates.shape[1])
-        vector, tau = centered_clip(
-            updates, center, self.config.radius, self.config.iterations
-        )
+        vector, tau = centered_clip(updates, center, self.config.radius, self.config.iterations)
         self.center = vector
         return vector, {"robust-clip-radius": tau}
 

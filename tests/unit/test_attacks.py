@@ -1,4 +1,4 @@
-"""Attack mods (client/attacks.py): the poisoned updates, the node-config, and the ClientApp path."""
+"""Attack mods (client/attacks.py): poisoned updates, node-config keys, the ClientApp path."""
 
 from __future__ import annotations
 

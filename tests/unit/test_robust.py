@@ -208,8 +208,9 @@ def test_monna_client_steps_on_polyak_momentum_carried_across_rounds() -> None:
         return ((out - y) ** 2).mean()
 
     model = _Linear()
-    task = TrainTask(model=model, data=data, training=training, config=config, server_round=1,
-                     seed=0, loss=mse)
+    task = TrainTask(
+        model=model, data=data, training=training, config=config, server_round=1, seed=0, loss=mse
+    )
     # Execute: round 1. Step 1: g = −2, m = 0.5·0 + 0.5·(−2) = −1, w = 0.5.
     # Step 2: g = −1, m = 0.5·(−1) + 0.5·(−1) = −1, w = 1.0. (torch's momentum 0.9 is not used.)
     train(task)
@@ -219,7 +220,15 @@ def test_monna_client_steps_on_polyak_momentum_carried_across_rounds() -> None:
     # Round 2 from w = 0 again: g = −2, m = 0.5·(−1) + 0.5·(−2) = −1.5, w = 0.75; then
     # g = −0.5, m = −1.0, w = 1.25. A momentum reset each round would give w = 1.0 again.
     model2 = _Linear()
-    task2 = TrainTask(model=model2, data=data, training=training, config=config, server_round=2,
-                      seed=0, state=task.state, loss=mse)
+    task2 = TrainTask(
+        model=model2,
+        data=data,
+        training=training,
+        config=config,
+        server_round=2,
+        seed=0,
+        state=task.state,
+        loss=mse,
+    )
     train(task2)
     np.testing.assert_allclose(model2.w.detach().numpy(), [1.25])
