@@ -96,7 +96,7 @@ class PolyakMomentum(TrainerHooks):
         task.state[MOMENTUM_KEY] = ArrayRecord(
             {n: m.detach().cpu() for (n, _), m in zip(self.named, self.momentum, strict=True)}
         )
-        norm = float(torch.sqrt(sum((m.double() ** 2).sum() for m in self.momentum)))
+        norm = float(np.sqrt(sum(float((m.double() ** 2).sum()) for m in self.momentum)))
         return {"monna-momentum-norm": norm}
 
 
