@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 import numpy as np
@@ -11,6 +12,9 @@ import torch
 
 from florist.client.training import TrainingConfig, TrainTask
 from florist.datasets import XY
+from florist.server.metrics import ACCURACY
+from florist.server.runtime.localgrid import run_local
+from florist.server.spec import ExperimentSpec
 from florist.strategies import default_registry
 from florist.strategies.base import ServerSetup
 from florist.strategies.events import Decision
@@ -232,3 +236,42 @@ def test_monna_client_steps_on_polyak_momentum_carried_across_rounds() -> None:
     )
     train(task2)
     np.testing.assert_allclose(model2.w.detach().numpy(), [1.25])
+
+
+def test_a_round_with_too_few_updates_for_f_is_skipped_not_crashed() -> None:
+    # Prepare: trimmed mean with f = 2 needs 5 updates; the round has 3 nodes.
+    rule = TrimmedMeanRule(TrimmedMeanConfig(num_byzantine=2))
+    rounds = SyncRounds(RobustRounds(rule, ServerSetup(num_rounds=2, min_clients=3)))
+    current = vec(0.0)
+    assert rounds.begin([1, 2, 3], current).dispatch == (1, 2, 3)
+    # Execute
+    decisions = [rounds.on_arrival(arrival(n, vec(1.0), current, 0, 0), current) for n in (1, 2, 3)]
+    # Assert: no new model; every update refused with the reason, the round sampled again.
+    last = decisions[-1]
+    assert last.weights is None
+    assert set(last.refused) == {1, 2, 3}
+    assert "needs 5 updates, got 3" in last.refused[1]
+    assert last.dispatch == (1, 2, 3)
+
+
+def test_buffered_robust_plugin_runs_on_the_async_loop_with_an_attacker() -> None:
+    logging.disable(logging.WARNING)
+    config = {"num_byzantine": 1, "scheduler": "buffered", "buffer_size": 5}
+    spec = ExperimentSpec.model_validate(
+        {
+            "name": "buffered-robust",
+            "strategy": {"name": "robust-trimmed-mean", "config": config},
+            "dataset": {"name": "digits", "partitioner": {"name": "iid"}, "seed": 0},
+            "model": {"name": "logreg"},
+            "training": {"lr": 0.1, "batch_size": 32, "local_epochs": 1, "momentum": 0.0},
+            "rounds": 8,
+            "clients": {"min": 5},
+            "seed": 0,
+            "reply_checks": {"norm_bound": {"kind": "none"}},
+        }
+    )
+    attacker = [{"attack": "sign-flip", "attack-strength": 20.0}] + [{}] * 4
+    _, recorder = run_local(spec, 5, node_configs=attacker)
+    rounds = recorder.rounds(1)
+    assert len(rounds) == 8
+    assert rounds[-1].metrics[ACCURACY] > 0.5
