@@ -181,29 +181,30 @@ def _weights(record: ArrayRecord) -> Weights:
     return {k: v.numpy() for k, v in record.items()}
 
 
-def _with_repeat(msg: Message, repeat: int) -> Message:
-    """A copy of the training message whose task repeat (so its minibatch seed) differs."""
-    content = copy.deepcopy(msg.content)
-    config = content.config_records["config"]
-    config[TrainInstruction.key("task_repeat")] = repeat
-    return Message(
-        content=content,
-        dst_node_id=msg.metadata.dst_node_id,
-        message_type=msg.metadata.message_type,
-    )
-
-
 def _estimates(
     msg: Message, context: Context, call_next: ClientAppCallable, runs: int
 ) -> list[Weights]:
-    """``runs`` extra honest models for ALIE/IPM; the node's run state is left as it was."""
+    """``runs`` extra honest models for ALIE/IPM; the message and the node's run state are left
+    as they were."""
+    config = msg.content.config_records["config"]
+    key = TrainInstruction.key("task_repeat")
+    had, original = key in config, config.get(key)
     out: list[Weights] = []
-    for j in range(runs):
-        saved = copy.deepcopy(context.state)
-        reply = call_next(_with_repeat(msg, _ESTIMATE_REPEAT + j), context)
-        context.state = saved
-        if not reply.has_error():
-            out.append(_weights(reply.content.array_records["arrays"]))
+    try:
+        for j in range(runs):
+            # Another task repeat trains on other minibatches (the ClientApp's seed stream). The
+            # message itself is reused: a ClientApp may not build messages of its own.
+            config[key] = _ESTIMATE_REPEAT + j
+            saved = copy.deepcopy(context.state)
+            reply = call_next(msg, context)
+            context.state = saved
+            if not reply.has_error():
+                out.append(_weights(reply.content.array_records["arrays"]))
+    finally:
+        if had:
+            config[key] = original
+        else:
+            del config[key]
     return out
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import Array, Message
 
 from florist.client.attacks import (
     Attack,
@@ -164,3 +164,36 @@ def test_robust_median_resists_scaled_attackers_where_fedavg_does_not() -> None:
     assert median_acc > 0.5 > 0.2 > fedavg_acc
     # The recorder keeps the attack with the node, for the dashboard.
     assert median.node_configs[1000]["attack"] == "sign-flip"
+
+
+def test_estimation_runs_restore_the_message_and_the_run_state() -> None:
+    # Prepare: a stand-in for the rest of the ClientApp that writes state and echoes the repeat.
+    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from florist.client.attacks import _estimates
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
+    msg = Message(
+        content=RecordDict({"config": ConfigRecord({"task-repeat": 2, "server-round": 1})}),
+        dst_node_id=1,
+        message_type="train",
+    )
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    seen: list[int] = []
+
+    def call_next(m: Message, ctx: Context) -> Message:
+        repeat = int(m.content.config_records["config"]["task-repeat"])  # type: ignore[arg-type]
+        seen.append(repeat)
+        ctx.state["written"] = MetricRecord({"x": 1.0})
+        arrays = ArrayRecord({"w": Array(np.array([float(repeat)]))})
+        return Message(RecordDict({"arrays": arrays}), reply_to=m)
+
+    # Execute
+    out = _estimates(msg, context, call_next, 2)
+    # Assert: two runs on other repeats, nothing left behind.
+    assert seen == [1_000_000, 1_000_001]
+    assert [float(w["w"][0]) for w in out] == [1_000_000.0, 1_000_001.0]
+    assert msg.content.config_records["config"]["task-repeat"] == 2
+    assert "written" not in context.state
