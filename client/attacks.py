@@ -188,7 +188,7 @@ def _estimates(
     as they were."""
     config = msg.content.config_records["config"]
     key = TrainInstruction.key("task_repeat")
-    had, original = key in config, config.get(key)
+    original = config.get(key)
     out: list[Weights] = []
     try:
         for j in range(runs):
@@ -201,10 +201,10 @@ def _estimates(
             if not reply.has_error():
                 out.append(_weights(reply.content.array_records["arrays"]))
     finally:
-        if had:
-            config[key] = original
-        else:
+        if original is None:
             del config[key]
+        else:
+            config[key] = original
     return out
 
 

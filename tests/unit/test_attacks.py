@@ -7,11 +7,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from flwr.app import Array, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
 
 from florist.client.attacks import (
     Attack,
     AttackError,
+    _estimates,
     attack_from_node_config,
     flip_labels,
     poisoned_update,
@@ -168,12 +170,6 @@ def test_robust_median_resists_scaled_attackers_where_fedavg_does_not() -> None:
 
 def test_estimation_runs_restore_the_message_and_the_run_state() -> None:
     # Prepare: a stand-in for the rest of the ClientApp that writes state and echoes the repeat.
-    from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
-
-    from flwr.supercore.task_identity import TaskIdentity
-
-    from florist.client.attacks import _estimates
-
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 1
     msg = Message(
         content=RecordDict({"config": ConfigRecord({"task-repeat": 2, "server-round": 1})}),
