@@ -19,6 +19,10 @@ assumes f = 3, whatever the scenario; MoNNA's clients use β = 0.9 (the paper's 
 more steps than 30 short rounds give). The norm bound on replies is off, so only the
 aggregation rule stands between the attackers and the model.
 
+``--strong`` reruns the clean and 3-attacker scenarios with stronger attacks (``STRONG``) into
+``byzantine-strong.json``/``.png``; ``--lrs-from benchmarks/results/byzantine.json`` reuses the
+learning rates chosen there instead of choosing again.
+
 Tuning: each strategy's learning rate is chosen from the same grid on the validation split of a
 clean run (seed 0, final round), then used in every scenario; the test split is only reported.
 """
@@ -57,8 +61,16 @@ STRATEGIES: dict[str, dict[str, Any]] = {
 }
 
 
+# ``--strong``: strengths past the point where FedAvg's mean turns against the honest one (with 3
+# of 13 attackers, −s·Δ or −s·μ outweighs the 10 honest updates once s > 10/3); ALIE's z is large
+# because an attacker's own σ estimate is small (client/attacks.py).
+STRONG = {"sign-flip": 4.0, "alie": 10.0, "ipm": 4.0, "label-flip": 1.0}
+COUNTS = [1, 3]
+STRENGTHS: dict[str, float] = {}
+
+
 def scenarios() -> list[tuple[str, int]]:
-    return [("none", 0)] + [(a, k) for k in (1, 3) for a in ATTACKS]
+    return [("none", 0)] + [(a, k) for k in COUNTS for a in ATTACKS]
 
 
 def scenario_name(attack: str, count: int) -> str:
@@ -84,7 +96,10 @@ def spec(strategy: str, dataset: str, lr: float, rounds: int, seed: int) -> Expe
 def run_one(
     strategy: str, dataset: str, lr: float, rounds: int, seed: int, attack: str, count: int
 ) -> dict[str, float]:
-    configs = [{"attack": attack} if i < count else {} for i in range(NUM_NODES)]
+    bad: dict[str, Any] = {"attack": attack}
+    if attack in STRENGTHS:
+        bad["attack-strength"] = STRENGTHS[attack]
+    configs = [bad if i < count else {} for i in range(NUM_NODES)]
     _, recorder = run_local(
         spec(strategy, dataset, lr, rounds, seed), NUM_NODES, node_configs=configs
     )
@@ -158,10 +173,26 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--strong",
+        action="store_true",
+        help="3 attackers only, at the STRONG strengths; writes byzantine-strong.json/png",
+    )
+    parser.add_argument(
+        "--lrs-from", type=Path, help="reuse the learning rates chosen in an earlier run's JSON"
+    )
     args = parser.parse_args(argv)
+    name = "byzantine"
+    if args.strong:
+        STRENGTHS.update(STRONG)
+        COUNTS[:] = [3]
+        name = "byzantine-strong"
     logging.disable(logging.WARNING)
     started = time.perf_counter()
-    lrs = choose_lrs(args.rounds)
+    if args.lrs_from is not None:
+        lrs = json.loads(args.lrs_from.read_text())["chosen_lr"]
+    else:
+        lrs = choose_lrs(args.rounds)
     runs: dict[str, dict[str, dict[str, list[float]]]] = {}
     for dataset in DATASETS:
         runs[dataset] = {}
@@ -206,6 +237,8 @@ def main(argv: list[str] | None = None) -> None:
             "lr_grid": LR_GRID,
             "strategies": STRATEGIES,
             "attacks": ATTACKS,
+            "attacker_counts": COUNTS,
+            "strengths": STRENGTHS or "defaults (client/attacks.py)",
             "partitioner": "iid",
             "model": "logreg",
         },
@@ -214,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         "summary": summary,
         "wall_seconds": time.perf_counter() - started,
     }
-    (RESULTS / "byzantine.json").write_text(json.dumps(out, indent=1))
-    plot(summary, RESULTS / "byzantine.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
+    plot(summary, RESULTS / f"{name}.png")
     for dataset in DATASETS:
         print(f"\n### {dataset}\n\n{table(summary, dataset)}")
     print(f"\nwall time {out['wall_seconds']:.0f} s")
