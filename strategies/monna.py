@@ -125,5 +125,5 @@ plugin = StrategyPlugin(
     build_server=build_server,
     train=train,
     paper="https://arxiv.org/abs/2302.04444",
-    tags=("sync", "async", "robust"),
+    tags=("sync", "robust"),
 )

@@ -384,7 +384,7 @@ def _plugin(
         config_model=config_model,
         build_server=build_server,
         paper=paper,
-        tags=("sync", "async", "robust"),
+        tags=("sync", "robust"),
     )
 
 
