@@ -215,6 +215,15 @@ class TrimmedMeanConfig(RobustConfig):
 class KrumConfig(RobustConfig):
     """Krum (select 1) or Multi-Krum (select m)."""
 
+    # Krum needs n ≥ f + 3: with f = 0 by default (as Flower's Krum) a 3-node run works as is.
+    num_byzantine: int = Field(
+        default=0,
+        ge=0,
+        le=10_000,
+        description="f: Byzantine updates tolerated per aggregation; Krum needs at least f + 3 "
+        "updates. Set it to the number of attackers to expect.",
+    )
+
     select: int | None = Field(
         default=1,
         ge=1,
