@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> None:
         "--lrs-from", type=Path, help="reuse the learning rates chosen in an earlier run's JSON"
     )
     args = parser.parse_args(argv)
-    name = "byzantine"
+    output = "byzantine"
     if args.strong:
         STRENGTHS.update(STRONG)
         COUNTS[:] = [3]
-        name = "byzantine-strong"
+        output = "byzantine-strong"
     logging.disable(logging.WARNING)
     started = time.perf_counter()
     if args.lrs_from is not None:
@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
         "summary": summary,
         "wall_seconds": time.perf_counter() - started,
     }
-    (RESULTS / f"{name}.json").write_text(json.dumps(out, indent=1))
-    plot(summary, RESULTS / f"{name}.png")
+    (RESULTS / f"{output}.json").write_text(json.dumps(out, indent=1))
+    plot(summary, RESULTS / f"{output}.png")
     for dataset in DATASETS:
         print(f"\n### {dataset}\n\n{table(summary, dataset)}")
     print(f"\nwall time {out['wall_seconds']:.0f} s")
