@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from florist.client.attacks import attack_mod, poison_data
 from florist.client.profiles import profile_from_node_config, profile_mod
 from florist.client.protocol import EvaluateReport, TrainInstruction, TrainReport
 from florist.client.task import NODE_CONFIG_KEY, TaskSpec, task_from_config
@@ -25,7 +26,8 @@ from florist.datasets import XY
 from florist.datasets.seeds import derive_seed
 from florist.strategies import default_registry
 
-app = ClientApp(mods=[profile_mod])
+# The profile wraps the attack: an attacker's extra runs (ALIE, IPM) take its time too.
+app = ClientApp(mods=[profile_mod, attack_mod])
 
 # Error code of a reply whose node could not read its data (Flower's own codes are below 100;
 # 100 is a dropout, client/protocol.py).
@@ -105,6 +107,10 @@ def train(msg: Message, context: Context) -> Message:
     except WorkloadDataError as exc:
         return _data_error(msg, exc)
     model = _model(workload, workload_config, msg.content)
+    stream = _node_stream(client, context)
+    # A label-flipping attacker trains honestly on poisoned labels (client/attacks.py), the
+    # same examples flipped every round.
+    data = poison_data(data, context.node_config, model, derive_seed(task.seed, "flip", stream))
     started = time.perf_counter()
     result = plugin.train(
         TrainTask(
@@ -114,9 +120,7 @@ def train(msg: Message, context: Context) -> Message:
             config=config,
             server_round=instruction.server_round,
             # A node sent the same model version again trains on other batches.
-            seed=derive_seed(
-                task.seed, "node", _node_stream(client, context), instruction.task_repeat
-            ),
+            seed=derive_seed(task.seed, "node", stream, instruction.task_repeat),
             state=context.state,
             device=pick_device(),
             loss=workload.loss,

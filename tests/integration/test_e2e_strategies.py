@@ -33,8 +33,11 @@ BASE: dict[str, Any] = {
             None,
             "pacing-fraction",
         ),
+        # Robust aggregation (docs/robustness.md): the clients' Polyak momentum, the server's
+        # nearest-neighbour average over real SuperNodes.
+        ({"name": "monna", "config": {"num_byzantine": 1}}, None, "monna-momentum-norm"),
     ],
-    ids=["fedspeed", "fal", "curriculum"],
+    ids=["fedspeed", "fal", "curriculum", "monna"],
 )
 def test_strategy_runs_over_grpc(
     api: Api, strategy: dict[str, Any], round_key: str | None, train_key: str | None

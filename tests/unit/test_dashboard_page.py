@@ -364,7 +364,8 @@ NODES: dict[str, Any] = {
         },
         {
             "node_id": NODE_IDS[2],
-            "node_config": {},
+            # A Byzantine node (client/attacks.py): marked on the nodes and clients tables.
+            "node_config": {"attack": "sign-flip", "attack-strength": 2},
             "first_seen": "2025-01-10T09:00:00Z",
             "last_seen": "2025-01-10T09:05:00Z",
             "seconds_since_seen": 900.0,
@@ -1030,6 +1031,8 @@ def test_experiment_page_shows_timeline_clients_and_strategy_panels(session: Pag
     expect(first).to_contain_text("phone")
     failing = page.locator(f'#clients-table tr[data-node="{NODE_IDS[2]}"]')
     expect(failing.get_by_test_id("last-update-status")).to_have_text("accepted")
+    expect(failing.get_by_test_id("node-attack")).to_have_text("attacker: sign-flip ×2")
+    expect(first.get_by_test_id("node-attack")).to_have_count(0)
     # Now: the experiment has finished, so a connected node is idle; the others are not
     # connected and say when they were last seen.
     expect(first.get_by_test_id("client-status")).to_have_text("idle")
@@ -1399,6 +1402,8 @@ def test_nodes_page_shows_health_and_config(session: PageSession) -> None:
     expect(rows.nth(0)).to_contain_text("profile=phone")
     expect(rows.nth(1).get_by_test_id("node-health")).to_have_text("offline")
     expect(rows.nth(1)).to_contain_text(NODE_IDS[2])
+    expect(rows.nth(1).get_by_test_id("node-attack")).to_have_text("attacker: sign-flip ×2")
+    expect(rows.nth(0).get_by_test_id("node-attack")).to_have_count(0)
     expect(session.page.locator("#nodes-note")).to_contain_text("SuperLink's live view")
     session.screenshot("nodes")
     assert session.errors == []

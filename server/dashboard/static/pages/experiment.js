@@ -27,6 +27,7 @@ import {
   statusBadge,
 } from "../dom.js";
 import { connection, formatSeen, isTraining, latest, latestDispatches } from "../nodestate.js";
+import { attackBadge } from "./nodes.js";
 import { renderTimeline, taskSpan } from "../timeline.js";
 
 // While the experiment runs, how often the clients' connections (GET /nodes) and the runtime's
@@ -561,7 +562,7 @@ export function mountExperimentPage(id) {
         h(
           "tr",
           { "data-testid": "client-row", "data-node": nodeId },
-          h("td", { class: "mono" }, nodeId),
+          h("td", { class: "mono" }, nodeId, attackBadge(config)),
           h("td", { class: "num" }, String(list.length)),
           h("td", { class: "num" }, String(accepted.length)),
           h("td", { class: "num" }, mean === null ? dash : `${mean.toFixed(2)} s`),

@@ -8,6 +8,15 @@ import { connection } from "../nodestate.js";
 const POLL_MS = 5000;
 const COLUMNS = 6;
 
+/** A node whose node-config sets an attack (client/attacks.py) is marked as an attacker. */
+export function attackBadge(config) {
+  const attack = config?.attack;
+  if (!attack || attack === "none") return null;
+  const strength = config["attack-strength"];
+  const text = strength === undefined ? `attacker: ${attack}` : `attacker: ${attack} ×${strength}`;
+  return h("span", { class: "badge status-failed attack", "data-testid": "node-attack", title: "Byzantine attack set by this node's node-config" }, text);
+}
+
 export function mountNodesPage() {
   const section = document.getElementById("nodes-section");
   section.hidden = false;
@@ -47,7 +56,7 @@ export function mountNodesPage() {
         return h(
           "tr",
           { "data-testid": "node-row", "data-node": n.node_id, "data-state": c.state },
-          h("td", { class: "mono" }, n.node_id),
+          h("td", { class: "mono" }, n.node_id, attackBadge(n.node_config)),
           h(
             "td",
             {},
