@@ -468,11 +468,11 @@ def run_api(
 @db_app.command("upgrade")
 def db_upgrade() -> None:
     """Create or migrate the database to the newest schema."""
-    from florist.server.db.engine import upgrade_database
+    from florist.server.db.engine import masked, upgrade_database
 
     url = get_settings().resolved_database_url()
     upgrade_database(url)
-    console.print(f"database at {url} is up to date")
+    console.print(f"database at {masked(url)} is up to date")
 
 
 def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:

@@ -19,7 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from florist.client.task import StrategyRef
 from florist.server.db import repository as repo
-from florist.server.db.engine import make_engine, make_session_factory, upgrade_database
+from florist.server.db.engine import (
+    make_engine,
+    make_session_factory,
+    upgrade_database,
+    with_own_password,
+)
 from florist.server.db.models import utcnow
 from florist.server.recording import RoundRecord, SqlRunRecorder, UpdateRecord
 from florist.server.settings import get_settings
@@ -162,9 +167,13 @@ def public_run_config(config: Mapping[str, bool | int | float | str]) -> dict[st
     return {key: value for key, value in config.items() if key != DATABASE_URL_KEY}
 
 
-def database_url(config: Mapping[str, Any]) -> str:
-    """The database a run records into: its ``database-url``, else Florist's settings."""
-    return str(config.get(DATABASE_URL_KEY) or "") or get_settings().resolved_database_url()
+def run_database_url(config: Mapping[str, Any]) -> str:
+    """The database a run records into: its ``database-url`` (sent without a password, which
+    this process adds from its own settings, see ``with_own_password``), else Florist's
+    settings (FLORIST_DATABASE_URL, else the default SQLite file)."""
+    own = get_settings().resolved_database_url()
+    named = str(config.get(DATABASE_URL_KEY) or "")
+    return with_own_password(named, own) if named else own
 
 
 def strategy_spec(strategy: Strategy) -> tuple[StrategyRef, ClientsConfig | None]:
@@ -256,7 +265,7 @@ class _Recording:
         """Find or create the run's external experiment and open a Florist run under it."""
         run = grid.run
         config = run_config(run)
-        url = database_url(config)
+        url = run_database_url(config)
         # The API may never have run on this database: the ServerApp may be the first writer.
         upgrade_database(url)
         engine = make_engine(url)

@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from florist.server.control import ControlClient, RunState, SuperLinkUnavailable, app_fab_id
+from florist.server.db.engine import without_password
 from florist.server.db.models import Experiment, utcnow
 from florist.server.db.repository import (
     add_event,
@@ -195,7 +196,8 @@ class RunFollower:
             run_id = self.control.start_run(
                 {
                     "experiment-id": experiment_id,
-                    "database-url": self._database_url,
+                    # No password: the ServerApp adds its own (with_own_password).
+                    "database-url": without_password(self._database_url),
                     SUBMISSION_KEY: token,
                 }
             )

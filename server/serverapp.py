@@ -213,8 +213,9 @@ def run_experiment(
 def main(grid: Grid, context: Context) -> None:
     """Entry point the SuperLink runs: the run config names the experiment to load."""
     from florist.client.flower_tuning import tune_object_pulls
-    from florist.server.db.engine import make_engine, make_session_factory
+    from florist.server.db.engine import make_engine, make_session_factory, masked
     from florist.server.db.repository import get_experiment
+    from florist.server.external import run_database_url
     from florist.server.logs import configure_logging, log_context
     from florist.server.recording import SqlRunRecorder
     from florist.server.settings import get_settings
@@ -224,14 +225,12 @@ def main(grid: Grid, context: Context) -> None:
     # Replies are pulled as objects: skip Flower's 1 s initial back-off (version-checked).
     tune_object_pulls()
     experiment_id = int(context.run_config["experiment-id"])
-    url = str(context.run_config.get("database-url") or "") or (
-        get_settings().resolved_database_url()
-    )
+    url = run_database_url(context.run_config)
     sessions = make_session_factory(make_engine(url))
     with sessions() as session:
         experiment = get_experiment(session, experiment_id=experiment_id)
         if experiment is None:
-            raise ValueError(f"experiment {experiment_id} is not in the database at {url}")
+            raise ValueError(f"experiment {experiment_id} is not in the database at {masked(url)}")
         spec = ExperimentSpec.model_validate(experiment.spec)
     with log_context(experiment_id=experiment_id, flwr_run_id=context.run_id):
         run_experiment(

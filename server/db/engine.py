@@ -27,6 +27,33 @@ def normalize_url(url: str | URL) -> URL:
     return parsed
 
 
+def _no_password(url: URL) -> URL:
+    # URL.set(password=None) keeps the password (None there means "unchanged").
+    return URL.create(
+        url.drivername, url.username, None, url.host, url.port, url.database, url.query
+    )
+
+
+def without_password(url: str | URL) -> str:
+    """The URL with no password in it: what may travel to the SuperLink as run config."""
+    return _no_password(make_url(url)).render_as_string(hide_password=False)
+
+
+def masked(url: str | URL) -> str:
+    """The URL as it may be printed or stored in an error: its password as ``***``."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def with_own_password(run_url: str, own_url: str) -> str:
+    """The database a run names (``run_url``, passwordless), with the password this process
+    knows from its own settings (``own_url``) when both name the same database as the same
+    user; otherwise ``run_url`` as it is (a database that needs no password, e.g. a file)."""
+    run, own = normalize_url(run_url), normalize_url(own_url)
+    if run.password is None and run == _no_password(own):
+        return own.render_as_string(hide_password=False)
+    return run_url
+
+
 def _finite_or_none(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import timedelta
 from typing import Any
@@ -540,3 +541,21 @@ def test_a_slow_start_that_lost_its_claim_stops_its_own_run(
     # Assert: A records nothing and stops its run; the experiment keeps B's.
     assert fake.stopped == [late_run]
     assert _run_id(session_factory, exp_id) == tracked
+
+
+def test_the_run_config_carries_no_database_password(
+    session_factory: sessionmaker[Session], fake: FakeControl
+) -> None:
+    # Prepare: the API's database needs a password.
+    url = "postgresql://florist:s3cret-pw@db.internal:5432/florist"
+    exp_id = new_experiment(session_factory)
+    f = RunFollower(session_factory, lambda: fake, database_url=url)  # type: ignore[arg-type, return-value]
+
+    # Execute
+    f.tick()
+
+    # Assert: the run names the database, user and all, but not the password.
+    (config,) = fake.started
+    assert config["experiment-id"] == exp_id
+    assert config["database-url"] == "postgresql://florist@db.internal:5432/florist"
+    assert "s3cret-pw" not in json.dumps(config)
