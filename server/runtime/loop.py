@@ -796,8 +796,8 @@ class EventLoop:
             self.kept_checkpoints = [r for r in self.kept_checkpoints if r not in dropped]
             self.kept_checkpoints.append(version)
         self.version, self.weights = version, weights
-        # The history holds no model bytes: a long run of a large model would pile them up.
-        self.history.append(replace(record, checkpoint=None))
+        # The history holds no model or state bytes: a long run would pile them up.
+        self.history.append(replace(record, checkpoint=None, resume=None))
         self.pending = []
         self.round_started = record.finished_at
 

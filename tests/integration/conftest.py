@@ -144,6 +144,15 @@ def api(
     flower_stack: FlowerStack, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Api]:
     """The real API (uvicorn, its run follower) on a free port, on the test's database."""
+    with serve_api(flower_stack, database_url, tmp_path, monkeypatch) as served:
+        yield served
+
+
+@contextmanager
+def serve_api(
+    flower_stack: FlowerStack, database_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Api]:
+    """The real API (uvicorn, its run follower) on a free port, on ``database_url``."""
     # The API validates strategy names too: the third-party plugin is "installed" here as well.
     monkeypatch.syspath_prepend(str(THIRD_PARTY))
     default_registry.cache_clear()

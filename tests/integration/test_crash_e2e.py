@@ -61,20 +61,24 @@ def _wait(client: httpx.Client, experiment_id: int, until: Any, timeout: float =
         time.sleep(0.3)
 
 
+def _body(name: str, rounds: int, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "strategy": {"name": "fedavg", "config": {}},
+        "workload": {"name": "digits", "config": {"partitioner": {"name": "iid"}}},
+        "training": {"local_steps": 20},
+        "rounds": rounds,
+        "clients": {"min": 3},
+    } | extra
+
+
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_the_api_killed_mid_run_loses_nothing(
     flower_stack: FlowerStack, migrated_url: str, tmp_path: Path
 ) -> None:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    body = {
-        "name": "api-killed",
-        "strategy": {"name": "fedavg", "config": {}},
-        "workload": {"name": "digits", "config": {"partitioner": {"name": "iid"}}},
-        "training": {"local_steps": 20},
-        "rounds": 6,
-        "clients": {"min": 3},
-    }
+    body = _body("api-killed", 6)
     first = _api(flower_stack, migrated_url, tmp_path, port, 1)
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
@@ -142,14 +146,7 @@ def test_the_serverapp_killed_mid_run_resumes_from_its_last_round(
     # Prepare: an experiment running on the API (auto-resume on, its default).
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    body = {
-        "name": "serverapp-killed",
-        "strategy": {"name": "fedavg", "config": {}},
-        "workload": {"name": "digits", "config": {"partitioner": {"name": "iid"}}},
-        "training": {"local_steps": 20},
-        "rounds": 6,
-        "clients": {"min": 3},
-    }
+    body = _body("serverapp-killed", 6)
     api = _api(flower_stack, migrated_url, tmp_path, port, 3)
     try:
         with httpx.Client(base_url=base, timeout=30) as client:
@@ -181,17 +178,6 @@ def test_the_serverapp_killed_mid_run_resumes_from_its_last_round(
     resumed = next(e for e in log.json()["data"] if e["kind"] == "resumed")
     assert resumed["data"]["model_version"] >= running["current_round"]
     assert model.status_code == 200 and model.headers["x-florist-round"] == "6"
-
-
-def _body(name: str, rounds: int, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "strategy": {"name": "fedavg", "config": {}},
-        "workload": {"name": "digits", "config": {"partitioner": {"name": "iid"}}},
-        "training": {"local_steps": 20},
-        "rounds": rounds,
-        "clients": {"min": 3},
-    } | extra
 
 
 def _managed(stack: FlowerStack, name: str) -> Managed:

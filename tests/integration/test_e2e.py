@@ -14,13 +14,14 @@ import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
 from safetensors.numpy import load as st_load
+from sqlalchemy.engine import make_url
 
 from florist.client.task import WorkloadRef
 from florist.client.training import evaluate
 from florist.server.control import ControlClient
 from florist.server.spec import resolve_workload
 
-from .conftest import NUM_NODES, Api, FlowerStack, start_stack
+from .conftest import NUM_NODES, Api, FlowerStack, serve_api, start_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -197,3 +198,53 @@ def test_cli_submit_follows_the_run_to_the_end(api: Api, tmp_path: Path) -> None
     listing = api.client.get("/api/v1/experiments").json()["data"]
     (exp,) = [e for e in listing if e["name"] == "e2e-cli"]
     assert exp["status"] == "completed" and exp["current_round"] == 2
+
+
+SECRET = "florist-e2e-s3cret"
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+def test_the_database_password_appears_in_no_log_response_or_run_config(
+    flower_stack: FlowerStack,
+    migrated_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the API's database URL carries a password (PostgreSQL here trusts loopback, so
+    # any password connects: the test is about where it travels, not about authentication).
+    url = make_url(migrated_url).set(password=SECRET).render_as_string(hide_password=False)
+    assert SECRET in url
+    with serve_api(flower_stack, url, tmp_path, monkeypatch) as api:
+        exp = api.submit(FEDAVG | {"name": "e2e-secret", "rounds": 2})
+        done = api.wait_finished(exp["id"])
+        eid = exp["id"]
+        texts = [
+            api.client.get(path, params={"limit": 500}).text
+            for path in (
+                "/api/v1/experiments",
+                f"/api/v1/experiments/{eid}",
+                f"/api/v1/experiments/{eid}/rounds",
+                f"/api/v1/experiments/{eid}/updates",
+                f"/api/v1/experiments/{eid}/log",
+                "/api/v1/nodes",
+                "/api/v1/healthz",
+                "/metrics",
+            )
+        ]
+        texts.append(api.client.get(f"/api/v1/experiments/{eid}/events").text)
+
+    # Assert: the run completed (the ServerApp reached the database), and the password is in no
+    # response, in no log file of the stack, and not in the Flower run's config.
+    assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
+    control = ControlClient(flower_stack.control)
+    try:
+        (run,) = [r for r in control.list_runs() if r.run_id == int(done["flwr_run_id"])]
+        run_log = control.run_log(run.run_id)
+    finally:
+        control.close()
+    assert SECRET not in json.dumps(run.override_config)
+    assert "database-url" in run.override_config  # the run still names its database
+    for text in [*texts, str(run_log)]:
+        assert SECRET not in text
+    for log_file in flower_stack.home.rglob("*.log"):
+        assert SECRET not in log_file.read_text(errors="replace"), log_file
