@@ -1012,6 +1012,28 @@ def test_every_request_stays_on_the_app(session: PageSession) -> None:
 
 @pytest.mark.browser
 @browser_test
+def test_clients_table_shows_how_the_scheduler_treated_each_node(session: PageSession) -> None:
+    # Prepare: node 0 ran 5, 12 and 9 local steps (as FedCompass assigns or AFA draws them);
+    # node 1's aggregated updates were each 1 version stale, its rejected one 0.
+    updates = session.server.api.updates[2]
+    node0 = [u for u in updates if u["node_id"] == NODE_IDS[0]]
+    node0[0]["local_steps"], node0[2]["local_steps"] = 5, 9
+
+    # Execute
+    session.goto("/experiments/2")
+
+    # Assert: the range of steps and the mean staleness of what was aggregated.
+    first = session.page.locator(f'#clients-table tr[data-node="{NODE_IDS[0]}"]')
+    second = session.page.locator(f'#clients-table tr[data-node="{NODE_IDS[1]}"]')
+    expect(first.get_by_test_id("client-steps")).to_have_text("5–12")
+    expect(first.get_by_test_id("client-staleness")).to_have_text("0")
+    expect(second.get_by_test_id("client-steps")).to_have_text("12")
+    expect(second.get_by_test_id("client-staleness")).to_have_text("1")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
 def test_experiment_page_shows_timeline_clients_and_strategy_panels(session: PageSession) -> None:
     # Execute
     session.goto("/experiments/2")

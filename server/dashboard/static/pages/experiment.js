@@ -539,17 +539,23 @@ export function mountExperimentPage(id) {
       h(
         "tr",
         {},
-        ...["Node", "Updates", "Accepted", "Mean train time", "Now", "Last seen", "Last update", "Device profile"].map((label, i) =>
-          h("th", { scope: "col", class: i >= 1 && i <= 3 ? "num" : null }, label),
+        ...["Node", "Updates", "Accepted", "Local steps", "Mean staleness", "Mean train time", "Now", "Last seen", "Last update", "Device profile"].map((label, i) =>
+          h("th", { scope: "col", class: i >= 1 && i <= 5 ? "num" : null }, label),
         ),
       ),
     );
     const body = h("tbody");
     if (byNode.size === 0) {
-      body.append(h("tr", {}, h("td", { colspan: 8, class: "empty" }, "No client has been sent work yet.")));
+      body.append(h("tr", {}, h("td", { colspan: 10, class: "empty" }, "No client has been sent work yet.")));
     }
     for (const [nodeId, list] of [...byNode.entries()].sort((a, b) => (BigInt(a[0]) < BigInt(b[0]) ? -1 : 1))) {
       const accepted = list.filter((u) => u.status === "accepted");
+      // How the scheduler treated the node: the local steps its aggregated updates ran (assigned
+      // by FedCompass, drawn by AFA, fixed otherwise) and how stale they were on arrival.
+      const steps = accepted.map((u) => u.local_steps).filter((k) => typeof k === "number");
+      const stepsText = steps.length === 0 ? dash : Math.min(...steps) === Math.max(...steps) ? String(steps[0]) : `${Math.min(...steps)}–${Math.max(...steps)}`;
+      const stale = accepted.map((u) => u.staleness).filter((k) => typeof k === "number");
+      const staleText = stale.length === 0 ? dash : formatMetric(stale.reduce((a, b) => a + b, 0) / stale.length);
       const times = list.map((u) => u.train_time_s).filter((t) => typeof t === "number");
       const mean = times.length ? times.reduce((a, b) => a + b, 0) / times.length : null;
       const last = list.length ? list.reduce((a, b) => (taskSpan(b).end >= taskSpan(a).end ? b : a)) : null;
@@ -565,6 +571,8 @@ export function mountExperimentPage(id) {
           h("td", { class: "mono" }, nodeId, attackBadge(config)),
           h("td", { class: "num" }, String(list.length)),
           h("td", { class: "num" }, String(accepted.length)),
+          h("td", { class: "num", "data-testid": "client-steps" }, stepsText),
+          h("td", { class: "num", "data-testid": "client-staleness" }, staleText),
           h("td", { class: "num" }, mean === null ? dash : `${mean.toFixed(2)} s`),
           h(
             "td",
