@@ -85,6 +85,7 @@ from flwr.supercore.inflatable.inflatable_protobuf_utils import (
 )
 from flwr.supercore.inflatable.inflatable_utils import (
     ObjectPullError,
+    ObjectPushError,
     ObjectUnavailableError,
     pull_and_inflate_object_from_tree,
 )
@@ -156,6 +157,17 @@ def poll_interval(env: Mapping[str, str]) -> float:
                 raise ValueError(f"{name} must be in [0.01, 60] seconds, got {raw!r}")
             return value
     return DEFAULT_POLL_S
+
+
+def _push_reply(client: RuntimeHttpClient, reply: Message, context: Context) -> None:
+    """Push the reply; once more in a new push session if the SuperNode dropped the first
+    (Flower's ObjectPushError: "the push session may have expired or been replaced", seen on
+    2 busy cores) rather than lose a finished task to the round's timeout."""
+    try:
+        push_message(client, reply, context)
+    except ObjectPushError as exc:
+        log.warning("reply push failed (%s); pushing it again", exc)
+        push_message(client, reply, context)
 
 
 def error_reason(exc: BaseException) -> tuple[int, str]:
@@ -462,7 +474,13 @@ class Executor:
                 heartbeat.stop()
         try:
             if reply is not None and context is not None:
-                push_message(client, reply, context)
+                _push_reply(client, reply, context)
+        except Exception:
+            # The task's end is still reported below: a SuperNode that never hears of it waits
+            # for it and runs no other message.
+            log.exception("could not push the task's reply")
+            status, details = SubStatus.FAILED, "the reply could not be pushed"
+        try:
             push_task_output(client=client, context=context, sub_status=status, details=details)
         except Exception:
             log.exception("could not push the task's output")

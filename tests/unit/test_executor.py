@@ -19,6 +19,7 @@ from flwr.proto.message_pb2 import ObjectTree
 from flwr.supercore.fab import Fab
 from flwr.supercore.inflatable.inflatable_utils import (
     ObjectPullError,
+    ObjectPushError,
     ObjectUnavailableError,
     pull_and_inflate_object_from_tree,
 )
@@ -259,3 +260,28 @@ def test_supernode_processes_pair_a_tuned_node_with_its_executor(tmp_path: Path)
     assert "127.0.0.1:9100" in executor.argv and executor.restart
     with pytest.raises(ValueError):
         supernode_command(superlink="x:1", clientappio="x:2", node_config={}, isolation="thread")
+
+
+def test_a_reply_push_the_supernode_dropped_is_pushed_once_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: the SuperNode drops the first push session (Flower's ObjectPushError), then
+    # takes the reply; a second drop in a row is not hidden.
+    pushed: list[object] = []
+    failures = {"left": 1}
+
+    def push(client: object, reply: object, context: object) -> None:
+        pushed.append(reply)
+        if failures["left"] > 0:
+            failures["left"] -= 1
+            raise ObjectPushError("2cf7dedd", 7, "session-1")
+
+    monkeypatch.setattr(ex, "push_message", push)
+    reply, context = object(), object()
+
+    # Execute / Assert
+    ex._push_reply(None, reply, context)  # type: ignore[arg-type]
+    assert pushed == [reply, reply]
+    failures["left"] = 2
+    with pytest.raises(ObjectPushError):
+        ex._push_reply(None, reply, context)  # type: ignore[arg-type]
