@@ -269,6 +269,11 @@ def record_submission(
     return cast(CursorResult[Any], result).rowcount == 1
 
 
+def current_flwr_run_id(session: Session, *, experiment_id: int) -> int | None:
+    """The Flower run the experiment is on now (None: none, e.g. waiting to be resubmitted)."""
+    return session.scalar(select(Experiment.flwr_run_id).where(Experiment.id == experiment_id))
+
+
 def requeue_lost_run(session: Session, *, experiment_id: int, flwr_run_id: int) -> bool:
     """The experiment's Flower run ``flwr_run_id`` was lost while it ran: the experiment is
     pending again (run id and claim cleared, ``resumes`` counted), to be submitted anew and

@@ -16,7 +16,6 @@ from florist.server.db.engine import make_engine, make_session_factory
 from florist.server.db.models import (
     Checkpoint,
     ClientUpdate,
-    Experiment,
     ResumePointRow,
     Round,
     Run,
@@ -25,6 +24,7 @@ from florist.server.db.models import (
 from florist.server.db.repository import (
     ExperimentNotFoundError,
     add_event,
+    current_flwr_run_id,
     finish_experiment,
     start_experiment,
     touch_nodes,
@@ -473,4 +473,4 @@ def _store_resume_point(session: Session, run: Run, server_round: int, data: byt
 
 
 def _current_flwr_run(session: Session, run: Run) -> int | None:
-    return session.scalar(select(Experiment.flwr_run_id).where(Experiment.id == run.experiment_id))
+    return current_flwr_run_id(session, experiment_id=run.experiment_id)
