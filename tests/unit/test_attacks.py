@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import numpy as np
@@ -130,7 +129,6 @@ def _arrays(msg: Message) -> np.ndarray:
 
 
 def test_the_clientapp_sends_the_flipped_update_of_the_honest_run() -> None:
-    logging.disable(logging.WARNING)
     clean = _replies([{} for _ in range(5)])
     attacked = _replies([{"attack": "sign-flip"}, *({} for _ in range(4))])
     sent = _arrays(attacked[1000][0])
@@ -143,7 +141,6 @@ def test_the_clientapp_sends_the_flipped_update_of_the_honest_run() -> None:
 
 
 def test_ipm_and_alie_through_the_clientapp() -> None:
-    logging.disable(logging.WARNING)
     clean = _replies([{} for _ in range(5)])
     ipm = _replies([{"attack": "ipm", "attack-strength": 0.5}, *({} for _ in range(4))])
     sent = _arrays(ipm[1000][0])
@@ -157,7 +154,6 @@ def test_ipm_and_alie_through_the_clientapp() -> None:
 
 
 def test_robust_median_resists_scaled_attackers_where_fedavg_does_not() -> None:
-    logging.disable(logging.WARNING)
     configs = [{"attack": "sign-flip", "attack-strength": 20.0}] * 2 + [{}] * 3
     _, fedavg = run_local(_spec("fedavg", {}, 6), 5, node_configs=configs)
     _, median = run_local(_spec("robust-median", {"num_byzantine": 2}, 6), 5, node_configs=configs)

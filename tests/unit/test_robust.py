@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import random
 
 import numpy as np
@@ -255,7 +254,6 @@ def test_a_round_with_too_few_updates_for_f_is_skipped_not_crashed() -> None:
 
 
 def test_buffered_robust_plugin_runs_on_the_async_loop_with_an_attacker() -> None:
-    logging.disable(logging.WARNING)
     config = {"num_byzantine": 1, "scheduler": "buffered", "buffer_size": 5}
     spec = ExperimentSpec.model_validate(
         {
