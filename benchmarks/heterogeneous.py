@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
         "grid": {"lr": lrs, "momentum": MOMENTA},
         "seeds": seeds,
         "tail": args.tail,
+        "tail_of": "points of the virtual-time grid (the end of the budget)",
         "selection": tuning.SELECTION.format(tail=args.tail).replace("rounds", "time-grid points"),
         "scenarios": scenarios,
         "runs_seconds": round(tuning.runs_seconds(raw), 1),
