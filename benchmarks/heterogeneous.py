@@ -25,7 +25,9 @@ default is expressed in steps or seconds that must match this setup: every metho
 Q = 20 local steps (FedCompass assigns Q in [Q_min, Q_max] = [4, 20], the paper's 20:100 ratio;
 AFA's workers draw K_i in [5, 20], its default); FedFix's Δt is 0.5 × the slowest node's time for
 Q steps (the middle of the paper's 0.2–0.8 grid); FedBuff's buffer is 5 (Fraboni et al.'s grid
-is {5, 10}, for 20–50 clients).
+is {5, 10}, for 20–50 clients). Asynchronous FedAvg runs with both of the paper's weightings at
+η_g = 1 and, as ``async-fedavg-slow``, with η_g = 1/N (not a paper setting: added because both
+weightings diverge at η_g = 1 here). Only the exponential fleet was run for the committed figures.
 
 On a loaded machine, run workers that share the per-run cache, then the assembling run::
 
@@ -92,6 +94,7 @@ METHODS = [
     "fedfix",
     "async-fedavg",
     "async-fedavg-d1",
+    "async-fedavg-slow",
     "fedcompass",
     "afa-cd",
     "afa-cs",
@@ -115,6 +118,9 @@ def strategy(method: str, slowest_round_s: float) -> dict[str, Any]:
         return {"name": "fedcompass", "config": {"q_min": STEPS // 5, "q_max": STEPS}}
     if method == "async-fedavg-d1":  # the paper's other weighting, d_i = 1
         return {"name": "async-fedavg", "config": {"weighting": "none"}}
+    if method == "async-fedavg-slow":
+        # Not a paper setting: η_g = 1/N, added after both weightings diverged at η_g = 1.
+        return {"name": "async-fedavg", "config": {"server_lr": round(1 / NODES, 6)}}
     if method in ("afa-cd", "afa-cs"):
         return {"name": method, "config": {"min_local_steps": 5, "max_local_steps": STEPS}}
     return {"name": method, "config": {}}
