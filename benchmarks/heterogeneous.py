@@ -223,6 +223,20 @@ def summarise(
     return summary
 
 
+def run_record(run: tuning.Run, grid_s: Sequence[float]) -> dict[str, Any]:
+    """What the results file keeps of one run: its curves on the time grid (4 decimals), its
+    time to the validation target, its number of aggregations and its wall seconds."""
+    sampled = on_time_grid(run, grid_s)
+    return {
+        **{k: [round(v, 4) for v in curve] for k, curve in sampled.items()},
+        "time_to_target_s": time_to_target(
+            run["virtual_time_s"], run["val_accuracy"], TARGET, run["initial"]["val_accuracy"]
+        ),
+        "aggregations": len(run["accuracy"]),
+        "seconds": run["seconds"],
+    }
+
+
 def plot(result: dict[str, Any], path: Path) -> None:
     """Per scenario: test accuracy against virtual time at each method's chosen setting."""
     import matplotlib
@@ -279,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     scenarios: dict[str, Any] = {}
     raw: dict[str, Any] = {}
+    curves: dict[str, Any] = {}
     for scenario in args.scenarios:
         fleet = speeds(scenario)
         slowest_round_s = STEPS * max(fleet)
@@ -297,6 +312,12 @@ def main(argv: list[str] | None = None) -> None:
         )
         raw[scenario] = runs
         if not args.shard:
+            curves[scenario] = {
+                m: {
+                    name: [run_record(r, grid_s) for r in per_seed] for name, per_seed in by.items()
+                }
+                for m, by in runs.items()
+            }
             scenarios[scenario] = {
                 "seconds_per_step": fleet,
                 "budget_s": budget_s,
@@ -327,6 +348,8 @@ def main(argv: list[str] | None = None) -> None:
         "tail_of": "points of the virtual-time grid (the end of the budget)",
         "selection": tuning.SELECTION.format(tail=args.tail).replace("rounds", "time-grid points"),
         "scenarios": scenarios,
+        # Every run, per scenario, method, setting and seed: its curves on the time grid.
+        "runs": curves,
         "runs_seconds": round(tuning.runs_seconds(raw), 1),
         "total_seconds": round(time.perf_counter() - started, 1),
     }
