@@ -58,7 +58,8 @@ def render(results: list[dict[str, Any]]) -> str:
         lines.append(
             f"- **{r['benchmark']}**: grid lr {{{_nums(r['grid']['lr'])}}} × client momentum "
             f"{{{_nums(r['grid']['momentum'])}}} for every method; seeds {r['seeds']}; figures "
-            f"are means of the last {r['tail']} rounds; `{r['command']}`" + _minutes(r)
+            f"are means of the last {r['tail']} {r.get('tail_of', 'rounds')}; `{r['command']}`"
+            + _minutes(r)
         )
     lines += [
         "",

@@ -64,23 +64,44 @@ def quiet() -> None:
 
 
 def run_once(
-    spec: ExperimentSpec, nodes: int, extra_keys: Sequence[str] = (), cache: Path | None = None
+    spec: ExperimentSpec,
+    nodes: int,
+    extra_keys: Sequence[str] = (),
+    cache: Path | None = None,
+    node_configs: list[dict[str, Any]] | None = None,
 ) -> Run:
-    """One run's curves; with ``cache``, a run already done with the same spec, nodes and keys is
-    read back instead (so an interrupted or sharded benchmark resumes)."""
-    key = json.dumps([spec.model_dump(mode="json"), nodes, list(extra_keys)], sort_keys=True)
+    """One run's curves; with ``cache``, a run already done with the same spec, nodes, keys and
+    node configs is read back instead (so an interrupted or sharded benchmark resumes).
+
+    ``node_configs[i]`` is node i's node-config (a device profile). On the virtual clock a run
+    also carries each round's ``virtual_time_s`` and the metrics of the initial model
+    (``initial``), which time-based curves start from.
+    """
+    parts: list[Any] = [spec.model_dump(mode="json"), nodes, list(extra_keys)]
+    if node_configs is not None:  # absent otherwise, so that earlier cached runs still match
+        parts.append(node_configs)
+    key = json.dumps(parts, sort_keys=True)
     path = None
     if cache is not None:
         path = cache / f"{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
         if path.exists():
             return dict(json.loads(path.read_text()))
     started = time.perf_counter()
-    _, recorder = run_local(spec, nodes)
+    if node_configs is None:
+        result, recorder = run_local(spec, nodes)
+    else:
+        result, recorder = run_local(spec, nodes, node_configs=node_configs)
     rounds = recorder.rounds(1)
     out: Run = {
         "accuracy": [r.metrics[ACCURACY] for r in rounds],
         "val_accuracy": [r.metrics[VAL_ACCURACY] for r in rounds],
     }
+    if spec.clock == "virtual":
+        out["virtual_time_s"] = [r.virtual_time_s for r in rounds]
+        out["initial"] = {
+            "accuracy": result.initial_metrics[ACCURACY],
+            "val_accuracy": result.initial_metrics[VAL_ACCURACY],
+        }
     for extra in extra_keys:
         out[extra] = [r.metrics[extra] for r in rounds]
     out["seconds"] = round(time.perf_counter() - started, 2)
@@ -100,6 +121,7 @@ def run_grid(
     prefix: str = "",
     cache: Path | None = None,
     shard: tuple[int, int] | None = None,
+    node_configs: list[dict[str, Any]] | None = None,
 ) -> dict[str, dict[str, list[Run]]]:
     """runs[method][setting label] = one run per seed, in ``seeds`` order.
 
@@ -114,9 +136,12 @@ def run_grid(
             # Runs, not pairs, are shared out, so that cached runs do not unbalance the workers.
             for k, seed in enumerate(seeds):
                 if (index * len(seeds) + k) % shard[1] == shard[0]:
-                    run_once(factory(setting, seed), nodes, extra_keys, cache)
+                    run_once(factory(setting, seed), nodes, extra_keys, cache, node_configs)
             continue
-        per_seed = [run_once(factory(setting, seed), nodes, extra_keys, cache) for seed in seeds]
+        per_seed = [
+            run_once(factory(setting, seed), nodes, extra_keys, cache, node_configs)
+            for seed in seeds
+        ]
         runs[method][label(setting)] = per_seed
         val = np.mean([tail_mean(r["val_accuracy"], tail) for r in per_seed])
         secs = sum(r["seconds"] for r in per_seed)
