@@ -367,15 +367,7 @@ class EventLoop:
                 # Nothing more runs: the task is recorded as unanswered when the run ends.
                 self.inflight[f"resumed-{saved.seq}"] = task
                 continue
-            message = Message(
-                content=RecordDict(
-                    {ARRAYS_KEY: records[saved.version], "config": ConfigRecord(dict(saved.config))}
-                ),
-                dst_node_id=saved.node_id,
-                message_type=MessageType.TRAIN,
-                ttl=self.spec.round_timeout_s,
-            )
-            msg_id = next(iter(self.grid.push_messages([message])), None)
+            msg_id = self._push_train(task, records[saved.version])
             if msg_id is None:
                 self._refused_push(task)
             else:
@@ -500,12 +492,6 @@ class EventLoop:
         if local_steps is not None:
             config.update(flatten({"training": {"local_steps": local_steps}}))
         arrays = self._record(self.weights)
-        message = Message(
-            content=RecordDict({ARRAYS_KEY: arrays, "config": ConfigRecord(config)}),
-            dst_node_id=node_id,
-            message_type=MessageType.TRAIN,
-            ttl=self.spec.round_timeout_s,
-        )
         task = Task(
             node_id=node_id,
             version=self.version,
@@ -517,9 +503,7 @@ class EventLoop:
             seq=sum(self.dispatched.values()),
             config=config,
         )
-        # Flower's push gives None for a message it refused, or no ids when the whole push
-        # was too large for the SuperLink.
-        msg_id = next(iter(self.grid.push_messages([message])), None)
+        msg_id = self._push_train(task, arrays)
         self.dispatched[node_id] += 1
         if msg_id is not None:
             self.refusals_in_a_row = 0
@@ -538,6 +522,17 @@ class EventLoop:
         )
         if msg_id is None:
             self._refused_push(task)
+
+    def _push_train(self, task: Task, arrays: ArrayRecord) -> str | None:
+        """Push ``task``'s message (its config, ``arrays``) to its node: the message id, or
+        None when Flower refused it (or the whole push was too large for the SuperLink)."""
+        message = Message(
+            content=RecordDict({ARRAYS_KEY: arrays, "config": ConfigRecord(dict(task.config))}),
+            dst_node_id=task.node_id,
+            message_type=MessageType.TRAIN,
+            ttl=self.spec.round_timeout_s,
+        )
+        return next(iter(self.grid.push_messages([message])), None)
 
     def _refused_push(self, task: Task) -> None:
         """A task the SuperLink would not take ends at once, as a lost one; the strategy hears of
