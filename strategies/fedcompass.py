@@ -211,6 +211,11 @@ class CompassScheduler:
         return min(finite) if finite else None
 
 
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an unknown time is null."""
+    return value if math.isfinite(value) else None
+
+
 class FedCompass(EventStrategy):
     """FedCompass's server half: :class:`CompassScheduler` timing, :func:`compass_update` maths."""
 
@@ -228,6 +233,9 @@ class FedCompass(EventStrategy):
 
     def _dispatch(self, nodes: Sequence[int], weights: Weights | None = None) -> Decision:
         assignments = self.scheduler.assign_all(nodes, self.now)
+        # The groups' times as they stand after these assignments, for the dashboard's view
+        # of the arrival groups (null: not known until the group's first speed is measured).
+        groups = sorted({a.gid for a in assignments})
         note = Note(
             f"{len(assignments)} nodes sent work",
             {
@@ -235,6 +243,14 @@ class FedCompass(EventStrategy):
                 "assignments": [
                     {"node_id": a.node_id, "group": a.gid, "local_steps": a.steps}
                     for a in assignments
+                ],
+                "groups": [
+                    {
+                        "group": gid,
+                        "expected_at": _finite(self.scheduler.groups[gid].expected_at),
+                        "latest_at": _finite(self.scheduler.groups[gid].latest_at),
+                    }
+                    for gid in groups
                 ],
             },
             kind="fedcompass-assign",

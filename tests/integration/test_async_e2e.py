@@ -141,7 +141,14 @@ def test_fedcompass_gives_slower_nodes_fewer_steps_on_the_wall_clock(
     assert done["status"] == "completed", f"{done}\n{api.stack.logs()}"
     updates = updates_of(api, exp["id"])
     assert_no_update_lost(api, exp["id"], updates)
-    assigned = [a for e in events_of(api, exp["id"], "fedcompass-assign") for a in e["assignments"]]
+    assign_events = events_of(api, exp["id"], "fedcompass-assign")
+    assigned = [a for e in assign_events for a in e["assignments"]]
+    # The dashboard's arrival groups: the first group's times are unknown (no speed yet); a
+    # later group is expected back before its latest time.
+    groups = [g for e in assign_events for g in e["groups"]]
+    assert groups[0] == {"group": 0, "expected_at": None, "latest_at": None}, groups
+    timed = [g for g in groups if g["expected_at"] is not None]
+    assert timed and all(g["expected_at"] < g["latest_at"] for g in timed), groups
     first = {a["node_id"]: a["local_steps"] for a in assigned[: len(SPEEDS)]}
     assert set(first.values()) == {20}, assigned
     later = [a for a in assigned[len(SPEEDS) :]]

@@ -1034,6 +1034,77 @@ def test_clients_table_shows_how_the_scheduler_treated_each_node(session: PageSe
 
 @pytest.mark.browser
 @browser_test
+def test_fedcompass_arrival_groups_are_shown_from_its_events(session: PageSession) -> None:
+    # Prepare: FedCompass's log for experiment 2. All three start in group 0 (no speed known);
+    # it aggregates at 40 s with nodes 101 and 202 back; the third is still out. 101 and 202
+    # are sent work again: 101 opens group 1 (16 steps, expected at 56, latest at 64), 202
+    # joins it with 7 steps; the third comes back late at 50 and founds group 2 (still open).
+    api = session.server.api
+    a, b, c = NODE_IDS
+    unmeasured = {"group": 0, "expected_at": None, "latest_at": None}
+    api.add_event(
+        2,
+        "fedcompass-assign",
+        "2025-01-10T10:00:00Z",
+        {
+            "time_s": 0.0,
+            "assignments": [{"node_id": n, "group": 0, "local_steps": 16} for n in (a, b, c)],
+            "groups": [unmeasured],
+        },
+    )
+    api.add_event(
+        2,
+        "fedcompass-aggregate",
+        "2025-01-10T10:00:40Z",
+        {"time_s": 40.0, "groups": [0], "nodes": [a, b], "staleness": [0, 0], "late": []},
+    )
+    api.add_event(
+        2,
+        "fedcompass-assign",
+        "2025-01-10T10:00:40Z",
+        {
+            "time_s": 40.0,
+            "assignments": [
+                {"node_id": a, "group": 1, "local_steps": 16},
+                {"node_id": b, "group": 1, "local_steps": 7},
+            ],
+            "groups": [{"group": 1, "expected_at": 56.0, "latest_at": 64.0}],
+        },
+    )
+    api.add_event(
+        2,
+        "fedcompass-assign",
+        "2025-01-10T10:00:50Z",
+        {
+            "time_s": 50.0,
+            "assignments": [{"node_id": c, "group": 2, "local_steps": 16}],
+            "groups": [{"group": 2, "expected_at": 98.0, "latest_at": 122.0}],
+        },
+    )
+
+    # Execute
+    session.goto("/experiments/2")
+
+    # Assert: newest group first; each with its times, members and steps; the first group's
+    # expected time was not known; the member that missed group 0 is marked.
+    rows = session.page.get_by_test_id("group-row")
+    expect(rows).to_have_count(3)
+    expect(rows.nth(0)).to_have_attribute("data-group", "2")
+    expect(rows.nth(0)).to_have_attribute("data-state", "open")
+    expect(rows.nth(1).get_by_test_id("group-expected")).to_have_text("56.0 s")
+    expect(rows.nth(1).get_by_test_id("group-latest")).to_have_text("1:04")
+    expect(rows.nth(1).get_by_test_id("group-member")).to_have_text([f"{a} × 16", f"{b} × 7"])
+    first = rows.nth(2)
+    expect(first.get_by_test_id("group-expected")).to_have_text("when all are back")
+    expect(first.get_by_test_id("group-aggregated")).to_have_text("40.0 s")
+    expect(first.locator("td").nth(6)).to_have_text("2")
+    expect(first.locator(".chip-missed")).to_have_text(f"{c} × 16")
+    session.screenshot("experiment-arrival-groups")
+    assert session.errors == []
+
+
+@pytest.mark.browser
+@browser_test
 def test_experiment_page_shows_timeline_clients_and_strategy_panels(session: PageSession) -> None:
     # Execute
     session.goto("/experiments/2")

@@ -137,6 +137,17 @@ def test_a_late_member_waits_in_the_buffer_for_the_next_aggregation() -> None:
     assert late.weights is None and late.dispatch == (2,)
     assert late.local_steps == {2: 29}
     assert server.scheduler.group_of[2] == server.scheduler.group_of[1]
+    # The notes the dashboard draws the groups from: group 0 (expected at 100, latest 150), then
+    # group 1, opened at 150 by node 1 (100 steps at 1 s/step: latest 150 + 1.5·100·1 = 300).
+    assert [n.data["groups"] for n in start.notes] == [
+        [{"group": 0, "expected_at": 100.0, "latest_at": 150.0}]
+    ]
+    assert [n.data["assignments"] for n in late.notes] == [
+        [{"node_id": 2, "group": 1, "local_steps": 29}]
+    ]
+    assert [n.data["groups"] for n in late.notes] == [
+        [{"group": 1, "expected_at": 250.0, "latest_at": 300.0}]
+    ]
 
     # Execute: both are back at 250: node 1 with Δ = [1], node 2 with Δ = [2], both on version 1.
     first = server.on_arrival(back(1, [2.0], [1.0], 1, 100, 100.0, 250.0), tick.weights)

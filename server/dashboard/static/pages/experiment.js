@@ -28,13 +28,15 @@ import {
 } from "../dom.js";
 import { connection, formatSeen, isTraining, latest, latestDispatches } from "../nodestate.js";
 import { attackBadge } from "./nodes.js";
+import { GROUP_KINDS, groupsPanel } from "./groups.js";
 import { renderTimeline, taskSpan } from "../timeline.js";
 
 // While the experiment runs, how often the clients' connections (GET /nodes) and the runtime's
 // decisions (GET …/log) are asked for.
 const NODES_POLL_MS = 10000;
-// The log's kinds this page reads: work sent (for "training") and the policies' decisions.
-const LOG_KINDS = ["dispatch", "policy"];
+// The log's kinds this page reads: work sent (for "training"), the policies' decisions and
+// FedCompass's arrival groups.
+const LOG_KINDS = ["dispatch", "policy", ...GROUP_KINDS];
 const COLORS = { accuracy: "#2563eb", valAccuracy: "#16a34a", loss: "#dc2626", valLoss: "#9333ea", trainLoss: "#d97706" };
 // Round metrics the server records (test split, and validation split where the dataset has one);
 // anything else a strategy recorded gets its own chart.
@@ -291,6 +293,7 @@ export function mountExperimentPage(id) {
       h("div", { id: "client-timeline", "data-testid": "client-timeline", class: "timeline-box" }),
       h("h3", {}, "Clients"),
       clientsTable(),
+      groupsPanel(state.log),
       decisionsPanel(),
       h("h3", {}, "Rounds"),
       roundsTable(rounds),
