@@ -293,6 +293,7 @@ def run_side(side: str, nodes: int, rounds: int, app: Path, work: Path) -> dict[
             StartRunRequest(fab=fab_to_proto(fab), override_config=user_config_to_proto(config)),
         )
         run_id = int(res.run_id)
+        run_started = time.perf_counter()
         deadline = time.monotonic() + 120 + 30 * rounds
         while True:
             state = client.run_state(run_id)
@@ -301,7 +302,8 @@ def run_side(side: str, nodes: int, rounds: int, app: Path, work: Path) -> dict[
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{side} N={nodes}: run {run_id} did not finish")
             sup.check()
-            time.sleep(0.5)
+            time.sleep(0.05)
+        run_s = time.perf_counter() - run_started
         client.close()
         if state.sub_status != "completed" or not timings.exists():
             raise RuntimeError(f"{side} N={nodes}: run ended {state}; logs in {home}")
@@ -319,6 +321,7 @@ def run_side(side: str, nodes: int, rounds: int, app: Path, work: Path) -> dict[
         "median_handler_s": statistics.median(r["handler_max"] for r in per_round),
         "all_replies_ok": all(r["replies"] == nodes and r["errors"] == 0 for r in per_round),
         "total_s": time.perf_counter() - started,
+        "run_s": run_s,  # StartRun to the SuperLink saying the run finished
     }
 
 
