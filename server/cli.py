@@ -25,6 +25,7 @@ from florist.server.logs import configure_logging
 from florist.server.processes import (
     Managed,
     Supervisor,
+    executor_pool,
     flower_env,
     superlink_command,
     supernode_command,
@@ -515,8 +516,10 @@ def _add_supernode(
     port: int,
     logs: Path,
     warm: bool,
+    executor: bool = True,
 ) -> None:
-    """A SuperNode; with ``warm``, tuned polls and a warm executor beside it (both supervised)."""
+    """A SuperNode; with ``warm``, tuned polls and a warm executor beside it (both supervised;
+    ``executor=False`` leaves the executor to a shared pool)."""
     env = flower_env(settings.home)
     clientappio = f"127.0.0.1:{port}"
     if warm:
@@ -528,6 +531,7 @@ def _add_supernode(
             env=env,
             log_dir=logs,
             insecure=settings.insecure,
+            executor=executor,
         ):
             sup.add(managed)
         return
@@ -570,6 +574,13 @@ def up(
     warm: Annotated[
         bool, typer.Option(help="Warm ClientApp executors (else Flower's process per message)")
     ] = True,
+    shared_executors: Annotated[
+        bool,
+        typer.Option(
+            help="One process imports torch once and forks the SuperNodes' warm executors, "
+            "which share its memory (else one independent executor process per SuperNode)"
+        ),
+    ] = True,
     fleet: Annotated[
         Path | None,
         typer.Option(
@@ -597,11 +608,25 @@ def up(
     sup = Supervisor(log_to_stdout=settings.log_to_stdout)
     try:
         _start_server(sup, settings, logs)
+        pooled = warm and shared_executors
+        ports = []
         for i, profile in enumerate(profiles):
             node_config = {"partition-id": i, "num-partitions": clients, **profile}
             # Each SuperNode needs its own ClientApp-side API port.
             port = settings.supernode_port + i
-            _add_supernode(sup, f"supernode-{i}", settings, node_config, port, logs, warm)
+            ports.append(port)
+            _add_supernode(
+                sup, f"supernode-{i}", settings, node_config, port, logs, warm, not pooled
+            )
+        if pooled:
+            sup.add(
+                executor_pool(
+                    [f"127.0.0.1:{port}" for port in ports],
+                    env=flower_env(settings.home),
+                    log_dir=logs,
+                    insecure=settings.insecure,
+                )
+            )
     except Exception:
         sup.stop_all()
         raise

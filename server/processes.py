@@ -103,9 +103,13 @@ def supernode_command(
     return cmd
 
 
-def executor_command(*, clientappio: str, insecure: bool = True) -> list[str]:
-    """Florist's warm ClientApp executor for the SuperNode whose ClientApp-side API is given."""
-    cmd = [sys.executable, "-m", "florist.client.executor", "--clientappio", clientappio]
+def executor_command(*, clientappio: str | Sequence[str], insecure: bool = True) -> list[str]:
+    """Florist's warm ClientApp executor for the SuperNode whose ClientApp-side API is given;
+    several addresses: one pool process forking an executor for each (client/executor.py)."""
+    addresses = [clientappio] if isinstance(clientappio, str) else list(clientappio)
+    cmd = [sys.executable, "-m", "florist.client.executor"]
+    for address in addresses:
+        cmd += ["--clientappio", address]
     if insecure:
         cmd.append("--insecure")
     return cmd
@@ -121,8 +125,10 @@ def supernode_processes(
     log_dir: Path,
     insecure: bool = True,
     restart: bool = True,
+    executor: bool = True,
 ) -> list[Managed]:
-    """A SuperNode with short polls and its warm executor, to ``Supervisor.add`` in this order.
+    """A SuperNode with short polls and its warm executor, to ``Supervisor.add`` in this order
+    (``executor=False``: the SuperNode alone, for a shared pool from ``executor_pool``).
 
     The executor is always restartable: a dead one leaves its SuperNode with no one to run
     ClientApps (its claimed task fails after the token expires, the next ones wait).
@@ -135,8 +141,11 @@ def supernode_processes(
         isolation="process",
         tuned=True,
     )
+    supernode = Managed(name, node, env, log_dir / f"{name}.log", restart=restart)
+    if not executor:
+        return [supernode]
     return [
-        Managed(name, node, env, log_dir / f"{name}.log", restart=restart),
+        supernode,
         Managed(
             f"{name}-executor",
             executor_command(clientappio=clientappio, insecure=insecure),
@@ -145,6 +154,20 @@ def supernode_processes(
             restart=True,
         ),
     ]
+
+
+def executor_pool(
+    clientappios: Sequence[str], *, env: Mapping[str, str], log_dir: Path, insecure: bool = True
+) -> Managed:
+    """One process serving the ClientApps of several SuperNodes on this machine: it imports
+    torch and the app once and forks an executor per SuperNode, which then share those pages."""
+    return Managed(
+        "executors",
+        executor_command(clientappio=clientappios, insecure=insecure),
+        env,
+        log_dir / "executors.log",
+        restart=True,
+    )
 
 
 def wait_for_port(address: str, timeout: float = 30.0) -> None:
