@@ -6,15 +6,16 @@ Run from the repository root (about 15 minutes on 2 CPU cores):
     .venv/bin/python benchmarks/client_memory.py [--nodes 10 50] [--modes per-node shared]
     .venv/bin/python -m benchmarks.client_memory --quick     # smoke: 2 nodes, shared only
 
-For each mode and N it starts `florist up --clients N --no-demo` (API, SuperLink, N SuperNodes
-with warm executors, SQLite) in a fresh home on free ports, waits for the N nodes, submits a
-2-round FedAvg experiment on digits that every node takes part in, and samples memory every
-0.5 s until it completes. Memory is the proportional set size (PSS, /proc/PID/smaps_rollup) of
-every process in `florist up`'s tree: pages shared between processes (the libraries, and the
-pool's copy-on-write imports) are split between them, so the sum is what the machine really
-holds; RSS would count each shared page once per process. Reported: the peak total, the peak
-per role (SuperNodes, executors, server side), per node, and what 50 nodes would need at that
-per-node figure. Writes benchmarks/results/client_memory.json and client_memory.png.
+For each mode and N it starts `florist up --fleet F --no-demo` (API, SuperLink, N SuperNodes
+with warm executors, all of the `fast` profile, SQLite) in a fresh home on free ports, waits for
+the N nodes, submits a 2-round FedAvg experiment on digits that every node takes part in, and
+samples memory every 0.5 s until it completes. Memory is the proportional set size (PSS,
+/proc/PID/smaps_rollup) of every process in `florist up`'s tree: pages shared between processes
+(the libraries, and the pool's copy-on-write imports) are split between them, so the sum is what
+the machine really holds; RSS would count each shared page once per process. Reported: the peak
+total, the peak per role (SuperNodes, executors, server side), per node, and what 50 nodes would
+need at that per-node figure.
+Writes benchmarks/results/client_memory.json and client_memory.png.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ def body(nodes: int) -> dict[str, Any]:
         "training": {"local_epochs": 1, "batch_size": 32},
         "rounds": 2,
         "clients": {"min": nodes},
-        "round_timeout_s": 600,
+        "round_timeout_s": 300,
     }
 
 
@@ -117,7 +118,10 @@ def measure(mode: str, nodes: int, work: Path) -> dict[str, Any]:
         },
     )
     flag = "--shared-executors" if mode == "shared" else "--no-shared-executors"
-    cmd = [sys.executable, "-m", "florist.server.cli", "up", "--clients", str(nodes), "--no-demo"]
+    # Every node `fast`: the measure is memory, and a slow profile only makes the run longer.
+    fleet = home / "fleet.toml"
+    fleet.write_text('[[node]]\nprofile = "fast"\n\n' * nodes)
+    cmd = [sys.executable, "-m", "florist.server.cli", "up", "--fleet", str(fleet), "--no-demo"]
     log = (home / "up.log").open("w")
     proc = subprocess.Popen([*cmd, flag], env=env, stdout=log, stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://{api}", timeout=30)
