@@ -31,9 +31,52 @@ def test_capped_sleep_shortens_flowers_waits() -> None:
     assert capped.monotonic() > 0  # the rest of ``time`` is the real one
 
 
+def test_an_idle_node_polls_less_often_and_fast_again_once_it_works() -> None:
+    # Prepare: a node idle-polling at 0.2 s, slowing to 1 s from 10 s to 30 s of idleness.
+    now = [100.0]
+    slept: list[float] = []
+    capped = ft.CappedSleep(
+        idle=0.2,
+        other=0.02,
+        idle_max=1.0,
+        grace=10,
+        ramp=20,
+        sleep=slept.append,
+        clock=lambda: now[0],
+    )
+
+    def idle_poll_at(t: float) -> float:
+        now[0] = t
+        capped.sleep(3)
+        return slept[-1]
+
+    # Assert: fast within the grace period, halfway up the ramp at 20 s, capped after 30 s.
+    assert idle_poll_at(105.0) == 0.2
+    assert idle_poll_at(110.0) == 0.2
+    assert idle_poll_at(120.0) == pytest.approx(0.6)
+    assert idle_poll_at(200.0) == 1.0
+
+    # Execute: a reply wait (the node ran a task), then idle again.
+    capped.sleep(0.5)
+
+    # Assert: fast again until the next grace period has passed.
+    assert slept[-1] == 0.02
+    assert idle_poll_at(205.0) == 0.2
+    assert idle_poll_at(215.0) == pytest.approx(0.4)
+
+    # Execute: a poll that brings a message.
+    capped.active()
+
+    # Assert
+    assert idle_poll_at(215.0) == 0.2
+
+
 def test_tuning_reads_and_checks_the_environment() -> None:
     tuning = ft.Tuning.from_env({ft.IDLE_POLL_ENV: "0.5"})
     assert tuning.idle_poll == 0.5 and tuning.reply_poll == ft.Tuning().reply_poll
+    assert tuning.idle_poll_max == ft.Tuning().idle_poll_max
+    # The slow idle poll is never faster than the fast one.
+    assert ft.Tuning.from_env({ft.IDLE_POLL_ENV: "2", ft.IDLE_POLL_MAX_ENV: "1"}).idle_poll_max == 2
     with pytest.raises(ValueError):
         ft.Tuning.from_env({ft.PULL_BACKOFF_ENV: "-1"})
 
