@@ -7,7 +7,7 @@ Run from the repository root (about 15 minutes on 2 CPU cores):
     .venv/bin/python -m benchmarks.client_memory --quick     # smoke: 2 nodes, shared only
 
 For each mode and N it starts `florist up --fleet F --no-demo` (API, SuperLink, N SuperNodes
-with warm executors, all of the `fast` profile, SQLite) in a fresh home on free ports, waits for
+with warm executors, neutral device profile, SQLite) in a fresh home on free ports, waits for
 the N nodes, submits a 2-round FedAvg experiment on digits that every node takes part in, and
 samples memory every 0.5 s until it completes. Memory is the proportional set size (PSS,
 /proc/PID/smaps_rollup) of every process in `florist up`'s tree: pages shared between processes
@@ -118,9 +118,9 @@ def measure(mode: str, nodes: int, work: Path) -> dict[str, Any]:
         },
     )
     flag = "--shared-executors" if mode == "shared" else "--no-shared-executors"
-    # Every node `fast`: the measure is memory, and a slow profile only makes the run longer.
+    # Neutral nodes: the measure is memory, and a slow profile only makes the run longer.
     fleet = home / "fleet.toml"
-    fleet.write_text('[[node]]\nprofile = "fast"\n\n' * nodes)
+    fleet.write_text('[[node]]\nprofile = "neutral"\n\n' * nodes)
     cmd = [sys.executable, "-m", "florist.server.cli", "up", "--fleet", str(fleet), "--no-demo"]
     log = (home / "up.log").open("w")
     proc = subprocess.Popen([*cmd, flag], env=env, stdout=log, stderr=subprocess.STDOUT)

@@ -16,7 +16,8 @@ repetitions, as:
   no processes, no gRPC, no database), i.e. the floor plus Florist's per-round work (central
   evaluation on the test split, reply checks, recording in memory);
 - **florist**: a Florist experiment submitted through the REST API of a `florist up` stack
-  (API, SuperLink, N warm SuperNodes over gRPC on loopback, SQLite), timed from the POST to the
+  (API, SuperLink, N warm SuperNodes of the neutral device profile over gRPC on loopback,
+  SQLite), timed from the POST to the
   API saying it completed; the stack is started once, before the first repetition;
 - **plain**: the plain Flower app of dispatch_overhead.py on stock `flower-supernode`s, timed
   from StartRun to the SuperLink saying the run finished (a fresh SuperLink and SuperNodes each
@@ -140,7 +141,7 @@ def run_florist_local(rounds: int, nodes: int) -> dict[str, Any]:
 
 
 class FloristStack:
-    """`florist up --no-demo` with N warm SuperNodes on free ports, in its own home folder."""
+    """`florist up --no-demo` with N warm, neutral SuperNodes on free ports, in its own home."""
 
     def __init__(self, home: Path, nodes: int) -> None:
         self.api = f"127.0.0.1:{free_port()}"
@@ -155,17 +156,12 @@ class FloristStack:
             },
         )
         home.mkdir(parents=True, exist_ok=True)
+        # Neutral device profiles: the nodes take the machine's time, as plain Flower's do.
+        fleet = home / "fleet.toml"
+        fleet.write_text('[[node]]\nprofile = "neutral"\n\n' * nodes)
         self.log = (home / "up.log").open("w")
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "florist.server.cli",
-                "up",
-                "--clients",
-                str(nodes),
-                "--no-demo",
-            ],
+            [sys.executable, "-m", "florist.server.cli", "up", "--fleet", str(fleet), "--no-demo"],
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
