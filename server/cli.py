@@ -40,6 +40,9 @@ app.add_typer(db_app, name="db")
 console = Console()
 errors = Console(stderr=True)
 
+# How long `florist up`/`florist server` wait for the SuperLink and the API to listen.
+STARTUP_TIMEOUT_S = 120.0
+
 DEMO_EXPERIMENT: dict[str, Any] = {
     "name": "demo-digits-fedavg",
     "strategy": {"name": "fedavg", "config": {}},
@@ -493,8 +496,9 @@ def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:
             logs / "superlink.log",
         )
     )
-    wait_for_port(settings.superlink_control)
-    wait_for_port(settings.superlink_fleet)
+    # Generous: on a loaded 2-core machine the SuperLink has been seen to take over 30 s.
+    wait_for_port(settings.superlink_control, timeout=STARTUP_TIMEOUT_S)
+    wait_for_port(settings.superlink_fleet, timeout=STARTUP_TIMEOUT_S)
     api_env = {
         **env,
         "FLORIST_API_HOST": settings.api_host,
@@ -505,7 +509,7 @@ def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:
             "api", [sys.executable, "-m", "florist.server.cli", "api"], api_env, logs / "api.log"
         )
     )
-    wait_for_port(f"{settings.api_host}:{settings.api_port}")
+    wait_for_port(f"{settings.api_host}:{settings.api_port}", timeout=STARTUP_TIMEOUT_S)
 
 
 def _add_supernode(
