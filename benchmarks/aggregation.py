@@ -1,0 +1,279 @@
+"""Aggregation speed and memory: Florist's running sums against a plain copy and Flower's own.
+
+100 clients × 1 M float32 parameters (400 MB of updates) by default. Each repetition runs, one
+after the other on the same replies: a plain numpy copy of every update's bytes (the floor),
+Florist's FedAvg round (SyncRounds over Flower's FedAvg, each reply decoded and folded into the
+running sum as it arrives), RunningSum.add alone on the decoded arrays, Flower's
+``FedAvg.aggregate_train`` on all the replies, and the two medians (Florist's robust-median,
+Flower's FedMedian), which need every update at once. Throughput is update bytes per second, and
+each method's ratio to the copy of the same repetition is what to quote. Peak memory is measured
+in a separate pass under tracemalloc (it slows what it traces), the replies made one at a time as
+they would arrive, above a baseline that makes and drops them unaggregated; it is given in
+models (P × 4 bytes). Run:
+
+    nice -n 19 .venv/bin/python benchmarks/aggregation.py            # ~3 min
+    .venv/bin/python benchmarks/aggregation.py --quick               # smoke: tiny, results/quick/
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvg, FedMedian
+from flwr.supercore.task_identity import TaskIdentity
+
+from florist.strategies.base import ServerSetup
+from florist.strategies.events import Arrival, EventStrategy, Weights
+from florist.strategies.flower_adapter import as_scheduler, to_record
+from florist.strategies.robust import MedianConfig, MedianRule, RobustRounds
+from florist.strategies.rounds import SyncRounds
+from florist.strategies.streaming import RunningSum
+from florist.strategies.validation import ARRAYS_KEY, METRICS_KEY, WEIGHT_KEY
+
+RESULTS = Path(__file__).parent / "results"
+KEY = "w"
+
+
+def reply(node: int, update: np.ndarray, n: int) -> Message:
+    """A training reply as a SuperNode sends it: its model and its example count."""
+    content = RecordDict(
+        {
+            ARRAYS_KEY: to_record({KEY: update}),
+            METRICS_KEY: MetricRecord({WEIGHT_KEY: n, "train-loss": 0.5}),
+        }
+    )
+    request = Message(content=RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    return Message(content, reply_to=request)
+
+
+def decoded(message: Message) -> Weights:
+    # As the loop's reply check decodes it (strategies/validation.py check_arrays).
+    return {k: v.numpy() for k, v in message.content.array_records[ARRAYS_KEY].items()}
+
+
+def arrival(node: int, message: Message, start: Weights) -> Arrival:
+    n = message.content.metric_records[METRICS_KEY][WEIGHT_KEY]
+    assert isinstance(n, int)
+    return Arrival(node, decoded(message), start, 0, 0, n, 1, {"train-loss": 0.5}, 1.0)
+
+
+def sync_rounds(kind: str, clients: int) -> EventStrategy:
+    random.seed(0)
+    if kind == "fedavg":
+        return as_scheduler(FedAvg(min_train_nodes=clients, min_available_nodes=clients))
+    rule = MedianRule(MedianConfig())
+    return SyncRounds(RobustRounds(rule, ServerSetup(num_rounds=1, min_clients=clients)))
+
+
+# --- the methods: each takes the replies (an iterator: made as they arrive) ---------------------
+
+
+def florist_round(kind: str) -> Callable[[Iterator[Message], Weights, int], Any]:
+    def run(replies: Iterator[Message], start: Weights, clients: int) -> Any:
+        server = sync_rounds(kind, clients)
+        server.begin(list(range(1, clients + 1)), start)
+        decision = None
+        for node, message in enumerate(replies, start=1):
+            decision = server.on_arrival(arrival(node, message, start), start)
+        assert decision is not None and decision.weights is not None
+        return decision.weights
+
+    return run
+
+
+def florist_fold(replies: Iterator[Message], start: Weights, clients: int) -> Any:
+    running = RunningSum()
+    for message in replies:
+        running.add(decoded(message), 1.0)
+    return running.mean()
+
+
+def flower(kind: str) -> Callable[[Iterator[Message], Weights, int], Any]:
+    def run(replies: Iterator[Message], start: Weights, clients: int) -> Any:
+        strategy = FedAvg() if kind == "fedavg" else FedMedian()
+        arrays, _ = strategy.aggregate_train(1, list(replies))  # Flower needs them all
+        assert arrays is not None
+        return arrays
+
+    return run
+
+
+def copy(replies: Iterator[Message], start: Weights, clients: int) -> Any:
+    out = np.empty_like(start[KEY])
+    for message in replies:
+        np.copyto(out, decoded(message)[KEY])
+    return out
+
+
+METHODS: dict[str, Callable[[Iterator[Message], Weights, int], Any]] = {
+    "copy": copy,
+    "florist-fedavg": florist_round("fedavg"),
+    "florist-fold": florist_fold,
+    "flower-fedavg": flower("fedavg"),
+    "florist-median": florist_round("median"),
+    "flower-fedmedian": flower("median"),
+}
+NEEDS_ALL = {"florist-median": True, "flower-fedmedian": True, "flower-fedavg": True}
+
+
+def make_replies(clients: int, params: int, seed: int = 0) -> Iterator[Message]:
+    rng = np.random.default_rng(seed)
+    for node in range(1, clients + 1):
+        yield reply(node, rng.standard_normal(params, dtype=np.float32), 10 + node)
+
+
+def peak_models(
+    method: Callable[[Iterator[Message], Weights, int], Any], clients: int, params: int
+) -> float:
+    """Peak traced bytes while the method takes replies made one at a time, in models."""
+    start = {KEY: np.zeros(params, np.float32)}
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        result = method(make_replies(clients, params), start, clients)
+        del result
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    return peak / (params * 4)
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpus": os.cpu_count(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=100)
+    parser.add_argument("--params", type=int, default=1_000_000)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, to results/quick/")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.clients, args.params, args.reps = 5, 1000, 1
+    out_dir = args.out or (RESULTS / "quick" if args.quick else RESULTS)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+    clients, params = args.clients, args.params
+    update_bytes = clients * params * 4
+    replies = list(make_replies(clients, params))
+    start = {KEY: np.zeros(params, np.float32)}
+    seconds: dict[str, list[float]] = {name: [] for name in METHODS}
+    check: dict[str, np.ndarray] = {}
+    for rep in range(args.reps):
+        # Alternated: every method once per repetition, in a rotated order, so that a burst of
+        # load from other work on the machine hits them alike.
+        names = list(METHODS)
+        names = names[rep % len(names) :] + names[: rep % len(names)]
+        for name in names:
+            gc.collect()
+            began = time.perf_counter()
+            result = METHODS[name](iter(replies), start, clients)
+            seconds[name].append(time.perf_counter() - began)
+            if name != "copy":
+                check[name] = (
+                    result[KEY] if isinstance(result, dict) else result[KEY].numpy()
+                ).copy()
+            del result
+        print(f"rep {rep + 1}: " + ", ".join(f"{n} {seconds[n][-1]:.3f}s" for n in names))
+    del replies
+    gc.collect()
+
+    figures: dict[str, Any] = {}
+    for name, times in seconds.items():
+        ratios = [c / t for c, t in zip(seconds["copy"], times, strict=True)]
+        figures[name] = {
+            "seconds": [round(t, 4) for t in times],
+            "gb_per_s_median": round(update_bytes / statistics.median(times) / 1e9, 3),
+            "ratio_to_copy": [round(r, 3) for r in ratios],
+            "ratio_to_copy_median": round(statistics.median(ratios), 3),
+            "needs_all_updates": NEEDS_ALL.get(name, False),
+        }
+    for name, method in METHODS.items():
+        figures[name]["peak_models_above_baseline"] = round(
+            peak_models(method, clients, params) - peak_models(_baseline, clients, params), 2
+        )
+        print(name, figures[name])
+    # The two means agree (float32 sums in different orders); the two medians are the same rule.
+    mean_gap = float(np.max(np.abs(check["florist-fedavg"] - check["flower-fedavg"])))
+    median_gap = float(np.max(np.abs(check["florist-median"] - check["flower-fedmedian"])))
+    result = {
+        "benchmark": "aggregation",
+        "command": "nice -n 19 .venv/bin/python benchmarks/aggregation.py"
+        + (" --quick" if args.quick else ""),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "clients": clients,
+        "params": params,
+        "update_bytes": update_bytes,
+        "repetitions": args.reps,
+        "accumulator": "the model's dtype (float32), chunks of 65,536 elements",
+        "methods": figures,
+        "max_abs_difference": {"fedavg": mean_gap, "median": median_gap},
+    }
+    (out_dir / "aggregation.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out_dir / "aggregation.png")
+    print(f"wrote {out_dir / 'aggregation.json'}")
+    return 0
+
+
+def _baseline(replies: Iterator[Message], start: Weights, clients: int) -> None:
+    for message in replies:
+        decoded(message)  # arrives, is decoded, is dropped
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = result["methods"]
+    names = list(methods)
+    colours = ["#888888" if n == "copy" else "#c0504d" if methods[n]["needs_all_updates"] else
+               "#4f81bd" for n in names]  # fmt: skip
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    left.bar(names, [methods[n]["ratio_to_copy_median"] for n in names], color=colours)
+    left.axhline(0.5, color="black", linestyle="--", linewidth=1, label="goal 0.5")
+    left.set_ylabel("bytes/s ÷ numpy copy (same run, median)")
+    left.set_yscale("log")
+    left.legend()
+    right.bar(names, [methods[n]["peak_models_above_baseline"] for n in names], color=colours)
+    right.set_ylabel("peak memory above baseline (models)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", rotation=35)
+    fig.suptitle(
+        f"{result['clients']} clients × {result['params']:,} float32 parameters; "
+        "red: needs all updates"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
