@@ -96,13 +96,6 @@ def florist_round(kind: str) -> Callable[[Iterator[Message], Weights, int], Any]
     return run
 
 
-def florist_fold(replies: Iterator[Message], start: Weights, clients: int) -> Any:
-    running = RunningSum()
-    for message in replies:
-        running.add(decoded(message), 1.0)
-    return running.mean()
-
-
 def flower(kind: str) -> Callable[[Iterator[Message], Weights, int], Any]:
     def run(replies: Iterator[Message], start: Weights, clients: int) -> Any:
         strategy = FedAvg() if kind == "fedavg" else FedMedian()
@@ -113,40 +106,67 @@ def flower(kind: str) -> Callable[[Iterator[Message], Weights, int], Any]:
     return run
 
 
-def copy(replies: Iterator[Message], start: Weights, clients: int) -> Any:
+def decode_copy(replies: Iterator[Message], start: Weights, clients: int) -> Any:
     out = np.empty_like(start[KEY])
     for message in replies:
         np.copyto(out, decoded(message)[KEY])
     return out
 
 
-METHODS: dict[str, Callable[[Iterator[Message], Weights, int], Any]] = {
-    "copy": copy,
-    "florist-fedavg": florist_round("fedavg"),
-    "florist-fold": florist_fold,
-    "flower-fedavg": flower("fedavg"),
-    "florist-median": florist_round("median"),
-    "flower-fedmedian": flower("median"),
+# --- on arrays already decoded: the maths alone against memory bandwidth ----------------------
+
+
+def copy(arrays: Iterator[Weights], start: Weights, clients: int) -> Any:
+    out = np.empty_like(start[KEY])
+    for weights in arrays:
+        np.copyto(out, weights[KEY])
+    return out
+
+
+def florist_fold(arrays: Iterator[Weights], start: Weights, clients: int) -> Any:
+    running = RunningSum()
+    for node, weights in enumerate(arrays, start=1):
+        running.add(weights, 10 + node)
+    return running.mean()
+
+
+Method = Callable[[Iterator[Any], Weights, int], Any]
+# name -> (what it takes, the method): decoded arrays, or replies as they come off the wire.
+METHODS: dict[str, tuple[str, Method]] = {
+    "copy": ("arrays", copy),
+    "florist-fold": ("arrays", florist_fold),
+    "decode+copy": ("replies", decode_copy),
+    "florist-fedavg": ("replies", florist_round("fedavg")),
+    "flower-fedavg": ("replies", flower("fedavg")),
+    "florist-median": ("replies", florist_round("median")),
+    "flower-fedmedian": ("replies", flower("median")),
 }
 NEEDS_ALL = {"florist-median": True, "flower-fedmedian": True, "flower-fedavg": True}
 
 
-def make_replies(clients: int, params: int, seed: int = 0) -> Iterator[Message]:
+def make_arrays(clients: int, params: int, seed: int = 0) -> Iterator[Weights]:
     rng = np.random.default_rng(seed)
-    for node in range(1, clients + 1):
-        yield reply(node, rng.standard_normal(params, dtype=np.float32), 10 + node)
+    for _ in range(clients):
+        yield {KEY: rng.standard_normal(params, dtype=np.float32)}
 
 
-def peak_models(
-    method: Callable[[Iterator[Message], Weights, int], Any], clients: int, params: int
-) -> float:
+def make_replies(clients: int, params: int, seed: int = 0) -> Iterator[Message]:
+    for node, weights in enumerate(make_arrays(clients, params, seed), start=1):
+        yield reply(node, weights[KEY], 10 + node)
+
+
+def make(source: str, clients: int, params: int) -> Iterator[Any]:
+    return (make_arrays if source == "arrays" else make_replies)(clients, params)
+
+
+def peak_models(source: str, method: Method, clients: int, params: int) -> float:
     """Peak traced bytes while the method takes replies made one at a time, in models."""
     start = {KEY: np.zeros(params, np.float32)}
     gc.collect()
     tracemalloc.start()
     try:
         base = tracemalloc.get_traced_memory()[0]
-        result = method(make_replies(clients, params), start, clients)
+        result = method(make(source, clients, params), start, clients)
         del result
         peak = tracemalloc.get_traced_memory()[1] - base
     finally:
@@ -199,16 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             # Made afresh for each method (not timed): Flower's FedMedian empties the replies
             # it aggregates.
-            replies = list(make_replies(clients, params))
+            source, method = METHODS[name]
+            inputs = list(make(source, clients, params))
             gc.collect()
             began = time.perf_counter()
-            result = METHODS[name](iter(replies), start, clients)
+            result = method(iter(inputs), start, clients)
             seconds[name].append(time.perf_counter() - began)
-            if name != "copy":
+            if name not in ("copy", "decode+copy"):
                 check[name] = (
                     result[KEY] if isinstance(result, dict) else result[KEY].numpy()
                 ).copy()
-            del result, replies
+            del result, inputs
         print(f"rep {rep + 1}: " + ", ".join(f"{n} {seconds[n][-1]:.3f}s" for n in names))
     gc.collect()
 
@@ -216,18 +237,21 @@ def main(argv: list[str] | None = None) -> int:
     for name, times in seconds.items():
         # Each against the copy of its own repetition.
         ratios = [c / t for c, t in zip(seconds["copy"], times, strict=False)]
+        decode = [c / t for c, t in zip(seconds["decode+copy"], times, strict=False)]
         figures[name] = {
+            "input": METHODS[name][0],
             "seconds": [round(t, 4) for t in times],
             "gb_per_s_median": round(update_bytes / statistics.median(times) / 1e9, 3),
             "ratio_to_copy": [round(r, 3) for r in ratios],
             "ratio_to_copy_median": round(statistics.median(ratios), 3),
+            "ratio_to_decode_copy_median": round(statistics.median(decode), 3),
             "needs_all_updates": NEEDS_ALL.get(name, False),
         }
     small = args.memory_params
-    baseline = peak_models(_baseline, clients, small)
-    for name, method in METHODS.items():
+    baselines = {src: peak_models(src, _baseline, clients, small) for src in ("arrays", "replies")}
+    for name, (source, method) in METHODS.items():
         figures[name]["peak_models_above_baseline"] = round(
-            peak_models(method, clients, small) - baseline, 2
+            peak_models(source, method, clients, small) - baselines[source], 2
         )
         print(name, figures[name])
     # The two means agree (float32 sums in different orders); the two medians are the same rule.
@@ -255,9 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _baseline(replies: Iterator[Message], start: Weights, clients: int) -> None:
-    for message in replies:
-        decoded(message)  # arrives, is decoded, is dropped
+def _baseline(inputs: Iterator[Any], start: Weights, clients: int) -> None:
+    for item in inputs:
+        if isinstance(item, Message):
+            decoded(item)  # arrives, is decoded, is dropped
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -268,7 +293,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     methods = result["methods"]
     names = list(methods)
-    colours = ["#888888" if n == "copy" else "#c0504d" if methods[n]["needs_all_updates"] else
+    colours = ["#888888" if "copy" in n else "#c0504d" if methods[n]["needs_all_updates"] else
                "#4f81bd" for n in names]  # fmt: skip
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.bar(names, [methods[n]["ratio_to_copy_median"] for n in names], color=colours)
