@@ -130,11 +130,22 @@ def florist_fold(arrays: Iterator[Weights], start: Weights, clients: int) -> Any
     return running.mean()
 
 
+def florist_fold_float64(arrays: Iterator[Weights], start: Weights, clients: int) -> Any:
+    # The alternative not taken (strategies/streaming.py): the same fold into float64 sums.
+    running = RunningSum()
+    for node, weights in enumerate(arrays, start=1):
+        if not running:
+            running.sums = {KEY: np.zeros(weights[KEY].shape, np.float64)}
+        running.add(weights, 10 + node)
+    return running.mean({KEY: np.dtype(np.float32)})
+
+
 Method = Callable[[Iterator[Any], Weights, int], Any]
 # name -> (what it takes, the method): decoded arrays, or replies as they come off the wire.
 METHODS: dict[str, tuple[str, Method]] = {
     "copy": ("arrays", copy),
     "florist-fold": ("arrays", florist_fold),
+    "florist-fold-float64": ("arrays", florist_fold_float64),
     "decode+copy": ("replies", decode_copy),
     "florist-fedavg": ("replies", florist_round("fedavg")),
     "flower-fedavg": ("replies", flower("fedavg")),
@@ -160,7 +171,12 @@ def make(source: str, clients: int, params: int) -> Iterator[Any]:
 
 
 def peak_models(source: str, method: Method, clients: int, params: int) -> float:
-    """Peak traced bytes while the method takes replies made one at a time, in models."""
+    """Peak traced bytes while the method takes replies made one at a time, in models (the
+    lower of two runs: the first may include one-time allocations, e.g. lazy imports)."""
+    return min(_peak_models(source, method, clients, params) for _ in range(2))
+
+
+def _peak_models(source: str, method: Method, clients: int, params: int) -> float:
     start = {KEY: np.zeros(params, np.float32)}
     gc.collect()
     tracemalloc.start()
@@ -188,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=100)
     parser.add_argument("--params", type=int, default=1_000_000)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=5)
     parser.add_argument(
         "--robust-reps", type=int, default=1, help="repetitions of the medians (slow)"
     )
@@ -241,6 +257,11 @@ def main(argv: list[str] | None = None) -> int:
         figures[name] = {
             "input": METHODS[name][0],
             "seconds": [round(t, 4) for t in times],
+            # Best of the repetitions over best of the copies: the figure least moved by other
+            # work preempting a run (the machine is shared).
+            "ratio_to_copy_best": round(min(seconds["copy"]) / min(times), 3),
+            "ratio_to_decode_copy_best": round(min(seconds["decode+copy"]) / min(times), 3),
+            "gb_per_s_best": round(update_bytes / min(times) / 1e9, 3),
             "gb_per_s_median": round(update_bytes / statistics.median(times) / 1e9, 3),
             "ratio_to_copy": [round(r, 3) for r in ratios],
             "ratio_to_copy_median": round(statistics.median(ratios), 3),
@@ -296,9 +317,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
     colours = ["#888888" if "copy" in n else "#c0504d" if methods[n]["needs_all_updates"] else
                "#4f81bd" for n in names]  # fmt: skip
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    left.bar(names, [methods[n]["ratio_to_copy_median"] for n in names], color=colours)
+    left.bar(names, [methods[n]["ratio_to_copy_best"] for n in names], color=colours)
     left.axhline(0.5, color="black", linestyle="--", linewidth=1, label="goal 0.5")
-    left.set_ylabel("bytes/s ÷ numpy copy (same run, median)")
+    left.set_ylabel("bytes/s ÷ numpy copy (same run, best of reps)")
     left.set_yscale("log")
     left.legend()
     right.bar(names, [methods[n]["peak_models_above_baseline"] for n in names], color=colours)
