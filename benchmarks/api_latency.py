@@ -1,4 +1,4 @@
-"""The REST API on a long run: p50/p99 latency of its reads, from a second process, on each database.
+"""The REST API on a long run: p50/p99 of its reads from a second process, on SQLite and PostgreSQL.
 
 An experiment of 1,000 rounds × 100 client updates is written straight into a fresh database
 through the SQL recorder (as the ServerApp writes it, no training). The API then runs in its own
@@ -253,9 +253,7 @@ def measure(base: str, exp: int, rounds: int, clients: int, requests: int) -> di
                 times[name].append(1000 * (time.perf_counter() - began))
         sizes = {
             "rounds (default page)": len(client.get(f"/experiments/{exp}/rounds").json()["data"]),
-            "updates (default page)": len(
-                client.get(f"/experiments/{exp}/updates").json()["data"]
-            ),
+            "updates (default page)": len(client.get(f"/experiments/{exp}/updates").json()["data"]),
         }
     return {
         name: {
@@ -299,7 +297,9 @@ def main(argv: list[str] | None = None) -> int:
             with api(url) as base:
                 figures = measure(base, exp, args.rounds, args.clients, args.requests)
             for name, row in figures.items():
-                print(f"{backend:8} {name:32} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f}")
+                print(
+                    f"{backend:8} {name:32} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f}"
+                )
             backends[backend] = {"fill_seconds": round(fill_s, 1), "endpoints": figures}
     result = {
         "benchmark": "api_latency",

@@ -290,7 +290,7 @@ def test_fedadam_streamed_equals_fedadam_on_all_replies() -> None:
     rounds.begin([1, 2, 3], start)  # FedAdam keeps the arrays its configure_train was given
     whole, metrics = rounds.aggregator.aggregate(1, start, ups)
     assert whole is not None
-    # FedAdam's first step with a zero moment is about η·sign(mean − x): far from 0 where they differ.
+    # FedAdam steps about η·sign(mean − x) first: a wrong mean shows.
     np.testing.assert_allclose(streamed[0]["w"], whole["w"], rtol=1e-5, atol=1e-6)
     assert streamed[1] == pytest.approx(metrics)
 
