@@ -116,9 +116,7 @@ def fill(url: str, rounds: int, clients: int) -> int:
 def database(backend: str, home: Path) -> Iterator[str | None]:
     """A fresh, migrated database of ``backend`` (None: PostgreSQL is not reachable)."""
     if backend == "sqlite":
-        url = f"sqlite:///{home / 'florist.db'}"
-        upgrade_database(url)
-        yield url
+        yield f"sqlite:///{home / 'florist.db'}"
         return
     admin_url = normalize_url(POSTGRES_ADMIN_URL)
     admin = create_engine(
@@ -134,9 +132,7 @@ def database(backend: str, home: Path) -> Iterator[str | None]:
         yield None
         return
     try:
-        url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-        upgrade_database(url)
-        yield url
+        yield make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     finally:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -275,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backends", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to results/quick/")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--url", help="an existing database to use instead (filled first unless --experiment)"
+    )
+    parser.add_argument("--experiment", type=int, help="with --url: its filled experiment")
     parser.add_argument("--serve", nargs=2, metavar=("URL", "PORT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
@@ -286,21 +286,27 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
 
     backends: dict[str, Any] = {}
-    for backend in args.backends:
-        with tempfile.TemporaryDirectory() as home, database(backend, Path(home)) as url:
-            if url is None:
-                continue
+
+    def run(backend: str, url: str, exp: int | None) -> None:
+        fill_s = None
+        if exp is None:
+            upgrade_database(url)
             began = time.perf_counter()
             exp = fill(url, args.rounds, args.clients)
-            fill_s = time.perf_counter() - began
-            print(f"{backend}: filled in {fill_s:.0f} s")
-            with api(url) as base:
-                figures = measure(base, exp, args.rounds, args.clients, args.requests)
-            for name, row in figures.items():
-                print(
-                    f"{backend:8} {name:32} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f}"
-                )
-            backends[backend] = {"fill_seconds": round(fill_s, 1), "endpoints": figures}
+            fill_s = round(time.perf_counter() - began, 1)
+            print(f"{backend}: filled in {fill_s} s")
+        with api(url) as base:
+            figures = measure(base, exp, args.rounds, args.clients, args.requests)
+        for name, row in figures.items():
+            print(f"{backend:8} {name:32} p50 {row['p50_ms']:7.2f} ms  p99 {row['p99_ms']:7.2f}")
+        backends[backend] = {"fill_seconds": fill_s, "endpoints": figures}
+
+    if args.url:
+        run(make_url(args.url).get_backend_name(), args.url, args.experiment)
+    for backend in [] if args.url else args.backends:
+        with tempfile.TemporaryDirectory() as home, database(backend, Path(home)) as url:
+            if url is not None:
+                run(backend, url, None)
     result = {
         "benchmark": "api_latency",
         "command": "nice -n 19 .venv/bin/python -m benchmarks.api_latency"
@@ -319,9 +325,10 @@ def main(argv: list[str] | None = None) -> int:
         "goal_p99_ms": GOAL_MS,
         "backends": backends,
     }
-    (out_dir / "api_latency.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, out_dir / "api_latency.png")
-    print(f"wrote {out_dir / 'api_latency.json'}")
+    name = f"api_latency-{'-'.join(backends)}.json" if args.url else "api_latency.json"
+    (out_dir / name).write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, out_dir / name.replace(".json", ".png"))
+    print(f"wrote {out_dir / name}")
     return 0
 
 
