@@ -318,6 +318,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def memory_pass(figures: dict[str, Any], clients: int, params: int) -> None:
+    # What exists now (modules, caches) is never garbage: frozen, the collections between
+    # replies only scan what the pass itself makes.
+    gc.collect()
+    gc.freeze()
     baselines = {src: peak_models(src, _baseline, clients, params) for src in ("arrays", "replies")}
     for name, (source, method) in METHODS.items():
         figures[name]["peak_models_above_baseline"] = round(

@@ -163,7 +163,8 @@ def api(url: str) -> Iterator[str]:
     )
     base = f"http://127.0.0.1:{port}/api/v1"
     try:
-        deadline = time.monotonic() + 120
+        # Generous: importing the app and migrating a filled database on a loaded machine.
+        deadline = time.monotonic() + 900
         while True:
             try:
                 if httpx.get(f"{base}/experiments", timeout=2).status_code == 200:
@@ -171,7 +172,7 @@ def api(url: str) -> Iterator[str]:
             except httpx.HTTPError:
                 pass
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("the API did not start")
+                raise RuntimeError(f"the API did not start (exit code {proc.poll()})")
             time.sleep(0.2)
         yield base
     finally:
