@@ -24,7 +24,8 @@ def test_aggregation_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "aggregation.png").stat().st_size > 0
     assert set(result["methods"]) == set(aggregation.METHODS)
     for name, figures in result["methods"].items():
-        assert figures["ratio_to_copy_best"] > 0, name
+        # Ratios are rounded to 3 places: a tiny run's median can round to 0.
+        assert all(t > 0 for t in figures["seconds"]) and figures["ratio_to_copy_best"] >= 0, name
         assert "peak_models_above_baseline" in figures
     assert result["methods"]["florist-fedavg"]["needs_all_updates"] is False
     assert result["methods"]["flower-fedmedian"]["needs_all_updates"] is True
