@@ -166,6 +166,14 @@ class EventStrategy(ABC):
     timer: :meth:`on_tick` runs when it comes due, ordered with the arrivals on the clock.
     """
 
+    @property
+    def needs_all_updates(self) -> bool:
+        """True when aggregating holds every update's arrays until the aggregation (a median,
+        Krum, a buffer kept as a list); False when each update is folded into a running sum as
+        it arrives (strategies/streaming.py), so the server holds one model's worth of sums
+        whatever the number of clients. Default: True, the safe claim."""
+        return True
+
     def use_dropout_policy(self, policy: DropoutPolicy) -> None:
         """Adopt the experiment's dropout policy. Default: only the default policy applies."""
         if not policy.is_default:

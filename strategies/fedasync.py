@@ -94,6 +94,10 @@ class FedAsync(EventStrategy):
         self.retries = Retries(config.max_failures)
         self.client_weights = ArrivalWeights(config.client_weighting)
 
+    @property
+    def needs_all_updates(self) -> bool:
+        return False  # each update is mixed in as it arrives; none is kept
+
     def begin(self, nodes: Sequence[int], weights: Weights) -> Decision:
         return Decision(dispatch=tuple(nodes))
 

@@ -31,8 +31,8 @@ from .events import (
     RetryingConfig,
     Weights,
     apply_delta,
-    weighted_mean,
 )
+from .streaming import RunningSum
 
 
 class FedBuffConfig(RetryingConfig):
@@ -51,13 +51,21 @@ class FedBuffConfig(RetryingConfig):
 
 
 class FedBuff(EventStrategy):
-    """Server half: buffer w_i·s(τ_i)·Δ_i; every K arrivals apply x ← x + η_g·(1/K)·Σ."""
+    """Server half: sum w_i·s(τ_i)·Δ_i as they arrive; every K arrivals x ← x + η_g·(1/K)·Σ.
+
+    The buffer is a running sum (strategies/streaming.py), not a list of K deltas: one model's
+    memory whatever K, and part of the state a resume point saves.
+    """
 
     def __init__(self, config: FedBuffConfig) -> None:
         self.config = config
-        self.buffer: list[Weights] = []
+        self.buffer = RunningSum()
         self.retries = Retries(config.max_failures)
         self.client_weights = ArrivalWeights(config.client_weighting)
+
+    @property
+    def needs_all_updates(self) -> bool:
+        return False
 
     def begin(self, nodes: Sequence[int], weights: Weights) -> Decision:
         return Decision(dispatch=tuple(nodes))
@@ -66,11 +74,11 @@ class FedBuff(EventStrategy):
         self.retries.reported(arrival.node_id)
         scale = (1.0 + arrival.staleness) ** -0.5 if self.config.staleness_scaling else 1.0
         scale *= self.client_weights.weigh(arrival.node_id, arrival.num_examples)
-        self.buffer.append({k: v * scale for k, v in arrival.delta().items()})
-        if len(self.buffer) < self.config.buffer_size:
+        # Σ scale_i·Δ_i, divided by K (the count, not Σ scale_i: see the module docstring).
+        self.buffer.add(arrival.weights, scale, minus=arrival.sent_weights)
+        if self.buffer.count < self.config.buffer_size:
             return Decision(dispatch=(arrival.node_id,))
-        mean_delta = weighted_mean(self.buffer, [1.0] * len(self.buffer))
-        self.buffer = []
+        mean_delta = self.buffer.mean(divide_by=self.buffer.count)
         new = apply_delta(weights, mean_delta, self.config.server_lr)
         return Decision(weights=new, dispatch=(arrival.node_id,))
 

@@ -27,13 +27,22 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Strategy
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedProx,
+    FedYogi,
+    Strategy,
+)
 from flwr.supercore.run import Run
 
 from florist.client.protocol import TrainInstruction
 
 from .events import Arrival, ConfigValue, Evaluation, EventStrategy, NodeConfig, Weights
 from .rounds import AggregationError, RoundAggregator, SyncRounds
+from .streaming import RunningSum
 from .validation import WEIGHT_KEY, common_metric_keys
 
 log = logging.getLogger(__name__)
@@ -43,6 +52,13 @@ _LOOP_KEYS = frozenset(TrainInstruction.key(name) for name in TrainInstruction.m
 
 
 _MAX_LOOKS = 10
+
+# Flower strategies whose model is FedAvg's example-weighted mean of the replies: as they are
+# (FedAvg, FedProx) or then post-processed by a server optimiser (the FedOpt family, FedAvgM),
+# which calls FedAvg's aggregate_train on the replies first. Exact types only: a subclass may
+# aggregate otherwise, and then it gets every reply as before.
+_MEAN_ONLY = (FedAvg, FedProx)
+_MEAN_THEN_SERVER_STEP = (FedAvgM, FedAdagrad, FedAdam, FedYogi)
 
 
 class TooFewNodes(Exception):
@@ -136,6 +152,59 @@ class FlowerAggregator(RoundAggregator):
 
     def __init__(self, strategy: Strategy) -> None:
         self.strategy = strategy
+
+    @property
+    def needs_all_updates(self) -> bool:
+        kind = type(self.strategy)
+        if kind not in (*_MEAN_ONLY, *_MEAN_THEN_SERVER_STEP):
+            return True
+        return getattr(self.strategy, "weighted_by_key", None) != WEIGHT_KEY
+
+    def finish(
+        self, server_round: int, weights: Weights, total: RunningSum, updates: Sequence[Arrival]
+    ) -> tuple[Weights | None, dict[str, float]]:
+        """The round's mean from the running sum; metrics by the strategy's own metric rule.
+
+        FedAvg and FedProx: the mean is the new model. The FedOpt family and FedAvgM: their
+        ``aggregate_train`` is handed one reply, the mean with the updates' total weight, whose
+        FedAvg mean is itself (a weight factor of exactly 1), and applies its server step.
+        """
+        dtypes = {k: v.dtype for k, v in weights.items()}
+        if type(self.strategy) in _MEAN_ONLY:
+            mean = total.mean(dtypes)
+            metrics = self._train_metrics(server_round, updates)
+            return mean, metrics
+        weight = total.total
+        mean = total.mean(dtypes)
+        metrics = self._train_metrics(server_round, updates)
+        reply = _reply(
+            min(u.node_id for u in updates),
+            MessageType.TRAIN,
+            RecordDict(
+                {
+                    "arrays": to_record(mean),
+                    "metrics": MetricRecord({**metrics, WEIGHT_KEY: weight}),
+                }
+            ),
+        )
+        del mean
+        arrays, out = self.strategy.aggregate_train(server_round, [reply])
+        if arrays is None:
+            return None, _numbers(out)
+        new = {k: v.numpy().astype(weights[k].dtype, copy=False) for k, v in arrays.items()}
+        return new, _numbers(out)
+
+    def _train_metrics(self, server_round: int, updates: Sequence[Arrival]) -> dict[str, float]:
+        """The round's train metrics by the strategy's own rule, from the metrics alone."""
+        shared = _shared_metrics(server_round, [u.metrics for u in updates])
+        records = [
+            RecordDict(
+                {"metrics": MetricRecord({**_only(u.metrics, shared), WEIGHT_KEY: u.num_examples})}
+            )
+            for u in updates
+        ]
+        rule = self.strategy.train_metrics_aggr_fn  # type: ignore[attr-defined]
+        return _numbers(rule(records, WEIGHT_KEY))
 
     def _min_nodes(self) -> int:
         return int(getattr(self.strategy, "min_available_nodes", 0) or 0)

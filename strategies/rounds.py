@@ -26,6 +26,7 @@ from .events import (
     Weights,
     discount_stale,
 )
+from .streaming import RunningSum
 
 
 class AggregationError(RuntimeError):
@@ -49,6 +50,21 @@ class RoundAggregator(ABC):
         """The new global model from the round's sound updates (in node order; None: no model
         could be made), and the round's train metrics as the algorithm sees them (recorded over
         the loop's example-weighted means of the updates' metrics)."""
+
+    @property
+    def needs_all_updates(self) -> bool:
+        """True: :meth:`aggregate` needs every update's arrays at once (a median, Krum…), so
+        the round holds them all until it closes. False: the rule is an example-weighted mean,
+        and :class:`SyncRounds` folds each update into a :class:`RunningSum` as it arrives, keeps
+        only its metrics, and calls :meth:`finish` (one model's memory, not one per client)."""
+        return True
+
+    def finish(
+        self, server_round: int, weights: Weights, total: RunningSum, updates: Sequence[Arrival]
+    ) -> tuple[Weights | None, dict[str, float]]:
+        """What :meth:`aggregate` returns, from the running sum of the round's updates
+        (Σ n_i·x_i, Σ n_i) and the updates without their arrays (``weights`` is empty)."""
+        raise NotImplementedError(f"{type(self).__name__} aggregates only all updates at once")
 
     def select_evaluate(
         self, server_round: int, weights: Weights, nodes: Sequence[int]
@@ -77,8 +93,14 @@ class SyncRounds(EventStrategy):
     ``on_short`` decides: wait on, or skip (no new model, sample the round again). An update
     from a closed round is late: dropped, or kept for the next aggregation (discounted by its
     staleness). A sampled node still busy with an earlier task gets its new task when it
-    reports, as Flower would queue it. Updates reach the aggregator in node order, so a seeded
-    run is repeatable whatever order the replies came in.
+    reports, as Flower would queue it.
+
+    An aggregator that needs all updates (``needs_all_updates``) gets them in node order, so a
+    seeded run is repeatable whatever order the replies came in. One whose rule is a weighted
+    mean gets them folded into running sums as they arrive (one for the round's fresh updates,
+    one for the late ones kept), each update's arrays let go at once: the round holds one
+    model's worth of sums, whatever its number of clients (strategies/streaming.py says what
+    that does to the last bits).
     """
 
     def __init__(self, aggregator: RoundAggregator, policy: DropoutPolicy | None = None) -> None:
@@ -98,6 +120,41 @@ class SyncRounds(EventStrategy):
         self.skipped: set[int] = set()  # attempts that ended without a new model
         self.stale: list[Arrival] = []  # late updates kept for the next aggregation
         self.skips = 0
+        # Streaming aggregators: Σ n_i·x_i of this attempt's fresh updates and of the late ones
+        # kept; ``arrived`` and ``stale`` then hold the updates without their arrays.
+        self.fresh_sum = RunningSum()
+        self.stale_sum = RunningSum()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A resume point stored before the running sums existed: it was taken right after an
+        # aggregation, when both are empty.
+        state.setdefault("fresh_sum", RunningSum())
+        state.setdefault("stale_sum", RunningSum())
+        self.__dict__.update(state)
+
+    @property
+    def streaming(self) -> bool:
+        return not self.aggregator.needs_all_updates
+
+    @property
+    def needs_all_updates(self) -> bool:
+        return self.aggregator.needs_all_updates
+
+    def _fold(self, arrival: Arrival, weights: Weights, *, late: bool) -> Arrival:
+        """Fold the update into its running sum and keep it without its arrays. Raises before
+        anything is folded when its arrays do not fit (the loop then rejects it)."""
+        if late:
+            # discount_stale's x + Δ_i weighted by n_i·(1 + τ_i)^-½, formed as it is folded in.
+            factor = (1.0 + arrival.staleness) ** -0.5
+            self.stale_sum.add(
+                arrival.weights,
+                arrival.num_examples * factor,
+                minus=arrival.sent_weights,
+                plus=weights,
+            )
+        else:
+            self.fresh_sum.add(arrival.weights, arrival.num_examples)
+        return replace(arrival, weights={}, sent_weights={})
 
     def use_dropout_policy(self, policy: DropoutPolicy) -> None:
         self.policy = policy
@@ -158,6 +215,7 @@ class SyncRounds(EventStrategy):
         self.outstanding = set(dispatch)
         self.busy.update(dict.fromkeys(dispatch, (self.round, self.attempt)))
         self.arrived, self.lost, self.overdue = {}, set(), False
+        self.fresh_sum = RunningSum()
         if len(sample) > self.target:
             notes += (
                 Note(
@@ -200,6 +258,8 @@ class SyncRounds(EventStrategy):
         node = arrival.node_id
         task = self.busy.get(node, (self.round, self.attempt))
         fresh = node in self.outstanding
+        if self.streaming and (fresh or self.policy.late_updates == "stale"):
+            arrival = self._fold(arrival, weights, late=not fresh)
         released = self._reported(node)
         if not fresh:
             return self._late(arrival, task, released)
@@ -278,6 +338,7 @@ class SyncRounds(EventStrategy):
     def _aggregate(self, weights: Weights, note: Note | None) -> Decision:
         fresh = [self.arrived[n] for n in sorted(self.arrived)]
         stale, self.stale = self.stale, []
+        stale_sum, self.stale_sum = self.stale_sum, RunningSum()
         if not fresh and not stale:
             # Nothing sound to average (every task lost or rejected): a skipped attempt, so a
             # round that can never succeed fails the run after max_skips instead of looping.
@@ -286,7 +347,12 @@ class SyncRounds(EventStrategy):
         notes = (note,) if note is not None else ()
         updates = [*fresh, *(discount_stale(weights, a) for a in stale)]
         try:
-            new, metrics = self.aggregator.aggregate(self.round, weights, updates)
+            if self.streaming:
+                total, self.fresh_sum = self.fresh_sum, RunningSum()
+                total.absorb(stale_sum)
+                new, metrics = self.aggregator.finish(self.round, weights, total, updates)
+            else:
+                new, metrics = self.aggregator.aggregate(self.round, weights, updates)
         except AggregationError:
             raise
         except Exception as exc:

@@ -206,7 +206,11 @@ class Round(Base):
     """One finished server round: the global model's evaluation and aggregated client metrics."""
 
     __tablename__ = "rounds"
-    __table_args__ = (UniqueConstraint("run_id", "server_round"),)
+    __table_args__ = (
+        UniqueConstraint("run_id", "server_round"),
+        # The listing order of GET /experiments/{id}/rounds (migration 0008).
+        Index("ix_rounds_listing", "experiment_id", "run_id", "server_round", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
@@ -275,6 +279,13 @@ class ClientUpdate(Base):
     """One client's reply in a round: accepted into the aggregate, rejected, or failed."""
 
     __tablename__ = "client_updates"
+    __table_args__ = (
+        # Pages of GET /experiments/{id}/updates in their order, one round's updates, and the
+        # accepted count of the progress summary, without reading every row (migration 0008).
+        Index("ix_client_updates_listing", "experiment_id", "run_id", "server_round", "id"),
+        Index("ix_client_updates_round", "experiment_id", "server_round", "id"),
+        Index("ix_client_updates_status", "experiment_id", "status"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"))
