@@ -1,0 +1,203 @@
+"""Simulation mode end to end: the REST API, a deployment SuperLink and a simulation SuperLink
+(Flower's Simulation Engine on Ray), 1,000 virtual clients, 20 a round, every round recorded."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from sqlalchemy import func, select
+
+from florist.client.simulation import virtual_profile
+from florist.client.workloads import default_workloads
+from florist.server.api.app import create_app
+from florist.server.db.engine import make_engine, make_session_factory
+from florist.server.db.models import ClientUpdate, Node, Round
+from florist.server.processes import (
+    Managed,
+    Supervisor,
+    flower_env,
+    free_port,
+    superlink_command,
+    wait_for_port,
+)
+from florist.server.settings import Settings
+from florist.server.simulation import (
+    DEFAULT_PROFILE_MIX,
+    ray_environment,
+    superlink_simulation_command,
+)
+from florist.strategies import default_registry
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+VIRTUAL, PER_ROUND, ROUNDS = 1_000, 20, 3
+
+# Small and quick: LEAF's synthetic task with one device per virtual client, a few samples
+# each, logistic regression, one local epoch.
+SIMULATION_BODY: dict[str, Any] = {
+    "name": "simulation-1000",
+    "mode": "simulation",
+    "strategy": {"name": "fedavg", "config": {}},
+    "workload": {
+        "name": "synthetic",
+        "config": {
+            "num_devices": VIRTUAL,
+            "num_features": 10,
+            "num_classes": 3,
+            "min_samples": 10,
+            "max_samples": 20,
+            "model": {"name": "logreg"},
+        },
+    },
+    "rounds": ROUNDS,
+    "clock": "virtual",
+    "clients": {"virtual": VIRTUAL, "per_round": PER_ROUND},
+    "round_timeout_s": 300,
+}
+
+
+@contextmanager
+def simulation_api(home: Path, database_url: str) -> Iterator[tuple[httpx.Client, Supervisor]]:
+    """Both SuperLinks on free ports (the deployment one without SuperNodes) and the real API
+    (uvicorn, its run follower) routing simulation-mode experiments to the second."""
+    control, fleet, simulation = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    port = free_port()
+    settings = Settings(
+        home=home,
+        database_url=database_url,
+        api_port=port,
+        superlink_control=control,
+        superlink_fleet=fleet,
+        simulation_control=simulation,
+        status_poll_s=0.5,
+    )
+    env = flower_env(home)
+    sup = Supervisor()
+    server: uvicorn.Server | None = None
+    thread: threading.Thread | None = None
+    try:
+        sup.add(
+            Managed(
+                "superlink",
+                superlink_command(control=control, fleet=fleet),
+                env,
+                home / "logs" / "superlink.log",
+                restart=False,
+            )
+        )
+        sim_cmd = superlink_simulation_command(superlink_command(control=simulation, fleet=fleet))
+        sup.add(
+            Managed(
+                "superlink-simulation",
+                sim_cmd,
+                {**env, **ray_environment(settings)},
+                home / "logs" / "superlink-simulation.log",
+                restart=False,
+            )
+        )
+        wait_for_port(control)
+        wait_for_port(simulation)
+        default_registry.cache_clear()
+        default_workloads.cache_clear()
+        server = uvicorn.Server(
+            uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+        )
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        wait_for_port(f"127.0.0.1:{port}")
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
+            yield client, sup
+    finally:
+        if server is not None and thread is not None:
+            server.should_exit = True
+            thread.join(timeout=15)
+        sup.stop_all()
+
+
+def _logs(sup: Supervisor) -> str:
+    return "\n".join(
+        f"--- {m.name}\n" + "\n".join(m.log_path.read_text(errors="replace").splitlines()[-40:])
+        for m in sup.processes
+    )
+
+
+def _wait(client: httpx.Client, sup: Supervisor, exp_id: int, until: Any, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        exp = client.get(f"/api/v1/experiments/{exp_id}").json()
+        if until(exp):
+            return exp
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out; experiment is {exp}\n{_logs(sup)}")
+        time.sleep(0.5)
+
+
+def test_a_simulation_experiment_of_1000_virtual_clients_records_its_rounds(
+    tmp_path: Path,
+) -> None:
+    # SQLite only: this starts Ray, the slowest thing in the suite; the recorder it exercises
+    # runs on PostgreSQL in every deployment e2e test.
+    url = f"sqlite:///{tmp_path / 'florist.db'}"
+    with simulation_api(tmp_path, url) as (client, sup):
+        created = client.post("/api/v1/experiments", json=SIMULATION_BODY)
+        assert created.status_code == 201, created.text
+        exp = created.json()
+        assert exp["mode"] == "simulation"
+        assert exp["clients"]["virtual"] == VIRTUAL and exp["clients"]["per_round"] == PER_ROUND
+
+        done = _wait(
+            client,
+            sup,
+            exp["id"],
+            lambda e: e["status"] in ("completed", "failed", "cancelled"),
+            timeout=400,
+        )
+        assert done["status"] == "completed", f"{done}\n{_logs(sup)}"
+        assert done["current_round"] == ROUNDS
+
+        rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
+        assert [r["server_round"] for r in rounds] == [1, 2, 3]
+        updates = client.get(
+            f"/api/v1/experiments/{exp['id']}/updates", params={"limit": 1000}
+        ).json()["data"]
+
+    engine = make_engine(url)
+    try:
+        with make_session_factory(engine)() as session:
+            round_rows = session.scalar(
+                select(func.count()).select_from(Round).where(Round.experiment_id == exp["id"])
+            )
+            by_round = session.execute(
+                select(ClientUpdate.server_round, ClientUpdate.node_id).where(
+                    ClientUpdate.experiment_id == exp["id"]
+                )
+            ).all()
+            configs = dict(session.execute(select(Node.node_id, Node.node_config)).all())
+    finally:
+        engine.dispose()
+    assert round_rows == ROUNDS
+    nodes: dict[int, set[int]] = {}
+    for server_round, node_id in by_round:
+        nodes.setdefault(server_round, set()).add(node_id)
+    # 20 distinct virtual clients took part in each round, sampled anew every round.
+    assert {r: len(n) for r, n in nodes.items()} == {1: PER_ROUND, 2: PER_ROUND, 3: PER_ROUND}
+    assert len(set().union(*nodes.values())) > PER_ROUND
+    assert len(updates) == ROUNDS * PER_ROUND
+    assert all(u["status"] == "accepted" for u in updates), updates[:3]
+    # Each reply echoed the virtual client's node-config: its partition of the 1,000 and the
+    # profile drawn for it from the default mix, which its simulated duration follows.
+    seen = set().union(*nodes.values())
+    for node_id in seen:
+        config = configs[node_id]
+        assert config["num-partitions"] == VIRTUAL
+        expected = virtual_profile(DEFAULT_PROFILE_MIX, 0, int(config["partition-id"]))
+        assert config["profile"] == expected
+    assert all(u["virtual_duration_s"] > 0 for u in updates)
