@@ -58,6 +58,21 @@ def client(database_url: str, tmp_path: Path) -> Iterator[TestClient]:
         yield c
 
 
+@pytest.fixture(scope="module")
+def refusing_client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """One app for the bodies that must be refused: nothing is ever stored in its database
+    (each test checks), so the tests can share it; SQLite, as no row is written."""
+    home = tmp_path_factory.mktemp("refusing")
+    settings = Settings(
+        home=home,
+        database_url=f"sqlite:///{home / 'florist.db'}",
+        simulation_control="127.0.0.1:1",
+        simulation_max_virtual_clients=10_000,
+    )
+    with TestClient(create_app(settings, follow_runs=False)) as c:
+        yield c
+
+
 def count(client: TestClient) -> int:
     return int(client.get("/api/v1/experiments").json()["count"])
 
@@ -124,13 +139,13 @@ def test_a_deployment_body_is_stored_as_before_simulation_mode_existed(
     ],
 )
 def test_a_bad_simulation_body_is_422_naming_the_field_and_stores_nothing(
-    client: TestClient, body: dict[str, Any], loc: list[str]
+    refusing_client: TestClient, body: dict[str, Any], loc: list[str]
 ) -> None:
-    response = client.post("/api/v1/experiments", json=body)
+    response = refusing_client.post("/api/v1/experiments", json=body)
     assert response.status_code == 422, response.text
     locs = [err["loc"] for err in response.json()["detail"]]
     assert loc in locs, locs
-    assert count(client) == 0
+    assert count(refusing_client) == 0
 
 
 def test_a_server_without_a_simulation_superlink_refuses_simulation_mode(
@@ -144,8 +159,10 @@ def test_a_server_without_a_simulation_superlink_refuses_simulation_mode(
         assert c.post("/api/v1/experiments", json=DEPLOYMENT).status_code == 201
 
 
-def test_the_served_schema_declares_mode_and_the_virtual_clients(client: TestClient) -> None:
-    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+def test_the_served_schema_declares_mode_and_the_virtual_clients(
+    refusing_client: TestClient,
+) -> None:
+    schemas = refusing_client.get("/openapi.json").json()["components"]["schemas"]
     mode = schemas["ExperimentCreate"]["properties"]["mode"]
     assert mode["enum"] == ["deployment", "simulation"] and mode["default"] == "deployment"
     clients = schemas["ClientsConfig"]["properties"]
