@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ import pytest
 import uvicorn
 from sqlalchemy import func, select
 
+from benchmarks.simulation import descendants
 from florist.client.simulation import virtual_profile
 from florist.client.workloads import default_workloads
 from florist.server.api.app import create_app
+from florist.server.control import ControlClient, SuperLinkUnavailable
 from florist.server.db.engine import make_engine, make_session_factory
 from florist.server.db.models import ClientUpdate, Node, Round
 from florist.server.processes import (
@@ -31,7 +34,9 @@ from florist.server.processes import (
 from florist.server.settings import Settings
 from florist.server.simulation import (
     DEFAULT_PROFILE_MIX,
+    RoutedControl,
     ray_environment,
+    ray_limits,
     superlink_simulation_command,
 )
 from florist.strategies import default_registry
@@ -64,8 +69,28 @@ SIMULATION_BODY: dict[str, Any] = {
 }
 
 
+@dataclass
+class SimulationStack:
+    client: httpx.Client
+    supervisor: Supervisor
+    settings: Settings
+    url: str
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimulationStack]:
+    # SQLite only: this starts Ray, the slowest thing in the suite; the recorder it exercises
+    # runs on PostgreSQL in every deployment e2e test.
+    home = tmp_path_factory.mktemp("simulation")
+    url = f"sqlite:///{home / 'florist.db'}"
+    with simulation_api(home, url) as (client, sup, settings):
+        yield SimulationStack(client, sup, settings, url)
+
+
 @contextmanager
-def simulation_api(home: Path, database_url: str) -> Iterator[tuple[httpx.Client, Supervisor]]:
+def simulation_api(
+    home: Path, database_url: str
+) -> Iterator[tuple[httpx.Client, Supervisor, Settings]]:
     """Both SuperLinks on free ports (the deployment one without SuperNodes) and the real API
     (uvicorn, its run follower) routing simulation-mode experiments to the second."""
     control, fleet, simulation = (f"127.0.0.1:{free_port()}" for _ in range(3))
@@ -114,7 +139,7 @@ def simulation_api(home: Path, database_url: str) -> Iterator[tuple[httpx.Client
         thread.start()
         wait_for_port(f"127.0.0.1:{port}")
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-            yield client, sup
+            yield client, sup, settings
     finally:
         if server is not None and thread is not None:
             server.should_exit = True
@@ -141,33 +166,30 @@ def _wait(client: httpx.Client, sup: Supervisor, exp_id: int, until: Any, timeou
 
 
 def test_a_simulation_experiment_of_1000_virtual_clients_records_its_rounds(
-    tmp_path: Path,
+    stack: SimulationStack,
 ) -> None:
-    # SQLite only: this starts Ray, the slowest thing in the suite; the recorder it exercises
-    # runs on PostgreSQL in every deployment e2e test.
-    url = f"sqlite:///{tmp_path / 'florist.db'}"
-    with simulation_api(tmp_path, url) as (client, sup):
-        created = client.post("/api/v1/experiments", json=SIMULATION_BODY)
-        assert created.status_code == 201, created.text
-        exp = created.json()
-        assert exp["mode"] == "simulation"
-        assert exp["clients"]["virtual"] == VIRTUAL and exp["clients"]["per_round"] == PER_ROUND
+    client, sup, url = stack.client, stack.supervisor, stack.url
+    created = client.post("/api/v1/experiments", json=SIMULATION_BODY)
+    assert created.status_code == 201, created.text
+    exp = created.json()
+    assert exp["mode"] == "simulation"
+    assert exp["clients"]["virtual"] == VIRTUAL and exp["clients"]["per_round"] == PER_ROUND
 
-        done = _wait(
-            client,
-            sup,
-            exp["id"],
-            lambda e: e["status"] in ("completed", "failed", "cancelled"),
-            timeout=400,
-        )
-        assert done["status"] == "completed", f"{done}\n{_logs(sup)}"
-        assert done["current_round"] == ROUNDS
+    done = _wait(
+        client,
+        sup,
+        exp["id"],
+        lambda e: e["status"] in ("completed", "failed", "cancelled"),
+        timeout=400,
+    )
+    assert done["status"] == "completed", f"{done}\n{_logs(sup)}"
+    assert done["current_round"] == ROUNDS
 
-        rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
-        assert [r["server_round"] for r in rounds] == [1, 2, 3]
-        updates = client.get(
-            f"/api/v1/experiments/{exp['id']}/updates", params={"limit": 1000}
-        ).json()["data"]
+    rounds = client.get(f"/api/v1/experiments/{exp['id']}/rounds").json()["data"]
+    assert [r["server_round"] for r in rounds] == [1, 2, 3]
+    updates = client.get(f"/api/v1/experiments/{exp['id']}/updates", params={"limit": 1000}).json()[
+        "data"
+    ]
 
     engine = make_engine(url)
     try:
@@ -201,3 +223,63 @@ def test_a_simulation_experiment_of_1000_virtual_clients_records_its_rounds(
         expected = virtual_profile(DEFAULT_PROFILE_MIX, 0, int(config["partition-id"]))
         assert config["profile"] == expected
     assert all(u["virtual_duration_s"] > 0 for u in updates)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""  # it ended meanwhile
+
+
+def _run_processes(sup: Supervisor) -> list[int]:
+    """flwr-simulation and Ray processes under the simulation SuperLink."""
+    link = next(m for m in sup.processes if m.name == "superlink-simulation")
+    assert link.proc is not None
+    words = ("flwr-simulation", "raylet", "gcs_server", "ray::")
+    return [pid for pid in descendants(link.proc.pid) if any(w in _cmdline(pid) for w in words)]
+
+
+def test_a_cancelled_simulation_keeps_its_rounds_and_leaves_no_ray_behind(
+    stack: SimulationStack,
+) -> None:
+    client, sup = stack.client, stack.supervisor
+    body = SIMULATION_BODY | {
+        "name": "simulation-cancelled",
+        "rounds": 500,
+        "clients": {"virtual": 100, "per_round": 5},
+    }
+    created = client.post("/api/v1/experiments", json=body)
+    assert created.status_code == 201, created.text
+    exp_id = created.json()["id"]
+    running = _wait(client, sup, exp_id, lambda e: e["current_round"] >= 1, timeout=400)
+    assert running["status"] == "running"
+    assert _run_processes(sup), "a running simulation has its flwr-simulation and Ray processes"
+
+    flwr_run_id = int(running["flwr_run_id"])
+    # The run lives on the simulation SuperLink alone; a router that cannot reach the
+    # SuperLink which might know it says so instead of reporting the run gone.
+    settings = stack.settings
+    deployment = ControlClient(settings.superlink_control)
+    simulation = ControlClient(settings.simulation_control)
+    unreachable = ControlClient(f"127.0.0.1:{free_port()}")
+    try:
+        assert deployment.run_state(flwr_run_id) is None
+        found = RoutedControl(deployment, simulation, ray_limits(settings)).run_state(flwr_run_id)
+        assert found is not None and found.status == "running"
+        with pytest.raises(SuperLinkUnavailable):
+            RoutedControl(deployment, unreachable, ray_limits(settings)).run_state(flwr_run_id)
+    finally:
+        for link in (deployment, simulation, unreachable):
+            link.close()
+
+    assert client.post(f"/api/v1/experiments/{exp_id}/cancel").status_code == 200
+    done = _wait(client, sup, exp_id, lambda e: e["status"] == "cancelled", timeout=120)
+    assert done["current_round"] >= 1
+    rounds = client.get(f"/api/v1/experiments/{exp_id}/rounds").json()["data"]
+    assert len(rounds) == done["current_round"]
+    # Stopping the run ends flwr-simulation, and with it Ray's processes.
+    deadline = time.monotonic() + 60
+    while _run_processes(sup) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert _run_processes(sup) == [], _logs(sup)
