@@ -287,3 +287,14 @@ def test_the_mod_gives_a_virtual_client_its_profile_and_leaves_real_nodes_alone(
     # A deployment run (empty mix) and a node with its own profile pass unchanged.
     assert "profile" not in _train(4, {RUN_CONFIG_KEY: ""})
     assert _train(4, {RUN_CONFIG_KEY: encode_mix(mix)}, profile="normal")["profile"] == "normal"
+
+
+def test_the_example_simulation_experiment_is_a_valid_body() -> None:
+    import tomllib
+
+    from florist.server.simulation import simulation_errors
+
+    path = Path(__file__).parents[2] / "examples" / "simulation-10k.toml"
+    spec = ExperimentSpec.model_validate(tomllib.loads(path.read_text()))
+    assert simulation_errors(spec, max_virtual=100_000) == []
+    assert (spec.clients.virtual, spec.clients.per_round) == (10_000, 100)
