@@ -650,7 +650,8 @@ def up(
     )
     if demo or experiment:
         body = load_experiment(experiment) if experiment else dict(DEMO_EXPERIMENT)
-        body.setdefault("clients", {}).setdefault("min", clients)
+        if body.get("mode", "deployment") == "deployment":  # virtual clients need no SuperNodes
+            body.setdefault("clients", {}).setdefault("min", clients)
         try:
             submit_and_follow(base, body)
         except (KeyboardInterrupt, typer.Exit) as exc:
