@@ -279,7 +279,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     xs = [c["virtual"] for c in axis]
     left.plot(xs, [c["round_s_median"] for c in axis], "o-", label="round (median, after 1st)")
     left.plot(xs, [c["first_round_s"] for c in axis], "s--", label="first round")
-    left.set(xscale="log", xlabel="virtual clients", ylabel="seconds")
+    left.set(xscale="log", yscale="log", xlabel="virtual clients", ylabel="seconds")
     left.set_title(f"round time, {axis[0]['per_round'] if axis else '?'} clients a round")
     left.legend()
     right.plot(xs, [c["peak_pss_mib"] for c in axis], "o-", label="all (PSS)")
