@@ -36,14 +36,19 @@ class ProfileMixError(ValueError):
     """A profile mix that names an unknown profile or has no positive weight."""
 
 
+def check_entry(name: str, weight: float) -> None:
+    """Refuse one entry of a mix: an unknown profile, or a weight that is not a number ≥ 0."""
+    if name not in PROFILES:
+        raise ProfileMixError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
+        raise ProfileMixError(f"the weight of {name!r} must be a number ≥ 0, got {weight!r}")
+
+
 def check_mix(mix: Mapping[str, float]) -> dict[str, float]:
-    """The mix as given, refused when a name is unknown, a weight is not a finite number ≥ 0,
-    or no weight is positive."""
+    """The mix as given, refused when an entry is (:func:`check_entry`) or no weight is
+    positive."""
     for name, weight in mix.items():
-        if name not in PROFILES:
-            raise ProfileMixError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
-        if not (isinstance(weight, int | float) and math.isfinite(weight) and weight >= 0):
-            raise ProfileMixError(f"the weight of {name!r} must be a number ≥ 0, got {weight!r}")
+        check_entry(name, weight)
     if not any(weight > 0 for weight in mix.values()):
         raise ProfileMixError("at least one profile needs a positive weight")
     return dict(mix)

@@ -17,7 +17,13 @@ from typing import Any
 from flwr.proto.federation_config_pb2 import SimulationConfig
 
 from florist.client.plugins import PluginRegistryError
-from florist.client.simulation import RUN_CONFIG_KEY, ProfileMixError, check_mix, encode_mix
+from florist.client.simulation import (
+    RUN_CONFIG_KEY,
+    ProfileMixError,
+    check_entry,
+    check_mix,
+    encode_mix,
+)
 from florist.server.control import ControlClient, RunState, SuperLinkNode, SuperLinkUnavailable
 from florist.server.settings import Settings
 from florist.server.spec import ExperimentSpec
@@ -91,7 +97,7 @@ def simulation_errors(
         )
     for name, weight in (clients.profiles or {}).items():
         try:
-            check_mix({name: weight} if weight > 0 else {name: weight, "neutral": 1.0})
+            check_entry(name, weight)
         except ProfileMixError as exc:
             errors.append(_error(("clients", "profiles", name), str(exc), "unknown_profile"))
     if clients.profiles is not None and not any(w > 0 for w in clients.profiles.values()):
