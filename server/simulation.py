@@ -14,6 +14,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import httpx
 from flwr.proto.federation_config_pb2 import SimulationConfig
 
 from florist.client.plugins import PluginRegistryError
@@ -229,11 +230,11 @@ class RoutedControl(ControlClient):
     def _find(self, run_id: int) -> tuple[ControlClient | None, RunState | None]:
         if run_id in self._where:
             link = self._where[run_id]
-            return link, link.run_state(run_id)
+            return link, _run_state(link, run_id)
         unreachable: SuperLinkUnavailable | None = None
         for link in self._links():
             try:
-                state = link.run_state(run_id)
+                state = _run_state(link, run_id)
             except SuperLinkUnavailable as exc:
                 unreachable = exc
                 continue
@@ -276,6 +277,18 @@ class RoutedControl(ControlClient):
     def close(self) -> None:
         for link in self._links():
             link.close()
+
+
+def _run_state(link: ControlClient, run_id: int) -> RunState | None:
+    """The run as ``link`` reports it; None when it does not know the run. Over HTTP the
+    SuperLink answers an unknown run id with 404, which ControlClient reports as unavailable."""
+    try:
+        return link.run_state(run_id)
+    except SuperLinkUnavailable as exc:
+        cause = exc.__cause__
+        if isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code == 404:
+            return None
+        raise
 
 
 def control_for(settings: Settings) -> ControlClient:

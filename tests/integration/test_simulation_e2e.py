@@ -264,9 +264,11 @@ def test_a_cancelled_simulation_keeps_its_rounds_and_leaves_no_ray_behind(
     simulation = ControlClient(settings.simulation_control)
     unreachable = ControlClient(f"127.0.0.1:{free_port()}")
     try:
-        assert deployment.run_state(flwr_run_id) is None
-        found = RoutedControl(deployment, simulation, ray_limits(settings)).run_state(flwr_run_id)
+        routed = RoutedControl(deployment, simulation, ray_limits(settings))
+        found = routed.run_state(flwr_run_id)
         assert found is not None and found.status == "running"
+        # A run neither SuperLink knows is gone (the follower then resumes its experiment).
+        assert routed.run_state(flwr_run_id ^ 1) is None
         with pytest.raises(SuperLinkUnavailable):
             RoutedControl(deployment, unreachable, ray_limits(settings)).run_state(flwr_run_id)
     finally:
