@@ -11,6 +11,7 @@ a time per actor. docs/simulation.md says why this design and what it costs.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -174,7 +175,8 @@ def ray_environment(settings: Settings) -> dict[str, str]:
 
 def superlink_simulation_command(superlink_command: Sequence[str]) -> list[str]:
     """A deployment SuperLink's command line turned into the simulation SuperLink's: the same
-    flags, ``--simulation`` added, the Fleet API's (which simulation does not start) dropped."""
+    flags, ``--simulation`` added, the Fleet API's (which simulation does not start) dropped,
+    run under server/simulation_link.py so that its runs end when it does."""
     cmd: list[str] = []
     skip = False
     for arg in superlink_command:
@@ -185,7 +187,7 @@ def superlink_simulation_command(superlink_command: Sequence[str]) -> list[str]:
             skip = True
             continue
         cmd.append(arg)
-    return [*cmd, "--simulation"]
+    return [sys.executable, "-m", "florist.server.simulation_link", *cmd, "--simulation"]
 
 
 class RoutedControl(ControlClient):

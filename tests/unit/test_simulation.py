@@ -4,6 +4,9 @@ profiles, what a run is submitted with, and the simulation SuperLink's command."
 from __future__ import annotations
 
 import copy
+import signal
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +34,7 @@ from florist.server.simulation import (
     simulation_submission,
     superlink_simulation_command,
 )
+from florist.server.simulation_link import end_runs, runtime_address, simulation_processes
 from florist.server.spec import ExperimentSpec, server_setup
 
 BODY: dict[str, Any] = {
@@ -192,21 +196,31 @@ def test_a_simulation_run_carries_its_mix_and_its_virtual_clients() -> None:
 
 
 def test_the_simulation_superlink_drops_the_fleet_api_and_adds_simulation() -> None:
-    cmd = superlink_simulation_command(
-        [
-            "flower-superlink",
-            "--host",
-            "h",
-            "--port",
-            "1",
-            "--fleet-api-type",
-            "grpc-rere",
-            "--fleet-api-address",
-            "h:2",
-            "--insecure",
-        ]
-    )
-    assert cmd == ["flower-superlink", "--host", "h", "--port", "1", "--insecure", "--simulation"]
+    link = ["flower-superlink", "--host", "h", "--port", "1"]
+    fleet = ["--fleet-api-type", "grpc-rere", "--fleet-api-address", "h:2"]
+    cmd = superlink_simulation_command([*link, *fleet, "--insecure"])
+    guard = [sys.executable, "-m", "florist.server.simulation_link"]
+    assert cmd == [*guard, *link, "--insecure", "--simulation"]
+    assert runtime_address(cmd) == "h:1"
+
+
+def test_the_guard_finds_the_simulations_of_its_own_superlink_only(tmp_path: Path) -> None:
+    # Two stand-ins named flwr-simulation, attached to two runtime addresses.
+    fake = tmp_path / "flwr-simulation"
+    fake.write_text("import time\ntime.sleep(60)\n")
+    procs = [
+        subprocess.Popen([sys.executable, str(fake), "--runtime-api-address", address])
+        for address in ("127.0.0.1:7001", "127.0.0.1:7002")
+    ]
+    try:
+        assert simulation_processes("127.0.0.1:7001") == [procs[0].pid]
+        assert end_runs("127.0.0.1:7001", grace_s=5) == [procs[0].pid]
+        assert procs[0].wait(timeout=5) == -signal.SIGTERM
+        assert procs[1].poll() is None  # another SuperLink's run goes on
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
 
 
 # --- profiles of virtual clients ---------------------------------------------------------
