@@ -240,6 +240,19 @@ def _run_processes(sup: Supervisor) -> list[int]:
     return [pid for pid in descendants(link.proc.pid) if any(w in _cmdline(pid) for w in words)]
 
 
+def _alive(pids: list[int]) -> list[int]:
+    """Those of ``pids`` still running (a zombie has ended)."""
+    alive = []
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if stat[stat.rindex(")") + 2] != "Z":
+            alive.append(pid)
+    return alive
+
+
 def test_a_cancelled_simulation_keeps_its_rounds_and_leaves_no_ray_behind(
     stack: SimulationStack,
 ) -> None:
@@ -254,7 +267,8 @@ def test_a_cancelled_simulation_keeps_its_rounds_and_leaves_no_ray_behind(
     exp_id = created.json()["id"]
     running = _wait(client, sup, exp_id, lambda e: e["current_round"] >= 1, timeout=400)
     assert running["status"] == "running"
-    assert _run_processes(sup), "a running simulation has its flwr-simulation and Ray processes"
+    during = _run_processes(sup)
+    assert during, "a running simulation has its flwr-simulation and Ray processes"
 
     flwr_run_id = int(running["flwr_run_id"])
     # The run lives on the simulation SuperLink alone; a router that cannot reach the
@@ -280,8 +294,35 @@ def test_a_cancelled_simulation_keeps_its_rounds_and_leaves_no_ray_behind(
     assert done["current_round"] >= 1
     rounds = client.get(f"/api/v1/experiments/{exp_id}/rounds").json()["data"]
     assert len(rounds) == done["current_round"]
-    # Stopping the run ends flwr-simulation, and with it Ray's processes.
+    # Stopping the run ends flwr-simulation, and with it Ray's processes (also those that
+    # would have been left to init, no longer under the SuperLink).
     deadline = time.monotonic() + 60
-    while _run_processes(sup) and time.monotonic() < deadline:
+    while _alive(during) and time.monotonic() < deadline:
         time.sleep(1)
-    assert _run_processes(sup) == [], _logs(sup)
+    assert _alive(during) == [], _logs(sup)
+
+
+def test_stopping_the_simulation_superlink_ends_its_running_simulation(
+    stack: SimulationStack,
+) -> None:
+    # Last in the module: it stops the simulation SuperLink.
+    client, sup = stack.client, stack.supervisor
+    body = SIMULATION_BODY | {
+        "name": "simulation-orphan",
+        "rounds": 500,
+        "clients": {"virtual": 100, "per_round": 5},
+    }
+    created = client.post("/api/v1/experiments", json=body)
+    assert created.status_code == 201, created.text
+    _wait(client, sup, created.json()["id"], lambda e: e["current_round"] >= 1, timeout=400)
+    during = _run_processes(sup)
+    assert during
+
+    link = next(m for m in sup.processes if m.name == "superlink-simulation")
+    link.stop()
+    # Flower starts each run's flwr-simulation in a session of its own, which a stopped
+    # SuperLink would leave running (with Ray) were it not for the guard around it.
+    deadline = time.monotonic() + 30
+    while _alive(during) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _alive(during) == []
