@@ -161,7 +161,8 @@ def _wait(client: httpx.Client, sup: Supervisor, exp_id: int, until: Any, timeou
         if until(exp):
             return exp
         if time.monotonic() > deadline:
-            pytest.fail(f"timed out; experiment is {exp}\n{_logs(sup)}")
+            log = client.get(f"/api/v1/experiments/{exp_id}/log").text
+            pytest.fail(f"timed out; experiment is {exp}\nits log: {log}\n{_logs(sup)}")
         time.sleep(0.5)
 
 
