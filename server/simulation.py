@@ -167,10 +167,6 @@ def ray_environment(settings: Settings) -> dict[str, str]:
             settings.simulation_object_store_mb * 1024 * 1024
         ),
         "RAY_USAGE_STATS_ENABLED": "0",
-        # The raylet waits this long for its dashboard agent (a Python process) to report its
-        # ports, then aborts, failing the run; on 2 busy cores that start took 18 s, past
-        # Ray's default, so give it two minutes.
-        "RAY_agent_register_timeout_ms": "120000",
         "RAY_DISABLE_DOCKER_CPU_WARNING": "1",
         # flwr-simulation would otherwise let Ray build a uv runtime environment per run.
         "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
