@@ -13,6 +13,7 @@ from flwr.clientapp import ClientApp
 from florist.client.attacks import attack_mod, poison_data
 from florist.client.profiles import profile_from_node_config, profile_mod
 from florist.client.protocol import EvaluateReport, TrainInstruction, TrainReport
+from florist.client.simulation import virtual_node_mod
 from florist.client.task import NODE_CONFIG_KEY, TaskSpec, task_from_config
 from florist.client.training import TrainTask, evaluate, pick_device
 from florist.client.workloads import (
@@ -26,8 +27,9 @@ from florist.datasets import XY
 from florist.datasets.seeds import derive_seed
 from florist.strategies import default_registry
 
-# The profile wraps the attack: an attacker's extra runs (ALIE, IPM) take its time too.
-app = ClientApp(mods=[profile_mod, attack_mod])
+# The profile wraps the attack: an attacker's extra runs (ALIE, IPM) take its time too. A virtual
+# client of a simulation run first gets its profile from the run's mix (client/simulation.py).
+app = ClientApp(mods=[virtual_node_mod, profile_mod, attack_mod])
 
 # Error code of a reply whose node could not read its data (Flower's own codes are below 100;
 # 100 is a dropout, client/protocol.py).

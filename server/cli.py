@@ -479,9 +479,16 @@ def db_upgrade() -> None:
     console.print(f"database at {masked(url)} is up to date")
 
 
-def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:
-    """SuperLink then API, each waited for, so a later failure names the right piece."""
+def _start_server(
+    sup: Supervisor, settings: Settings, logs: Path, *, simulation: bool = True
+) -> None:
+    """SuperLink (and, with ``simulation``, the simulation SuperLink) then API, each waited
+    for, so a later failure names the right piece."""
     env = flower_env(settings.home, {"FLORIST_DATABASE_URL": settings.resolved_database_url()})
+    if simulation:
+        _start_simulation_superlink(sup, settings, env, logs)
+    else:
+        settings.simulation_control = ""  # the API then refuses simulation-mode experiments
     sup.add(
         Managed(
             "superlink",
@@ -503,6 +510,7 @@ def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:
         **env,
         "FLORIST_API_HOST": settings.api_host,
         "FLORIST_API_PORT": str(settings.api_port),
+        "FLORIST_SIMULATION_CONTROL": settings.simulation_control,
     }
     sup.add(
         Managed(
@@ -510,6 +518,30 @@ def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:
         )
     )
     wait_for_port(f"{settings.api_host}:{settings.api_port}", timeout=STARTUP_TIMEOUT_S)
+
+
+def _start_simulation_superlink(
+    sup: Supervisor, settings: Settings, env: dict[str, str], logs: Path
+) -> None:
+    """The SuperLink of simulation-mode experiments (docs/simulation.md), Ray bounded by the
+    settings; its state stays in memory (a lost run resumes from its last committed round)."""
+    from florist.server.simulation import (
+        DEFAULT_SIMULATION_CONTROL,
+        ray_environment,
+        superlink_simulation_command,
+    )
+
+    settings.simulation_control = settings.simulation_control or DEFAULT_SIMULATION_CONTROL
+    cmd = superlink_simulation_command(
+        superlink_command(
+            control=settings.simulation_control,
+            fleet=settings.superlink_fleet,
+            insecure=settings.insecure,
+        )
+    )
+    sim_env = {**env, **ray_environment(settings)}
+    sup.add(Managed("superlink-simulation", cmd, sim_env, logs / "superlink-simulation.log"))
+    wait_for_port(settings.simulation_control, timeout=STARTUP_TIMEOUT_S)
 
 
 def _add_supernode(
@@ -594,6 +626,10 @@ def up(
             "profile; overrides --clients. Default: the clients cycle through fast, normal, slow.",
         ),
     ] = None,
+    simulation: Annotated[
+        bool,
+        typer.Option(help='Also start the simulation SuperLink (`"mode": "simulation"`)'),
+    ] = True,
 ) -> None:
     """Start database, API, SuperLink and N SuperNodes on this machine, and supervise them."""
     from florist.client.fleet import FleetError, load_fleet
@@ -611,7 +647,7 @@ def up(
     logs = _prepare(settings)
     sup = Supervisor(log_to_stdout=settings.log_to_stdout)
     try:
-        _start_server(sup, settings, logs)
+        _start_server(sup, settings, logs, simulation=simulation)
         pooled = warm and shared_executors
         ports = []
         for i, profile in enumerate(profiles):
@@ -643,7 +679,8 @@ def up(
     )
     if demo or experiment:
         body = load_experiment(experiment) if experiment else dict(DEMO_EXPERIMENT)
-        body.setdefault("clients", {}).setdefault("min", clients)
+        if body.get("mode", "deployment") == "deployment":  # virtual clients need no SuperNodes
+            body.setdefault("clients", {}).setdefault("min", clients)
         try:
             submit_and_follow(base, body)
         except (KeyboardInterrupt, typer.Exit) as exc:
@@ -657,12 +694,17 @@ def up(
 
 
 @app.command()
-def server() -> None:
-    """Start the server side alone (database, SuperLink, API), as a server container does."""
+def server(
+    simulation: Annotated[
+        bool,
+        typer.Option(help='Also start the simulation SuperLink (`"mode": "simulation"`)'),
+    ] = True,
+) -> None:
+    """Start the server side alone (database, SuperLinks, API), as a server container does."""
     settings = get_settings()
     logs = _prepare(settings)
     sup = Supervisor(log_to_stdout=settings.log_to_stdout)
-    _start_server(sup, settings, logs)
+    _start_server(sup, settings, logs, simulation=simulation)
     console.print(
         f"[green]server up[/green]: API {api_url(settings)}, "
         f"Fleet API (gRPC) {settings.superlink_fleet}"

@@ -22,6 +22,7 @@ from flwr.proto.control_pb2 import (
     StopRunRequest,
     StreamLogsRequest,
 )
+from flwr.proto.federation_config_pb2 import SimulationConfig
 from flwr.proto.node_pb2 import NodeInfo
 from flwr.proto.run_pb2 import Run as RunProto
 from flwr.supercore.control import ControlHttpClient
@@ -165,11 +166,18 @@ class ControlClient:
                 raise SuperLinkUnavailable(f"SuperLink at {self.address}: {exc}") from exc
             raise
 
-    def start_run(self, run_config: dict[str, int | float | str | bool]) -> int:
-        """Submit florist's app with ``run_config``; returns Flower's run id."""
+    def start_run(
+        self,
+        run_config: dict[str, int | float | str | bool],
+        federation: SimulationConfig | None = None,
+    ) -> int:
+        """Submit florist's app with ``run_config``; returns Flower's run id. ``federation``:
+        a simulation SuperLink's per-run settings (server/simulation.py)."""
         request = StartRunRequest(
             fab=fab_to_proto(app_fab()), override_config=user_config_to_proto(run_config)
         )
+        if federation is not None:
+            request.override_federation_config.CopyFrom(federation)
         response = self._call("StartRun", request)
         if not response.HasField("run_id"):
             raise RuntimeError(f"SuperLink refused the run: {response.note or 'no reason given'}")

@@ -31,6 +31,7 @@ from florist.server.db.repository import (
 from florist.server.db.status import ExperimentStatus, IllegalTransition
 from florist.server.external import ExternalSpec, public_run_config
 from florist.server.logs import log_context
+from florist.server.simulation import simulation_submission
 
 log = logging.getLogger(__name__)
 
@@ -192,15 +193,21 @@ class RunFollower:
                 session, experiment_id=experiment_id, token=token, now=utcnow()
             ):
                 return  # another follower holds it, or it is no longer pending
+            exp = get_experiment(session, experiment_id=experiment_id)
+            spec = exp.spec if exp is not None else {}
+        run_config: dict[str, int | float | str | bool] = {
+            "experiment-id": experiment_id,
+            # No password: the ServerApp adds its own (with_own_password).
+            "database-url": without_password(self._database_url),
+            SUBMISSION_KEY: token,
+        }
         try:
-            run_id = self.control.start_run(
-                {
-                    "experiment-id": experiment_id,
-                    # No password: the ServerApp adds its own (with_own_password).
-                    "database-url": without_password(self._database_url),
-                    SUBMISSION_KEY: token,
-                }
-            )
+            # A simulation-mode experiment goes to the simulation SuperLink (RoutedControl).
+            simulation = simulation_submission(spec)
+            if simulation is None:
+                run_id = self.control.start_run(run_config)
+            else:
+                run_id = self.control.start_run(run_config | simulation[0], simulation[1])
         except SuperLinkUnavailable as exc:
             # The run may exist all the same: the claim stays until reconcile() has looked.
             with self._sessions() as session, session.begin():

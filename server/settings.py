@@ -106,6 +106,35 @@ class Settings(BaseSettings):
         "so that a restarted SuperLink knows its runs and nodes; `:memory:` keeps it in memory.",
     )
 
+    simulation_control: str = Field(
+        default="",
+        description="The simulation SuperLink's Control API (HTTP), host:port: where "
+        '`"mode": "simulation"` experiments run (docs/simulation.md). Empty: simulation '
+        "mode is off, unless `florist up`/`florist server` start one (at 127.0.0.1:8010 then).",
+    )
+    simulation_max_virtual_clients: int = Field(
+        default=100_000,
+        ge=1,
+        description="The most virtual clients one simulation experiment may declare.",
+    )
+    simulation_cpus: int | None = Field(
+        default=None,
+        ge=1,
+        description="CPUs Ray may use for a simulation run; none: every core of this machine.",
+    )
+    simulation_client_cpus: int = Field(
+        default=1,
+        ge=1,
+        description="CPUs one virtual client's ClientApp takes: simulation_cpus / this many "
+        "virtual clients train at once (one Ray actor each).",
+    )
+    simulation_object_store_mb: int = Field(
+        default=256,
+        ge=80,
+        description="Cap on Ray's shared-memory object store (MiB); it holds the messages in "
+        "flight, a few copies of the model.",
+    )
+
     def superlink_state_file(self) -> Path | None:
         """Where ``florist up``/``florist server`` keep the SuperLink's state (None: memory)."""
         if self.superlink_database == ":memory:":

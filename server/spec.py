@@ -42,6 +42,29 @@ class ClientsConfig(BaseModel):
     fraction_evaluate: float = Field(
         default=0.0, ge=0, le=1, description="Share of nodes for federated evaluation (0: none)."
     )
+    # Simulation mode only (docs/simulation.md); left out of a deployment spec's dump, so that
+    # stored deployment specs read exactly as before.
+    virtual: int | None = Field(
+        default=None,
+        ge=1,
+        description="Simulation mode: how many virtual clients Flower's Simulation Engine "
+        "holds (at most FLORIST_SIMULATION_MAX_VIRTUAL_CLIENTS).",
+        exclude_if=lambda value: value is None,
+    )
+    per_round: int | None = Field(
+        default=None,
+        ge=1,
+        description="Simulation mode: virtual clients sampled each round (at most `virtual`).",
+        exclude_if=lambda value: value is None,
+    )
+    profiles: dict[str, float] | None = Field(
+        default=None,
+        description="Simulation mode: the device-profile mix virtual clients are drawn from, "
+        "profile name → weight (fast, normal, slow, flaky, neutral); each virtual client gets "
+        "one, fixed by the experiment's seed and its partition id. Default: fast, normal and "
+        "slow alike, as `florist up` gives its SuperNodes.",
+        exclude_if=lambda value: value is None,
+    )
 
 
 class ExperimentSpec(TaskSpec):
@@ -55,6 +78,13 @@ class ExperimentSpec(TaskSpec):
         gt=0,
         le=86_400,
         description="How long a round (or, on the event runtime, one task) waits for its reply.",
+    )
+    mode: Literal["deployment", "simulation"] = Field(
+        default="deployment",
+        description="deployment: the SuperLink's real SuperNodes train; simulation: "
+        "`clients.virtual` virtual clients on Flower's Simulation Engine (Ray), "
+        "`clients.per_round` of them each round, no SuperNodes needed.",
+        exclude_if=lambda value: value == "deployment",
     )
     runtime: Literal["flower", "event"] | None = Field(
         default=None,
@@ -142,12 +172,24 @@ def _parse(parse: Callable[[Any], Any], raw: dict[str, Any], field: str) -> Any:
 
 
 def server_setup(spec: ExperimentSpec) -> ServerSetup:
-    """What a server half gets besides its config: the experiment's sampling settings."""
+    """What a server half gets besides its config: the experiment's sampling settings.
+
+    In simulation mode ``per_round`` of the ``virtual`` clients take part in each round:
+    Flower's rule (``max(int(fraction · nodes), min)``) then samples exactly ``per_round``.
+    """
+    clients = spec.clients
+    if spec.mode == "simulation" and clients.virtual and clients.per_round:
+        return ServerSetup(
+            num_rounds=spec.rounds,
+            min_clients=clients.per_round,
+            fraction_train=clients.per_round / clients.virtual,
+            fraction_evaluate=min(clients.fraction_evaluate, clients.per_round / clients.virtual),
+        )
     return ServerSetup(
         num_rounds=spec.rounds,
-        min_clients=spec.clients.min,
-        fraction_train=spec.clients.fraction_train,
-        fraction_evaluate=spec.clients.fraction_evaluate,
+        min_clients=clients.min,
+        fraction_train=clients.fraction_train,
+        fraction_evaluate=clients.fraction_evaluate,
     )
 
 

@@ -17,6 +17,7 @@ from florist.server.follower import RunFollower
 from florist.server.logs import ExperimentLogContext
 from florist.server.observability import instrument
 from florist.server.settings import Settings, get_settings
+from florist.server.simulation import control_for
 
 
 def create_app(
@@ -38,9 +39,7 @@ def create_app(
         app.state.follower = None
         app.state.open_streams = 0
         if follow_runs:
-            factory = control_factory or (
-                lambda: ControlClient(settings.superlink_control, insecure=settings.insecure)
-            )
+            factory = control_factory or (lambda: control_for(settings))
             app.state.follower = RunFollower(
                 app.state.sessions,
                 factory,

@@ -55,6 +55,11 @@ class ExperimentPublic(BaseModel):
     name: str
     status: ExperimentStatus
     strategy: StrategyRef
+    mode: Literal["deployment", "simulation"] = Field(
+        default="deployment",
+        description="Where its clients run: real SuperNodes, or virtual clients on Flower's "
+        "Simulation Engine (clients.virtual, clients.per_round).",
+    )
     workload: WorkloadRef | None = Field(
         description="What is trained; null for an external experiment (its app's own)."
     )

@@ -42,12 +42,15 @@ def test_up_runs_an_experiment_and_stops_everything_on_ctrl_c(tmp_path: Path) ->
     # Prepare: its own state folder and ports, so it cannot meet another Florist on this machine.
     api_port, node_port = free_port(), free_port()
     fleet = f"127.0.0.1:{free_port()}"
+    simulation_port = free_port()
     env = dict(os.environ) | {
         "FLORIST_HOME": str(tmp_path / "home"),
         "FLORIST_API_PORT": str(api_port),
         "FLORIST_SUPERLINK_CONTROL": f"127.0.0.1:{free_port()}",
         "FLORIST_SUPERLINK_FLEET": fleet,
         "FLORIST_SUPERNODE_PORT": str(node_port),
+        # The simulation SuperLink `florist up` starts beside the deployment one.
+        "FLORIST_SIMULATION_CONTROL": f"127.0.0.1:{simulation_port}",
         "COLUMNS": "120",
     }
     env.pop("FLORIST_DATABASE_URL", None)
@@ -86,6 +89,7 @@ def test_up_runs_an_experiment_and_stops_everything_on_ctrl_c(tmp_path: Path) ->
     assert (exp["name"], exp["status"], exp["current_round"]) == ("up-fedavg", "completed", 2)
     assert code == 0, text
     assert not _port_open(api_port)
+    assert not _port_open(simulation_port)
     # Each child names one of these addresses on its command line: the SuperLink and SuperNodes
     # the Fleet API, each warm executor its SuperNode's ClientApp-side port.
     for address in (fleet, f"127.0.0.1:{node_port}", f"127.0.0.1:{node_port + 1}"):

@@ -44,6 +44,7 @@ from florist.server.db.models import ClientUpdate, Event, Experiment, Round
 from florist.server.db.repository import EXTERNAL, Page, Progress, UnknownCursorError
 from florist.server.db.status import ExperimentStatus, IllegalTransition
 from florist.server.recording.artifacts import to_torch_file
+from florist.server.simulation import simulation_errors
 from florist.server.spec import (
     ExperimentSpec,
     StrategySpecError,
@@ -76,6 +77,7 @@ def to_public(exp: Experiment, progress: Progress | None = None) -> ExperimentPu
     return ExperimentPublic(
         **row_fields(exp, progress),
         strategy=spec.strategy,
+        mode=spec.mode,
         workload=spec.workload_ref,
         training=spec.training.model_dump(mode="json"),
         clients=spec.clients,
@@ -233,6 +235,12 @@ def create_experiment(
     body: ExperimentCreate, session: SessionDep, follower: FollowerDep, settings: SettingsDep
 ) -> ExperimentPublic:
     workload_config = check_spec(body, max_parameters=settings.max_model_parameters)
+    if errors := simulation_errors(
+        body,
+        max_virtual=settings.simulation_max_virtual_clients,
+        enabled=bool(settings.simulation_control),
+    ):
+        raise _body_errors(errors)
     spec = ExperimentSpec.model_validate(body.model_dump())
     # Stored with every default spelled out: a run reads the same settings even if a default
     # changes in a later version.

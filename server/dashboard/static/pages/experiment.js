@@ -240,6 +240,9 @@ export function mountExperimentPage(id) {
         { class: "detail-header" },
         h("h2", { id: "detail-title" }, `#${e.id} · ${e.name}`),
         statusBadge(e.status, { id: "detail-status" }),
+        e.mode === "simulation"
+          ? h("span", { class: "badge", "data-testid": "simulation-badge", title: "virtual clients on Flower's Simulation Engine" }, `simulation · ${e.clients?.virtual ?? "?"} virtual, ${e.clients?.per_round ?? "?"} a round`)
+          : null,
         h("span", { id: "round-counter", class: "round-counter" }, roundCounter(counted)),
         h("span", { id: "stream-state", class: `stream-state stream-${state.streamState}` }, streamText),
         h("span", { class: "spacer" }),

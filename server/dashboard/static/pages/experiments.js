@@ -161,6 +161,10 @@ export function mountExperimentsPage() {
         e.source === "external"
           ? [" ", h("span", { class: "badge", "data-testid": "external-badge", title: `${e.app ?? "a Flower app"}, run with flwr run` }, "external")]
           : null,
+        // Virtual clients on Flower's Simulation Engine (docs/simulation.md).
+        e.mode === "simulation"
+          ? [" ", h("span", { class: "badge", "data-testid": "simulation-badge", title: `${e.clients?.virtual ?? "?"} virtual clients, ${e.clients?.per_round ?? "?"} a round` }, "simulation")]
+          : null,
       ),
       h("td", {}, statusBadge(e.status)),
       h("td", {}, e.strategy?.name ?? dash),
