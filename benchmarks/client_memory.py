@@ -121,7 +121,16 @@ def measure(mode: str, nodes: int, work: Path) -> dict[str, Any]:
     # Neutral nodes: the measure is memory, and a slow profile only makes the run longer.
     fleet = home / "fleet.toml"
     fleet.write_text('[[node]]\nprofile = "neutral"\n\n' * nodes)
-    cmd = [sys.executable, "-m", "florist.server.cli", "up", "--fleet", str(fleet), "--no-demo"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "florist.server.cli",
+        "up",
+        "--fleet",
+        str(fleet),
+        "--no-demo",
+        "--no-simulation",
+    ]
     log = (home / "up.log").open("w")
     proc = subprocess.Popen([*cmd, flag], env=env, stdout=log, stderr=subprocess.STDOUT)
     client = httpx.Client(base_url=f"http://{api}", timeout=30)

@@ -161,7 +161,16 @@ class FloristStack:
         fleet.write_text('[[node]]\nprofile = "neutral"\n\n' * nodes)
         self.log = (home / "up.log").open("w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "florist.server.cli", "up", "--fleet", str(fleet), "--no-demo"],
+            [
+                sys.executable,
+                "-m",
+                "florist.server.cli",
+                "up",
+                "--fleet",
+                str(fleet),
+                "--no-demo",
+                "--no-simulation",
+            ],
             env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
