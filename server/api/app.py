@@ -38,9 +38,7 @@ def create_app(
         app.state.follower = None
         app.state.open_streams = 0
         if follow_runs:
-            factory = control_factory or (
-                lambda: ControlClient(settings.superlink_control, insecure=settings.insecure)
-            )
+            factory = control_factory or (lambda: ControlClient.from_settings(settings))
             app.state.follower = RunFollower(
                 app.state.sessions,
                 factory,
