@@ -88,7 +88,7 @@ function renderKeys(keys) {
 function keyBadge(keysByNode, nodeId) {
   const key = keysByNode.get(nodeId);
   if (!key) return null;
-  return h("span", { class: "badge", "data-testid": "node-key-badge", title: key.fingerprint }, `key: ${key.name}`);
+  return h("span", { class: "badge", style: "margin-left: 0.4rem", "data-testid": "node-key-badge", title: key.fingerprint }, `key: ${key.name}`);
 }
 
 /** A node whose node-config sets an attack (client/attacks.py) is marked as an attacker. */
