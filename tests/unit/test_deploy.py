@@ -326,6 +326,8 @@ def test_superlink_command_execs_flower_with_its_state_file(
     monkeypatch.setenv("FLORIST_DATABASE_URL", "postgresql://u:p@db/florist")
     monkeypatch.setenv("FLORIST_SUPERLINK_CONTROL", "0.0.0.0:8000")
     monkeypatch.setenv("FLORIST_SUPERLINK_FLEET", "0.0.0.0:9092")
+    # Plain text on every interface of a container: refused unless forced (as .env.example does).
+    monkeypatch.setenv("FLORIST_FORCE_INSECURE", "1")
     state = tmp_path / "state" / "superlink.db"
     result = CliRunner().invoke(
         app, ["superlink", "--database", str(state), "--health", "0.0.0.0:9098"]
