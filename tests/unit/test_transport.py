@@ -139,8 +139,14 @@ def test_server_tls_from_settings_names_missing_files(tmp_path: Path, tls: Serve
 
 
 def _exec_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """Each exec's argv; like a real exec, it does not return (the command goes no further)."""
     calls: list[list[str]] = []
-    monkeypatch.setattr(cli.os, "execvpe", lambda f, a, e: calls.append(a))
+
+    def execvpe(file: str, argv: list[str], env: dict[str, str]) -> None:
+        calls.append(argv)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(cli.os, "execvpe", execvpe)
     return calls
 
 
