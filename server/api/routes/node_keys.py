@@ -15,6 +15,7 @@ from fastapi import APIRouter, HTTPException, Path, status
 from sqlalchemy import select
 
 from florist.server.api.deps import DB_INT_MAX, FollowerDep, SessionDep, SettingsDep
+from florist.server.api.errors import ErrorPublic, error_responses
 from florist.server.api.routes.nodes import superlink_nodes
 from florist.server.api.schemas import NodeKeyCreate, NodeKeyNode, NodeKeyPublic, NodeKeysPublic
 from florist.server.certs import parse_node_public_key
@@ -30,6 +31,19 @@ from florist.server.follower import RunFollower
 log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/node-keys", tags=["node-keys"])
+
+_UNAVAILABLE = {"model": ErrorPublic, "description": "The SuperLink is unreachable or not set."}
+_ADD_RESPONSES = error_responses(400) | {
+    409: {
+        "model": ErrorPublic,
+        "description": "The key is registered already (here or at the SuperLink).",
+    },
+    503: _UNAVAILABLE,
+}
+_REMOVE_RESPONSES = {
+    404: {"model": ErrorPublic, "description": "No such key."},
+    503: _UNAVAILABLE,
+}
 
 KeyId = Annotated[int, Path(ge=0, le=DB_INT_MAX, description="The key's id (404 if none).")]
 
@@ -59,7 +73,9 @@ def _public(row: NodeKey, info: SuperLinkNode | None) -> NodeKeyPublic:
     )
 
 
-@router.post("", status_code=status.HTTP_201_CREATED, response_model=NodeKeyPublic)
+@router.post(
+    "", status_code=status.HTTP_201_CREATED, response_model=NodeKeyPublic, responses=_ADD_RESPONSES
+)
 def add_node_key(body: NodeKeyCreate, session: SessionDep, follower: FollowerDep) -> NodeKeyPublic:
     """Register a SuperNode's public key with the SuperLink and keep it. A key Flower would not
     take is a 422 naming ``public_key``; one already registered a 409; nothing is stored
@@ -105,7 +121,7 @@ def list_node_keys(
     )
 
 
-@router.delete("/{key_id}", response_model=NodeKeyPublic)
+@router.delete("/{key_id}", response_model=NodeKeyPublic, responses=_REMOVE_RESPONSES)
 def remove_node_key(key_id: KeyId, session: SessionDep, follower: FollowerDep) -> NodeKeyPublic:
     """Unregister the key at the SuperLink (its node is refused from then on), then forget it."""
     row = session.get(NodeKey, key_id)
