@@ -80,10 +80,9 @@ def tls_env(settings: Settings) -> dict[str, str]:
         "FLORIST_FORCE_INSECURE": "1" if settings.force_insecure else "0",
     }
     if not settings.insecure:
-        for which, name in (("ca", "CA_CERT"), ("cert", "CERT"), ("key", "KEY")):
-            path = settings.tls_file(which)  # type: ignore[arg-type]
-            if path is not None:
-                env[f"FLORIST_TLS_{name}"] = str(path)
+        files = {"CA_CERT": settings.tls_file("ca"), "CERT": settings.tls_file("cert")}
+        files["KEY"] = settings.tls_file("key")
+        env |= {f"FLORIST_TLS_{name}": str(path) for name, path in files.items() if path}
     return env
 
 

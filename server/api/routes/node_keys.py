@@ -9,7 +9,7 @@ SuperLink no longer does.
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, status
 from sqlalchemy import select
@@ -40,7 +40,7 @@ _ADD_RESPONSES = error_responses(400) | {
     },
     503: _UNAVAILABLE,
 }
-_REMOVE_RESPONSES = {
+_REMOVE_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorPublic, "description": "No such key."},
     503: _UNAVAILABLE,
 }
