@@ -529,7 +529,8 @@ def _start_server(sup: Supervisor, settings: Settings, logs: Path) -> None:
             "api", [sys.executable, "-m", "florist.server.cli", "api"], api_env, logs / "api.log"
         )
     )
-    wait_for_port(f"{settings.api_host}:{settings.api_port}")
+    # The API imports torch and migrates the database first: on a busy machine that takes a while.
+    wait_for_port(f"{settings.api_host}:{settings.api_port}", timeout=120)
 
 
 def _add_supernode(
