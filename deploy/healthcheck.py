@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import sys
 import urllib.request
 from collections.abc import Sequence
@@ -50,10 +51,19 @@ def _local(address: str) -> tuple[str, int]:
     return ("127.0.0.1" if host in ("", "0.0.0.0", "::") else host), int(port)
 
 
+def _api_tls_context() -> ssl.SSLContext | None:
+    """The API in a container listens on 0.0.0.0, so with TLS files it serves HTTPS (its
+    certificate names 127.0.0.1 too): verify it with Florist's CA."""
+    tls_dir = os.environ.get("FLORIST_TLS_DIR", "")
+    ca = os.environ.get("FLORIST_TLS_CA_CERT", "") or (f"{tls_dir}/ca.crt" if tls_dir else "")
+    return ssl.create_default_context(cafile=ca) if ca else None
+
+
 def check_api(options: dict[str, str]) -> None:
     port = options.get("--port") or os.environ.get("FLORIST_API_PORT", "8080")
-    url = f"http://127.0.0.1:{port}/api/v1/healthz"
-    with urllib.request.urlopen(url, timeout=TIMEOUT_S) as response:
+    context = _api_tls_context()
+    url = f"{'https' if context else 'http'}://127.0.0.1:{port}/api/v1/healthz"
+    with urllib.request.urlopen(url, timeout=TIMEOUT_S, context=context) as response:
         if response.status != 200:
             raise RuntimeError(f"{url}: {response.status}")
 

@@ -110,6 +110,10 @@ def client_argv(index: int, env: Mapping[str, str], extra: Sequence[str] = ()) -
         argv += ["--profile", profiles[index % len(profiles)]]
     if env.get("NODE_CONFIG"):
         argv += ["--node-config", env["NODE_CONFIG"]]
+    # One key per replica: a key admits one SuperNode, so replicas cannot share one.
+    key = env.get("FLORIST_SUPERNODE_AUTH_KEY", "")
+    if "{index}" in key:
+        argv += ["--auth-key", key.format(index=index)]
     return [*argv, *extra]
 
 

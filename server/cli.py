@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 import tomllib
@@ -20,16 +21,20 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from florist.server.cli_nodes import local_node_key, make_secure, register_security_commands
 from florist.server.db.status import ExperimentStatus
 from florist.server.logs import configure_logging
 from florist.server.processes import (
     Managed,
+    ServerTls,
     Supervisor,
+    check_plaintext,
     executor_pool,
     flower_env,
     superlink_command,
     supernode_command,
     supernode_processes,
+    tls_env,
     wait_for_port,
 )
 from florist.server.settings import Settings, get_settings
@@ -71,7 +76,14 @@ def load_experiment(path: Path) -> dict[str, Any]:
 
 
 def api_url(settings: Settings) -> str:
-    return f"http://{settings.api_host}:{settings.api_port}"
+    scheme = "https" if settings.api_tls() else "http"
+    return f"{scheme}://{settings.api_host}:{settings.api_port}"
+
+
+def api_verify(settings: Settings) -> ssl.SSLContext | bool:
+    """How the CLI checks an HTTPS API: against Florist's CA when the settings name one."""
+    ca = settings.tls_file("ca")
+    return ssl.create_default_context(cafile=str(ca)) if ca is not None else True
 
 
 def submit_and_follow(base: str, body: dict[str, Any], *, wait: bool = True) -> dict[str, Any]:
@@ -178,8 +190,9 @@ class Api:
     stderr and a non-zero exit, never a traceback."""
 
     def __init__(self, base: str | None, *, timeout: float = 30) -> None:
-        self.base = (base or api_url(get_settings())).rstrip("/")
-        self.client = httpx.Client(base_url=self.base, timeout=timeout)
+        settings = get_settings()
+        self.base = (base or api_url(settings)).rstrip("/")
+        self.client = httpx.Client(base_url=self.base, timeout=timeout, verify=api_verify(settings))
 
     def __enter__(self) -> Api:
         return self
@@ -458,6 +471,11 @@ def run_api(
     settings = get_settings()
     settings.api_host = host or settings.api_host
     settings.api_port = port or settings.api_port
+    address = f"{settings.api_host}:{settings.api_port}"
+    cert, key = settings.tls_file("cert"), settings.tls_file("key")
+    https = settings.api_tls() and cert is not None and key is not None
+    if not https:
+        check_plaintext({"the API": address}, force=settings.force_insecure)
     # log_config=None: uvicorn's loggers reach the handler main() set up (FLORIST_LOG_FORMAT),
     # so its access lines are JSON too, with the experiment id a request's path names.
     uvicorn.run(
@@ -466,6 +484,8 @@ def run_api(
         port=settings.api_port,
         log_level=settings.log_level.lower(),
         log_config=None,
+        ssl_certfile=str(cert) if https else None,
+        ssl_keyfile=str(key) if https else None,
     )
 
 
@@ -484,7 +504,10 @@ def _start_server(
 ) -> None:
     """SuperLink (and, with ``simulation``, the simulation SuperLink) then API, each waited
     for, so a later failure names the right piece."""
-    env = flower_env(settings.home, {"FLORIST_DATABASE_URL": settings.resolved_database_url()})
+    env = flower_env(
+        settings.home,
+        {"FLORIST_DATABASE_URL": settings.resolved_database_url(), **tls_env(settings)},
+    )
     if simulation:
         _start_simulation_superlink(sup, settings, env, logs)
     else:
@@ -497,7 +520,9 @@ def _start_server(
                 fleet=settings.superlink_fleet,
                 # A SuperLink the supervisor restarts knows its runs and nodes again.
                 database=settings.superlink_state_file(),
-                insecure=settings.insecure,
+                tls=ServerTls.from_settings(settings),
+                supernode_auth=settings.supernode_auth,
+                force_insecure=settings.force_insecure,
             ),
             env,
             logs / "superlink.log",
@@ -517,6 +542,7 @@ def _start_server(
             "api", [sys.executable, "-m", "florist.server.cli", "api"], api_env, logs / "api.log"
         )
     )
+    # The API imports torch and migrates the database first: on a busy machine that takes a while.
     wait_for_port(f"{settings.api_host}:{settings.api_port}", timeout=STARTUP_TIMEOUT_S)
 
 
@@ -536,7 +562,6 @@ def _start_simulation_superlink(
         superlink_command(
             control=settings.simulation_control,
             fleet=settings.superlink_fleet,
-            insecure=settings.insecure,
         )
     )
     sim_env = {**env, **ray_environment(settings)}
@@ -552,12 +577,16 @@ def _add_supernode(
     port: int,
     logs: Path,
     warm: bool,
+    auth_key: Path | None = None,
     executor: bool = True,
 ) -> None:
     """A SuperNode; with ``warm``, tuned polls and a warm executor beside it (both supervised;
-    ``executor=False`` leaves the executor to a shared pool)."""
+    ``executor=False`` leaves the executor to a shared pool). With TLS it verifies the
+    SuperLink with the settings' CA; ``auth_key`` is its private key."""
     env = flower_env(settings.home)
     clientappio = f"127.0.0.1:{port}"
+    ca = None if settings.insecure else settings.tls_file("ca")
+    key = auth_key or settings.supernode_auth_key
     if warm:
         for managed in supernode_processes(
             name,
@@ -566,7 +595,9 @@ def _add_supernode(
             node_config=node_config,
             env=env,
             log_dir=logs,
-            insecure=settings.insecure,
+            root_certificates=ca,
+            auth_key=key,
+            force_insecure=settings.force_insecure,
             executor=executor,
         ):
             sup.add(managed)
@@ -575,7 +606,9 @@ def _add_supernode(
         superlink=settings.superlink_fleet,
         clientappio=clientappio,
         node_config=node_config,
-        insecure=settings.insecure,
+        root_certificates=ca,
+        auth_key=key,
+        force_insecure=settings.force_insecure,
     )
     sup.add(Managed(name, cmd, env, logs / f"{name}.log"))
 
@@ -630,6 +663,13 @@ def up(
         bool,
         typer.Option(help='Also start the simulation SuperLink (`"mode": "simulation"`)'),
     ] = True,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="TLS on every link and SuperNode authentication: certificates in "
+            "$FLORIST_HOME/certs (made if missing), a key registered per SuperNode"
+        ),
+    ] = False,
 ) -> None:
     """Start database, API, SuperLink and N SuperNodes on this machine, and supervise them."""
     from florist.client.fleet import FleetError, load_fleet
@@ -645,6 +685,8 @@ def up(
         profiles = [{"profile": mix[i % len(mix)]} for i in range(clients)]
     settings = get_settings()
     logs = _prepare(settings)
+    if secure:
+        make_secure(settings)
     sup = Supervisor(log_to_stdout=settings.log_to_stdout)
     try:
         _start_server(sup, settings, logs, simulation=simulation)
@@ -655,8 +697,18 @@ def up(
             # Each SuperNode needs its own ClientApp-side API port.
             port = settings.supernode_port + i
             ports.append(port)
+            name = f"supernode-{i}"
+            key = local_node_key(settings, name) if secure else None
             _add_supernode(
-                sup, f"supernode-{i}", settings, node_config, port, logs, warm, not pooled
+                sup,
+                name,
+                settings,
+                node_config,
+                port,
+                logs,
+                warm,
+                auth_key=key,
+                executor=not pooled,
             )
         if pooled:
             sup.add(
@@ -664,7 +716,6 @@ def up(
                     [f"127.0.0.1:{port}" for port in ports],
                     env=flower_env(settings.home),
                     log_dir=logs,
-                    insecure=settings.insecure,
                 )
             )
     except Exception:
@@ -699,10 +750,24 @@ def server(
         bool,
         typer.Option(help='Also start the simulation SuperLink (`"mode": "simulation"`)'),
     ] = True,
+    secure: Annotated[
+        bool,
+        typer.Option(
+            help="TLS and SuperNode authentication: certificates from FLORIST_TLS_DIR, else "
+            "$FLORIST_HOME/certs (made if missing, for --hosts); register nodes with "
+            "`florist node add`"
+        ),
+    ] = False,
+    hosts: Annotated[
+        str | None,
+        typer.Option(help="With --secure and no certificates yet: the names clients use, h1,h2"),
+    ] = None,
 ) -> None:
-    """Start the server side alone (database, SuperLinks, API), as a server container does."""
+    """Start the server side alone (database, SuperLink, API), as a server container does."""
     settings = get_settings()
     logs = _prepare(settings)
+    if secure:
+        make_secure(settings, hosts)
     sup = Supervisor(log_to_stdout=settings.log_to_stdout)
     _start_server(sup, settings, logs, simulation=simulation)
     console.print(
@@ -736,7 +801,9 @@ def superlink(
         fleet=settings.superlink_fleet,
         health=health,
         database=database,
-        insecure=settings.insecure,
+        tls=ServerTls.from_settings(settings),
+        supernode_auth=settings.supernode_auth,
+        force_insecure=settings.force_insecure,
     )
     # The SuperLink starts the ServerApp, which records every round in Florist's database.
     env = flower_env(
@@ -779,6 +846,24 @@ def client(
             'availability-trace="0-120,300-500/600"\' (device-profile keys are checked here)',
         ),
     ] = None,
+    root_certificates: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="The CA certificate (ca.crt) the SuperLink's is signed with: TLS. Default "
+            "FLORIST_TLS_CA_CERT; without one, plain text (loopback only)",
+        ),
+    ] = None,
+    auth_key: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help="This node's private key (`florist node keygen`), its .pub registered with "
+            "`florist node add`. Default FLORIST_SUPERNODE_AUTH_KEY",
+        ),
+    ] = None,
 ) -> None:
     """Start one SuperNode (a client), as a client container does, and supervise it."""
     from flwr.common.config import parse_config_args
@@ -788,6 +873,10 @@ def client(
     settings = get_settings()
     if superlink:
         settings.superlink_fleet = superlink
+    if root_certificates is not None:
+        settings.tls_ca_cert, settings.insecure = root_certificates.resolve(), False
+    if auth_key is not None:
+        settings.supernode_auth_key = auth_key.resolve()
     node_config: dict[str, int | float | str] = {}
     if node_config_text:
         try:
@@ -836,9 +925,11 @@ def client(
     if not warm:
         cmd = supernode_command(
             superlink=settings.superlink_fleet,
-            insecure=settings.insecure,
             clientappio=f"127.0.0.1:{port}",
             node_config=node_config,
+            root_certificates=None if settings.insecure else settings.tls_file("ca"),
+            auth_key=settings.supernode_auth_key,
+            force_insecure=settings.force_insecure,
         )
         os.execvpe(cmd[0], cmd, flower_env(settings.home.resolve()))
     settings.home = settings.home.resolve()
@@ -853,6 +944,9 @@ def client(
         f"[green]client up[/green]: SuperNode ({data}), connecting to {settings.superlink_fleet}"
     )
     _supervise(sup)
+
+
+register_security_commands(app)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -11,6 +11,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import httpx
 from flwr.cli.build import build_fab_from_disk
 from flwr.cli.cli_client_interceptor import CliClientHttpInterceptor
 from flwr.cli.config_utils import get_fab_metadata
@@ -18,9 +19,11 @@ from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (
     ListNodesRequest,
     ListRunsRequest,
+    RegisterNodeRequest,
     StartRunRequest,
     StopRunRequest,
     StreamLogsRequest,
+    UnregisterNodeRequest,
 )
 from flwr.proto.federation_config_pb2 import SimulationConfig
 from flwr.proto.node_pb2 import NodeInfo
@@ -28,6 +31,8 @@ from flwr.proto.run_pb2 import Run as RunProto
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+
+from florist.server.settings import Settings
 
 
 def app_dir() -> Path:
@@ -104,6 +109,9 @@ class SuperLinkNode:
     unregistered_at: datetime | None
     online_until: datetime | None
     heartbeat_interval_s: float
+    # The key it authenticates with (PEM SubjectPublicKeyInfo): a registered key's, or the one
+    # an unauthenticated SuperNode made up for itself.
+    public_key: bytes = b""
 
     @property
     def online(self) -> bool:
@@ -123,7 +131,21 @@ class SuperLinkNode:
             if info.HasField("online_until")
             else None,
             heartbeat_interval_s=float(info.heartbeat_interval),
+            public_key=bytes(info.public_key),
         )
+
+
+def _error_detail(response: Any) -> str:
+    """The message of a Control API error answer (JSON with a message, else its text)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return str(response.text)[:500] or response.reason_phrase
+    if isinstance(body, dict):
+        for key in ("message", "detail", "error", "public_details"):
+            if isinstance(body.get(key), str) and body[key]:
+                return str(body[key])
+    return str(body)[:500]
 
 
 def _parse_time(text: str) -> datetime | None:
@@ -138,11 +160,24 @@ class SuperLinkUnavailable(ConnectionError):
     """The SuperLink's Control API cannot be reached."""
 
 
+class SuperLinkRefused(RuntimeError):
+    """The SuperLink answered and refused the request (``detail`` says why, in its words)."""
+
+    def __init__(self, status_code: int, detail: str) -> None:
+        super().__init__(f"the SuperLink refused ({status_code}): {detail}")
+        self.status_code = status_code
+        self.detail = detail
+
+
 class ControlClient:
     """A thin, typed face on ``flwr``'s ControlHttpClient for the calls Florist makes."""
 
     def __init__(
-        self, address: str, *, insecure: bool = True, root_certificates: str | None = None
+        self,
+        address: str,
+        *,
+        insecure: bool = True,
+        root_certificates: bytes | str | None = None,
     ):
         self.address = address
         self._client = ControlHttpClient.from_server_address(
@@ -165,6 +200,14 @@ class ControlClient:
             if type(exc).__module__.startswith("httpx"):
                 raise SuperLinkUnavailable(f"SuperLink at {self.address}: {exc}") from exc
             raise
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ControlClient:
+        """The client the settings describe: HTTPS verified with their CA when TLS is on."""
+        ca = settings.tls_file("ca")
+        if settings.insecure or ca is None:
+            return cls(settings.superlink_control, insecure=True)
+        return cls(settings.superlink_control, insecure=False, root_certificates=ca.read_bytes())
 
     def start_run(
         self,
@@ -204,6 +247,33 @@ class ControlClient:
         """
         response = self._call("ListNodes", ListNodesRequest())
         return [SuperLinkNode.from_proto(info) for info in response.nodes_info]
+
+    def register_node(self, public_key_pem: bytes, *, name: str | None = None) -> int:
+        """Register a SuperNode's public key (``flwr supernode register``); returns the node id
+        the SuperNode gets when it connects with that key. A key already registered, or one
+        Flower refuses, raises SuperLinkRefused."""
+        request = RegisterNodeRequest(public_key=public_key_pem, name=name)
+        response = self._refusable("RegisterNode", request)
+        if not response.node_id:
+            raise SuperLinkRefused(200, "no node id in the answer")
+        return int(response.node_id)
+
+    def unregister_node(self, node_id: int) -> None:
+        """Remove a registered SuperNode (``flwr supernode unregister``): its key is refused
+        from then on. An unknown node id raises SuperLinkRefused."""
+        self._refusable("UnregisterNode", UnregisterNodeRequest(node_id=node_id))
+
+    def _refusable(self, method: str, request: Any) -> Any:
+        """``_call`` for requests the SuperLink may refuse: its answer is not a lost link."""
+        try:
+            return self._call(method, request)
+        except SuperLinkUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, httpx.HTTPStatusError) and cause.response.status_code < 500:
+                raise SuperLinkRefused(
+                    cause.response.status_code, _error_detail(cause.response)
+                ) from None
+            raise
 
     def run_log(self, run_id: int) -> str:
         """What a finished run's ServerApp wrote: Flower sends it to the SuperLink, not to any

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import shutil
@@ -13,6 +14,10 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from florist.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +39,106 @@ def flower_env(home: Path, extra: Mapping[str, str] | None = None) -> dict[str, 
     return env
 
 
+class InsecureTransportError(RuntimeError):
+    """Plain text was asked for on an address other than loopback, and not forced."""
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The SuperLink's TLS files (``florist certs``): the CA, the server certificate and key."""
+
+    ca_cert: Path
+    cert: Path
+    key: Path
+
+    def missing(self) -> list[Path]:
+        return [p for p in (self.ca_cert, self.cert, self.key) if not p.is_file()]
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ServerTls | None:
+        """The files the settings name; None in plain text. A missing file is an error here,
+        not a SuperLink that exits with Flower's less specific complaint."""
+        if settings.insecure:
+            return None
+        ca, cert, key = (settings.tls_file(w) for w in ("ca", "cert", "key"))
+        if ca is None or cert is None or key is None:
+            raise FileNotFoundError(
+                "TLS needs a CA, a certificate and a key: set FLORIST_TLS_DIR (`florist certs`) "
+                "or FLORIST_TLS_CA_CERT, FLORIST_TLS_CERT and FLORIST_TLS_KEY"
+            )
+        tls = cls(ca, cert, key)
+        if missing := tls.missing():
+            raise FileNotFoundError(f"TLS files missing: {', '.join(map(str, missing))}")
+        return tls
+
+
+def tls_env(settings: Settings) -> dict[str, str]:
+    """The transport settings as FLORIST_* variables, for the processes Florist starts (the API
+    must reach a TLS SuperLink the way this process was told to)."""
+    env = {
+        "FLORIST_SUPERNODE_AUTH": "1" if settings.supernode_auth else "0",
+        "FLORIST_FORCE_INSECURE": "1" if settings.force_insecure else "0",
+    }
+    if not settings.insecure:
+        files = {"CA_CERT": settings.tls_file("ca"), "CERT": settings.tls_file("cert")}
+        files["KEY"] = settings.tls_file("key")
+        env |= {f"FLORIST_TLS_{name}": str(path) for name, path in files.items() if path}
+    return env
+
+
+def is_loopback(host: str) -> bool:
+    """``localhost``, 127.0.0.0/8 and ::1; a name or any other address may be reachable."""
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_plaintext(addresses: Mapping[str, str], *, force: bool = False) -> None:
+    """Refuse plain text on any of ``addresses`` (``what -> host:port``) but loopback.
+
+    With ``force`` it goes ahead, with a warning no one can miss: anyone on the path reads
+    the models and the updates, and on an open Fleet API anyone can join as a SuperNode.
+    """
+    exposed = {what: a for what, a in addresses.items() if not is_loopback(a.rsplit(":", 1)[0])}
+    if not exposed:
+        return
+    where = ", ".join(f"{what} on {address}" for what, address in exposed.items())
+    if not force:
+        raise InsecureTransportError(
+            f"plain text refused on {where}: not loopback. Make certificates (`florist certs "
+            "--hosts ...`) and set FLORIST_TLS_DIR, or set FLORIST_FORCE_INSECURE=1 on a "
+            "network you trust"
+        )
+    log.warning(
+        "\n%s\nINSECURE: plain text (no TLS) on %s, forced by FLORIST_FORCE_INSECURE.\n"
+        "Anyone on the network can read and alter models and updates.\n%s",
+        "!" * 78,
+        where,
+        "!" * 78,
+    )
+
+
 def superlink_command(
     *,
     control: str = "127.0.0.1:8000",
     fleet: str = "127.0.0.1:9092",
     health: str | None = None,
     database: Path | None = None,
-    insecure: bool = True,
+    tls: ServerTls | None = None,
+    supernode_auth: bool = False,
+    force_insecure: bool = False,
 ) -> list[str]:
+    """``flower-superlink``: with ``tls`` its Fleet, Control and ServerApp-side APIs speak TLS
+    (the ServerApp's runtime verifies them with the same CA); ``supernode_auth`` admits only
+    registered SuperNode keys. Without ``tls``, plain text is refused off loopback unless forced."""
+    if supernode_auth and tls is None:
+        raise ValueError("SuperNode authentication needs TLS (Flower refuses it in plain text)")
+    if tls is None:
+        check_plaintext({"Control API": control, "Fleet API": fleet}, force=force_insecure)
     host, port = control.rsplit(":", 1)
     cmd = [
         _tool("flower-superlink"),
@@ -55,8 +152,19 @@ def superlink_command(
         "--fleet-api-address",
         fleet,
     ]
-    if insecure:
+    if tls is None:
         cmd.append("--insecure")
+    else:
+        cmd += [
+            "--ssl-ca-certfile",
+            str(tls.ca_cert),
+            "--ssl-certfile",
+            str(tls.cert),
+            "--ssl-keyfile",
+            str(tls.key),
+        ]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
     if health:
         cmd += ["--health-server-address", health]
     if database is not None:
@@ -69,14 +177,23 @@ def supernode_command(
     superlink: str,
     clientappio: str,
     node_config: Mapping[str, int | float | str],
-    insecure: bool = True,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+    force_insecure: bool = False,
     isolation: str = "subprocess",
     tuned: bool = False,
 ) -> list[str]:
     """``flower-supernode``; ``isolation="process"`` leaves ClientApps to a warm executor
-    (``executor_command``), ``tuned`` starts it through florist.client.supernode (short polls)."""
+    (``executor_command``), ``tuned`` starts it through florist.client.supernode (short polls).
+
+    ``root_certificates``: the CA that signed the SuperLink's certificate (TLS; without it
+    plain text, refused to a SuperLink off loopback unless forced); ``auth_key``: the node's
+    private key for a SuperLink with SuperNode authentication.
+    """
     if isolation not in ("subprocess", "process"):
         raise ValueError(f"isolation must be 'subprocess' or 'process', got {isolation!r}")
+    if root_certificates is None:
+        check_plaintext({"the SuperLink's Fleet API": superlink}, force=force_insecure)
     host, port = clientappio.rsplit(":", 1)
     config = " ".join(
         f'{k}="{v}"' if isinstance(v, str) else f"{k}={v}" for k, v in node_config.items()
@@ -96,23 +213,29 @@ def supernode_command(
         "--node-config",
         config,
     ]
-    if insecure:
+    if root_certificates is None:
         cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", str(root_certificates)]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
     if isolation != "subprocess":
         cmd += ["--isolation", isolation]
     return cmd
 
 
-def executor_command(*, clientappio: str | Sequence[str], insecure: bool = True) -> list[str]:
+def executor_command(*, clientappio: str | Sequence[str]) -> list[str]:
     """Florist's warm ClientApp executor for the SuperNode whose ClientApp-side API is given;
-    several addresses: one pool process forking an executor for each (client/executor.py)."""
+    several addresses: one pool process forking an executor for each (client/executor.py).
+
+    Plain text: that API is the SuperNode's own, on loopback (``florist client`` binds it to
+    127.0.0.1), and Flower serves it without TLS unless given server certificates of its own.
+    """
     addresses = [clientappio] if isinstance(clientappio, str) else list(clientappio)
     cmd = [sys.executable, "-m", "florist.client.executor"]
     for address in addresses:
         cmd += ["--clientappio", address]
-    if insecure:
-        cmd.append("--insecure")
-    return cmd
+    return [*cmd, "--insecure"]
 
 
 def supernode_processes(
@@ -123,7 +246,9 @@ def supernode_processes(
     node_config: Mapping[str, int | float | str],
     env: Mapping[str, str],
     log_dir: Path,
-    insecure: bool = True,
+    root_certificates: Path | None = None,
+    auth_key: Path | None = None,
+    force_insecure: bool = False,
     restart: bool = True,
     executor: bool = True,
 ) -> list[Managed]:
@@ -137,7 +262,9 @@ def supernode_processes(
         superlink=superlink,
         clientappio=clientappio,
         node_config=node_config,
-        insecure=insecure,
+        root_certificates=root_certificates,
+        auth_key=auth_key,
+        force_insecure=force_insecure,
         isolation="process",
         tuned=True,
     )
@@ -148,7 +275,7 @@ def supernode_processes(
         supernode,
         Managed(
             f"{name}-executor",
-            executor_command(clientappio=clientappio, insecure=insecure),
+            executor_command(clientappio=clientappio),
             env,
             log_dir / f"{name}-executor.log",
             restart=True,
@@ -156,14 +283,12 @@ def supernode_processes(
     ]
 
 
-def executor_pool(
-    clientappios: Sequence[str], *, env: Mapping[str, str], log_dir: Path, insecure: bool = True
-) -> Managed:
+def executor_pool(clientappios: Sequence[str], *, env: Mapping[str, str], log_dir: Path) -> Managed:
     """One process serving the ClientApps of several SuperNodes on this machine: it imports
     torch and the app once and forks an executor per SuperNode, which then share those pages."""
     return Managed(
         "executors",
-        executor_command(clientappio=clientappios, insecure=insecure),
+        executor_command(clientappio=clientappios),
         env,
         log_dir / "executors.log",
         restart=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -134,6 +134,76 @@ class Settings(BaseSettings):
         description="Cap on Ray's shared-memory object store (MiB); it holds the messages in "
         "flight, a few copies of the model.",
     )
+
+    # --- TLS and SuperNode authentication (docs/tls-and-node-auth.md) ---------------------------
+    tls_dir: Path | None = Field(
+        default=None,
+        description="A folder made by `florist certs`: ca.crt, server.crt, server.key. The "
+        "explicit FLORIST_TLS_* files below win over it.",
+    )
+    tls_ca_cert: Path | None = Field(
+        default=None, description="The CA certificate clients verify the SuperLink and API with."
+    )
+    tls_cert: Path | None = Field(default=None, description="The server's certificate (PEM).")
+    tls_key: Path | None = Field(default=None, description="The server's private key (PEM).")
+    supernode_auth: bool = Field(
+        default=False,
+        description="The SuperLink admits only SuperNodes whose public key is registered "
+        "(`florist node add`); needs TLS.",
+    )
+    supernode_auth_key: Path | None = Field(
+        default=None,
+        description="This SuperNode's private key (OpenSSH, `florist node keygen`), for a "
+        "SuperLink with SuperNode authentication.",
+    )
+    force_insecure: bool = Field(
+        default=False,
+        description="Allow plain text on an address other than loopback (refused otherwise).",
+    )
+
+    @field_validator(
+        "tls_dir", "tls_ca_cert", "tls_cert", "tls_key", "supernode_auth_key", mode="before"
+    )
+    @classmethod
+    def _empty_path_is_none(cls, value: object) -> object:
+        # compose passes unset variables as empty strings, which would otherwise mean ".".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _transport_is_one_thing(self) -> Settings:
+        """TLS files switch TLS on; FLORIST_INSECURE may not say otherwise, and SuperNode
+        authentication needs TLS (Flower's SuperLink refuses it in plain text)."""
+        tls_given = self.tls_dir is not None or self.tls_ca_cert is not None
+        if tls_given:
+            if "insecure" in self.model_fields_set and self.insecure:
+                raise ValueError(
+                    "FLORIST_INSECURE=true contradicts FLORIST_TLS_DIR/FLORIST_TLS_CA_CERT"
+                )
+            self.insecure = False
+        elif not self.insecure:
+            raise ValueError(
+                "FLORIST_INSECURE=false needs certificates: FLORIST_TLS_DIR (`florist certs`) "
+                "or FLORIST_TLS_CA_CERT"
+            )
+        if self.supernode_auth and self.insecure:
+            raise ValueError("FLORIST_SUPERNODE_AUTH needs TLS: set FLORIST_TLS_DIR")
+        return self
+
+    def tls_file(self, which: Literal["ca", "cert", "key"]) -> Path | None:
+        """One of the TLS files: the explicit setting, else its name in ``tls_dir``."""
+        explicit = {"ca": self.tls_ca_cert, "cert": self.tls_cert, "key": self.tls_key}[which]
+        if explicit is not None:
+            return explicit.expanduser().resolve()
+        if self.tls_dir is None:
+            return None
+        name = {"ca": "ca.crt", "cert": "server.crt", "key": "server.key"}[which]
+        return (self.tls_dir.expanduser() / name).resolve()
+
+    def api_tls(self) -> bool:
+        """The API serves HTTPS: TLS is on and it listens beyond loopback."""
+        from florist.server.processes import is_loopback
+
+        return not self.insecure and not is_loopback(self.api_host)
 
     def superlink_state_file(self) -> Path | None:
         """Where ``florist up``/``florist server`` keep the SuperLink's state (None: memory)."""

@@ -295,10 +295,11 @@ def _run_state(link: ControlClient, run_id: int) -> RunState | None:
 
 def control_for(settings: Settings) -> ControlClient:
     """The Control API client the API's follower uses: routed when simulation is enabled."""
-    deployment = ControlClient(settings.superlink_control, insecure=settings.insecure)
+    deployment = ControlClient.from_settings(settings)
     if not settings.simulation_control:
         return deployment
-    simulation = ControlClient(settings.simulation_control, insecure=settings.insecure)
+    # The simulation SuperLink listens on loopback only, in plain text (no SuperNode reaches it).
+    simulation = ControlClient(settings.simulation_control, insecure=True)
     return RoutedControl(deployment, simulation, ray_limits(settings))
 
 

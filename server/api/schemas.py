@@ -5,10 +5,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from florist.client.task import StrategyRef, WorkloadRef
 from florist.server.api.deps import NEXT_CURSOR_DESCRIPTION
+from florist.server.certs import parse_node_public_key
 from florist.server.db.status import ExperimentStatus
 from florist.server.metrics import BestBy
 from florist.server.spec import ClientsConfig, ExperimentSpec
@@ -321,3 +322,66 @@ class StreamEnd(BaseModel):
         description="The experiment's final status, or ``deleted`` if it was deleted meanwhile."
     )
     error: str | None = None
+
+
+class NodeKeyCreate(BaseModel):
+    """The body of ``POST /node-keys``: a SuperNode's public key to admit, and a name for it."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(
+        min_length=1,
+        max_length=100,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._ -]*$",
+        description="Who the node is (a site, a machine): letters, digits, '.', '_', '-', spaces.",
+    )
+    public_key: str = Field(
+        max_length=4096,
+        description="The node's OpenSSH public key line, as `florist node keygen` or "
+        "`ssh-keygen -t ecdsa -b 384` writes it (`ecdsa-sha2-nistp384 AAAA…`).",
+    )
+
+    @field_validator("public_key")
+    @classmethod
+    def _a_key_flower_accepts(cls, value: str) -> str:
+        return parse_node_public_key(value).openssh
+
+
+class NodeKeyNode(BaseModel):
+    """The SuperNode that authenticates with a key, as the SuperLink lists it now."""
+
+    status: str = Field(
+        description="The SuperLink's word: online (connected, heartbeating), offline (was "
+        "connected, heartbeat lapsed), registered (never connected yet), unregistered."
+    )
+    connected_at: datetime | None = None
+    disconnected_at: datetime | None = None
+
+
+class NodeKeyPublic(BaseModel):
+    """A registered key and the Flower node it admits."""
+
+    id: int
+    name: str
+    fingerprint: str = Field(description="SHA256 of the key, as `ssh-keygen -l` prints it.")
+    public_key: str
+    node_id: str = Field(description="The Flower node id the key was registered as (uint64).")
+    added_at: datetime
+    node: NodeKeyNode | None = Field(
+        default=None,
+        description="The node as the SuperLink lists it; None when the SuperLink does not know "
+        "the key (its state was lost) or could not be asked (see ``superlink``).",
+    )
+
+
+class NodeKeysPublic(BaseModel):
+    data: list[NodeKeyPublic]
+    count: int
+    supernode_auth: bool = Field(
+        description="Whether this server's SuperLink runs with SuperNode authentication "
+        "(otherwise any SuperNode may connect, registered or not)."
+    )
+    superlink: str = Field(
+        description="Whether ``node`` is live: ok, not configured, unreachable: <why>, or "
+        "error: <why>."
+    )

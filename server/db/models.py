@@ -343,3 +343,20 @@ class Event(Base):
     message: Mapped[str] = mapped_column(Text)
     data: Mapped[dict[str, Any] | None] = mapped_column(_NullableJSON, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+class NodeKey(Base):
+    """A SuperNode public key registered with the SuperLink (SuperNode authentication).
+
+    ``node_id`` is the Flower node id the SuperLink gave the key when it was registered: the
+    SuperNode that connects with the key is that node.
+    """
+
+    __tablename__ = "node_keys"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    fingerprint: Mapped[str] = mapped_column(String(100), unique=True)
+    public_key: Mapped[str] = mapped_column(Text)  # the OpenSSH line
+    node_id: Mapped[int] = mapped_column(UInt64)
+    added_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)

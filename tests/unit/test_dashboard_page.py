@@ -543,6 +543,11 @@ def build_app(api: FakeApi) -> FastAPI:
             **{k: v for k, v in api.nodes.items() if k not in ("data", "count")},
         )
 
+    @app.get("/api/v1/node-keys")
+    def node_keys() -> dict[str, Any]:
+        # The nodes page's registered keys (docs/tls-and-node-auth.md): none here.
+        return {"data": [], "count": 0, "supernode_auth": False, "superlink": "ok"}
+
     @app.post("/api/v1/experiments", response_model=None)
     def create(body: dict[str, Any]) -> dict[str, Any] | JSONResponse:
         # The real API's 422 shape for the two mistakes the tests make.

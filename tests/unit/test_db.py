@@ -31,7 +31,7 @@ from florist.server.db.status import TRANSITIONS, ExperimentStatus, IllegalTrans
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 # The newest migration: bump it with each new revision.
-HEAD = "0008"
+HEAD = "0009"
 
 
 def _experiment(session: Session, name: str = "exp") -> Experiment:

@@ -206,7 +206,12 @@ def test_state_lives_on_volumes_and_postgres_is_checked(compose: dict[str, Any])
     database = command[command.index("--database") + 1]
     mounts = {v.split(":")[1]: v.split(":")[0] for v in services["superlink"]["volumes"]}
     assert any(database.startswith(target + "/") for target in mounts)
-    assert set(mounts.values()) <= set(compose["volumes"])
+    # Its state on named volumes; the certificates are a read-only bind mount of CERTS_DIR.
+    state = {source for target, source in mounts.items() if target != "/certs"}
+    assert state <= set(compose["volumes"])
+    assert "/certs" in mounts and all(
+        v.endswith(":ro") for v in services["superlink"]["volumes"] if ":/certs" in v
+    )
     assert services["api"]["depends_on"]["superlink"]["condition"] == "service_healthy"
     for name in florist_services(compose):
         assert services[name]["init"] is True, f"{name}: no init to forward SIGTERM and reap"
@@ -326,6 +331,8 @@ def test_superlink_command_execs_flower_with_its_state_file(
     monkeypatch.setenv("FLORIST_DATABASE_URL", "postgresql://u:p@db/florist")
     monkeypatch.setenv("FLORIST_SUPERLINK_CONTROL", "0.0.0.0:8000")
     monkeypatch.setenv("FLORIST_SUPERLINK_FLEET", "0.0.0.0:9092")
+    # Plain text on every interface of a container: refused unless forced (as .env.example does).
+    monkeypatch.setenv("FLORIST_FORCE_INSECURE", "1")
     state = tmp_path / "state" / "superlink.db"
     result = CliRunner().invoke(
         app, ["superlink", "--database", str(state), "--health", "0.0.0.0:9098"]

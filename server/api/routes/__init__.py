@@ -2,7 +2,7 @@
 
 from fastapi import APIRouter
 
-from . import events, experiments, health, nodes, strategies, workloads
+from . import events, experiments, health, node_keys, nodes, strategies, workloads
 
 api_router = APIRouter(prefix="/api/v1")
 api_router.include_router(experiments.router)
@@ -11,3 +11,4 @@ api_router.include_router(nodes.router)
 api_router.include_router(strategies.router)
 api_router.include_router(workloads.router)
 api_router.include_router(health.router)
+api_router.include_router(node_keys.router)

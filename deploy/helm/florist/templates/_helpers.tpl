@@ -59,16 +59,17 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* Environment every Florist container gets. */}}
 {{- define "florist.commonEnv" -}}
-- name: FLORIST_INSECURE
-  value: {{ .Values.insecure | quote }}
 - name: FLORIST_LOG_TO_STDOUT
   value: "true"
 - name: FLORIST_LOG_FORMAT
   value: {{ .Values.logFormat | quote }}
 {{- if .Values.security.tls.enabled }}
-# Takes effect once the security work lands (issue 14).
 - name: FLORIST_TLS_CA_CERT
   value: /etc/florist/tls/ca.crt
+{{- else }}
+# Plain text on the pods' 0.0.0.0 is refused unless forced: `insecure` forces it.
+- name: FLORIST_FORCE_INSECURE
+  value: {{ .Values.insecure | quote }}
 {{- end }}
 {{- end -}}
 
