@@ -20,6 +20,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from florist.server.cli_tokens import bearer_headers, mode_line, refusal_hint, token_app
 from florist.server.db.status import ExperimentStatus
 from florist.server.logs import configure_logging
 from florist.server.processes import (
@@ -36,6 +37,7 @@ from florist.server.settings import Settings, get_settings
 app = typer.Typer(help="Florist: federated learning on Flower.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.")
 app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
 console = Console()
 errors = Console(stderr=True)
 
@@ -72,8 +74,12 @@ def api_url(settings: Settings) -> str:
 
 def submit_and_follow(base: str, body: dict[str, Any], *, wait: bool = True) -> dict[str, Any]:
     """POST the experiment; with ``wait``, show a progress bar per round until the run ends."""
-    with httpx.Client(base_url=base, timeout=30) as client:
+    headers = bearer_headers(get_settings())
+    with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
         response = client.post("/api/v1/experiments", json=body)
+        if hint := refusal_hint(response.status_code):
+            errors.print(f"[red]{escape(response.text)}[/red]\n{hint}", soft_wrap=True)
+            raise typer.Exit(1)
         if response.status_code == 422:
             console.print("[red]The experiment was refused:[/red]")
             for err in response.json()["detail"]:
@@ -148,8 +154,11 @@ def export(
     if server_round is not None:
         params["round"] = server_round
     base = api or api_url(get_settings())
-    with httpx.Client(base_url=base, timeout=120) as client:
-        response = client.get(f"/api/v1/experiments/{experiment_id}/model", params=params)
+    with httpx.Client(base_url=base, timeout=120, headers=bearer_headers(get_settings())) as c:
+        response = c.get(f"/api/v1/experiments/{experiment_id}/model", params=params)
+    if hint := refusal_hint(response.status_code):
+        errors.print(f"[red]{escape(response.text)}[/red]\n{hint}", soft_wrap=True)
+        raise typer.Exit(1)
     if response.status_code == 404:
         console.print(f"[red]{response.json()['detail']}[/red]")
         raise typer.Exit(1)
@@ -175,7 +184,8 @@ class Api:
 
     def __init__(self, base: str | None, *, timeout: float = 30) -> None:
         self.base = (base or api_url(get_settings())).rstrip("/")
-        self.client = httpx.Client(base_url=self.base, timeout=timeout)
+        headers = bearer_headers(get_settings())
+        self.client = httpx.Client(base_url=self.base, timeout=timeout, headers=headers)
 
     def __enter__(self) -> Api:
         return self
@@ -208,6 +218,8 @@ class Api:
                 f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in detail
             )
         errors.print(f"[red]{escape(str(detail))}[/red] (HTTP {response.status_code})")
+        if hint := refusal_hint(response.status_code):
+            errors.print(hint, soft_wrap=True)
         raise typer.Exit(1)
 
     def get(self, path: str, **params: Any) -> Any:
@@ -454,6 +466,11 @@ def run_api(
     settings = get_settings()
     settings.api_host = host or settings.api_host
     settings.api_port = port or settings.api_port
+    if problems := settings.security_problems():  # --host may have made it unsafe
+        for problem in problems:
+            errors.print(f"[red]{escape(problem)}[/red]", soft_wrap=True)
+        raise typer.Exit(2)
+    console.print(mode_line(settings), soft_wrap=True)
     # log_config=None: uvicorn's loggers reach the handler main() set up (FLORIST_LOG_FORMAT),
     # so its access lines are JSON too, with the experiment id a request's path names.
     uvicorn.run(
@@ -612,6 +629,7 @@ def up(
         f"({fleet or ', '.join(str(p['profile']) for p in profiles)}); "
         + ("logs on this console" if settings.log_to_stdout else f"logs in {logs}")
     )
+    console.print(mode_line(settings), soft_wrap=True)
     if demo or experiment:
         body = load_experiment(experiment) if experiment else dict(DEMO_EXPERIMENT)
         body.setdefault("clients", {}).setdefault("min", clients)
@@ -638,6 +656,7 @@ def server() -> None:
         f"[green]server up[/green]: API {api_url(settings)}, "
         f"Fleet API (gRPC) {settings.superlink_fleet}"
     )
+    console.print(mode_line(settings), soft_wrap=True)
     _supervise(sup)
 
 
@@ -796,7 +815,9 @@ def main() -> None:
     except ValidationError as exc:
         for error in exc.errors():
             name = "FLORIST_" + "_".join(str(p) for p in error["loc"]).upper()
-            errors.print(f"[red]{name}[/red]: {escape(error['msg'])}")
+            if not error["loc"]:  # Settings.security_problems: the message names the settings
+                name = "unsafe settings"
+            errors.print(f"[red]{name}[/red]: {escape(error['msg'])}", soft_wrap=True)
         raise SystemExit(2) from None
     configure_logging(settings.log_format, level=settings.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll drowns the bar

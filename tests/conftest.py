@@ -72,3 +72,10 @@ def session_factory(migrated_url: str) -> Iterator[sessionmaker[Session]]:
         yield make_session_factory(engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def _testclient_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette's TestClient sends ``Host: testserver``: the tests' settings answer to it, as a
+    deployment's FLORIST_ALLOWED_HOSTS would to its own name (server/api/auth.py)."""
+    monkeypatch.setenv("FLORIST_ALLOWED_HOSTS", "testserver")
