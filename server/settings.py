@@ -13,7 +13,10 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 class Settings(BaseSettings):
     """Where everything lives. Defaults give the embedded, single-machine setup."""
 
-    model_config = SettingsConfigDict(env_prefix="FLORIST_", extra="ignore")
+    # hide_input_in_errors: a refused setting's message never echoes the database URL or token.
+    model_config = SettingsConfigDict(
+        env_prefix="FLORIST_", extra="ignore", hide_input_in_errors=True
+    )
 
     home: Path = Field(default=Path(".florist"), description="State folder: database, logs.")
     database_url: str = Field(
@@ -172,9 +175,9 @@ class Settings(BaseSettings):
             )
         if not self.is_local() and has_placeholder_password(self.database_url):
             problems.append(
-                "FLORIST_DATABASE_URL's password is a placeholder (change-me, password, florist, "
-                f"example…, as in deploy/.env.example) and the API binds {self.api_host}, not a "
-                "loopback address: set a real password"
+                "FLORIST_DATABASE_URL's password is a placeholder of the examples (as "
+                f"deploy/.env.example's) and the API binds {self.api_host}, not a loopback "
+                "address: set a real password"
             )
         return problems
 
