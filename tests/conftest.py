@@ -74,8 +74,11 @@ def session_factory(migrated_url: str) -> Iterator[sessionmaker[Session]]:
         engine.dispose()
 
 
-@pytest.fixture(autouse=True)
-def _testclient_host(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(autouse=True, scope="session")
+def _testclient_host() -> Iterator[None]:
     """Starlette's TestClient sends ``Host: testserver``: the tests' settings answer to it, as a
-    deployment's FLORIST_ALLOWED_HOSTS would to its own name (server/api/auth.py)."""
-    monkeypatch.setenv("FLORIST_ALLOWED_HOSTS", "testserver")
+    deployment's FLORIST_ALLOWED_HOSTS would to its own name (server/api/auth.py). Session-wide,
+    so module-scoped apps see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLORIST_ALLOWED_HOSTS", "testserver")
+        yield

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from florist.server.api.errors import ErrorPublic
+from florist.server.api.errors import ErrorPublic, error_responses
 from florist.server.settings import Settings, is_loopback
 from florist.server.tokens import (
     Principal,
@@ -258,6 +258,7 @@ class SessionPublic(BaseModel):
 
 
 _LOGIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    **error_responses(400),
     401: {"model": ErrorPublic, "description": "Unknown, revoked or expired token."},
     403: {"model": ErrorPublic, "description": "A cross-origin request."},
 }
