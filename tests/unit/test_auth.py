@@ -258,6 +258,18 @@ def test_login_sets_strict_httponly_cookies(guarded: tuple[TestClient, dict[Role
     assert client.post("/api/v1/session", json={"token": "florist_x_y"}).status_code == 401
 
 
+def test_cookies_are_secure_over_https(tmp_path: Path, migrated_url: str) -> None:
+    settings = Settings(home=tmp_path, database_url=migrated_url, auth="on")
+    with TestClient(create_app(settings, follow_runs=False), base_url="https://testserver") as c:
+        with c.app.state.sessions() as db:  # type: ignore[attr-defined]
+            _, token = create_token(db, name="alice", role=Role.READER)
+            db.commit()
+        response = c.post("/api/v1/session", json={"token": token})
+
+    cookies = [c.lower() for c in response.headers.get_list("set-cookie")]
+    assert len(cookies) == 2 and all("; secure" in cookie for cookie in cookies), cookies
+
+
 def test_a_cookie_write_needs_the_csrf_header(
     guarded: tuple[TestClient, dict[Role, str]],
 ) -> None:
