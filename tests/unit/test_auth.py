@@ -83,6 +83,7 @@ def test_rule_table(method: str, path: str, role: Role | None) -> None:
     assert required_role(method, path) == role
 
 
+@pytest.mark.slow  # builds the whole app and its OpenAPI
 def test_every_api_route_but_health_and_session_needs_a_login(tmp_path: Path) -> None:
     paths = create_app(Settings(home=tmp_path), follow_runs=False).openapi()["paths"]
     operations = [(m.upper(), path) for path, item in paths.items() for m in item]
