@@ -154,8 +154,12 @@ def export(
     if server_round is not None:
         params["round"] = server_round
     base = api or api_url(get_settings())
-    with httpx.Client(base_url=base, timeout=120, headers=bearer_headers(get_settings())) as c:
-        response = c.get(f"/api/v1/experiments/{experiment_id}/model", params=params)
+    with httpx.Client(base_url=base, timeout=120) as client:
+        response = client.get(
+            f"/api/v1/experiments/{experiment_id}/model",
+            params=params,
+            headers=bearer_headers(get_settings()),
+        )
     if hint := refusal_hint(response.status_code):
         errors.print(f"[red]{escape(response.text)}[/red]\n{hint}", soft_wrap=True)
         raise typer.Exit(1)
