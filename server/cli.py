@@ -22,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from florist.server.cli_nodes import local_node_key, make_secure, register_security_commands
+from florist.server.cli_tokens import bearer_headers, mode_line, refusal_hint, token_app
 from florist.server.db.status import ExperimentStatus
 from florist.server.logs import configure_logging
 from florist.server.processes import (
@@ -42,6 +43,7 @@ from florist.server.settings import Settings, get_settings
 app = typer.Typer(help="Florist: federated learning on Flower.", no_args_is_help=True)
 db_app = typer.Typer(help="Database maintenance.")
 app.add_typer(db_app, name="db")
+app.add_typer(token_app, name="token")
 console = Console()
 errors = Console(stderr=True)
 
@@ -88,8 +90,12 @@ def api_verify(settings: Settings) -> ssl.SSLContext | bool:
 
 def submit_and_follow(base: str, body: dict[str, Any], *, wait: bool = True) -> dict[str, Any]:
     """POST the experiment; with ``wait``, show a progress bar per round until the run ends."""
-    with httpx.Client(base_url=base, timeout=30) as client:
+    headers = bearer_headers(get_settings())
+    with httpx.Client(base_url=base, timeout=30, headers=headers) as client:
         response = client.post("/api/v1/experiments", json=body)
+        if hint := refusal_hint(response.status_code):
+            errors.print(f"[red]{escape(response.text)}[/red]\n{hint}", soft_wrap=True)
+            raise typer.Exit(1)
         if response.status_code == 422:
             console.print("[red]The experiment was refused:[/red]")
             for err in response.json()["detail"]:
@@ -165,7 +171,14 @@ def export(
         params["round"] = server_round
     base = api or api_url(get_settings())
     with httpx.Client(base_url=base, timeout=120) as client:
-        response = client.get(f"/api/v1/experiments/{experiment_id}/model", params=params)
+        response = client.get(
+            f"/api/v1/experiments/{experiment_id}/model",
+            params=params,
+            headers=bearer_headers(get_settings()),
+        )
+    if hint := refusal_hint(response.status_code):
+        errors.print(f"[red]{escape(response.text)}[/red]\n{hint}", soft_wrap=True)
+        raise typer.Exit(1)
     if response.status_code == 404:
         console.print(f"[red]{response.json()['detail']}[/red]")
         raise typer.Exit(1)
@@ -192,7 +205,12 @@ class Api:
     def __init__(self, base: str | None, *, timeout: float = 30) -> None:
         settings = get_settings()
         self.base = (base or api_url(settings)).rstrip("/")
-        self.client = httpx.Client(base_url=self.base, timeout=timeout, verify=api_verify(settings))
+        self.client = httpx.Client(
+            base_url=self.base,
+            timeout=timeout,
+            headers=bearer_headers(settings),
+            verify=api_verify(settings),
+        )
 
     def __enter__(self) -> Api:
         return self
@@ -225,6 +243,8 @@ class Api:
                 f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in detail
             )
         errors.print(f"[red]{escape(str(detail))}[/red] (HTTP {response.status_code})")
+        if hint := refusal_hint(response.status_code):
+            errors.print(hint, soft_wrap=True)
         raise typer.Exit(1)
 
     def get(self, path: str, **params: Any) -> Any:
@@ -471,6 +491,11 @@ def run_api(
     settings = get_settings()
     settings.api_host = host or settings.api_host
     settings.api_port = port or settings.api_port
+    if problems := settings.security_problems():  # --host may have made it unsafe
+        for problem in problems:
+            errors.print(f"[red]{escape(problem)}[/red]", soft_wrap=True)
+        raise typer.Exit(2)
+    console.print(mode_line(settings), soft_wrap=True)
     address = f"{settings.api_host}:{settings.api_port}"
     cert, key = settings.tls_file("cert"), settings.tls_file("key")
     https = settings.api_tls() and cert is not None and key is not None
@@ -728,6 +753,7 @@ def up(
         f"({fleet or ', '.join(str(p['profile']) for p in profiles)}); "
         + ("logs on this console" if settings.log_to_stdout else f"logs in {logs}")
     )
+    console.print(mode_line(settings), soft_wrap=True)
     if demo or experiment:
         body = load_experiment(experiment) if experiment else dict(DEMO_EXPERIMENT)
         if body.get("mode", "deployment") == "deployment":  # virtual clients need no SuperNodes
@@ -774,6 +800,7 @@ def server(
         f"[green]server up[/green]: API {api_url(settings)}, "
         f"Fleet API (gRPC) {settings.superlink_fleet}"
     )
+    console.print(mode_line(settings), soft_wrap=True)
     _supervise(sup)
 
 
@@ -961,7 +988,9 @@ def main() -> None:
     except ValidationError as exc:
         for error in exc.errors():
             name = "FLORIST_" + "_".join(str(p) for p in error["loc"]).upper()
-            errors.print(f"[red]{name}[/red]: {escape(error['msg'])}")
+            if not error["loc"]:  # Settings.security_problems: the message names the settings
+                name = "unsafe settings"
+            errors.print(f"[red]{name}[/red]: {escape(error['msg'])}", soft_wrap=True)
         raise SystemExit(2) from None
     configure_logging(settings.log_format, level=settings.log_level)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll drowns the bar

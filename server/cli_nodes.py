@@ -22,8 +22,7 @@ from florist.server.certs import (
     parse_hosts,
     parse_node_public_key,
 )
-from florist.server.processes import is_loopback
-from florist.server.settings import Settings, get_settings
+from florist.server.settings import Settings, get_settings, is_loopback
 
 if TYPE_CHECKING:
     from florist.server.cli import Api

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import os
 import shutil
@@ -18,6 +17,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from florist.server.settings import Settings
+
+from florist.server.settings import is_loopback
 
 log = logging.getLogger(__name__)
 
@@ -84,17 +85,6 @@ def tls_env(settings: Settings) -> dict[str, str]:
         files["KEY"] = settings.tls_file("key")
         env |= {f"FLORIST_TLS_{name}": str(path) for name, path in files.items() if path}
     return env
-
-
-def is_loopback(host: str) -> bool:
-    """``localhost``, 127.0.0.0/8 and ::1; a name or any other address may be reachable."""
-    host = host.strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 def check_plaintext(addresses: Mapping[str, str], *, force: bool = False) -> None:

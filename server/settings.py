@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Where everything lives. Defaults give the embedded, single-machine setup."""
 
-    model_config = SettingsConfigDict(env_prefix="FLORIST_", extra="ignore")
+    # hide_input_in_errors: a refused setting's message never echoes the database URL or token.
+    model_config = SettingsConfigDict(
+        env_prefix="FLORIST_", extra="ignore", hide_input_in_errors=True
+    )
 
     home: Path = Field(default=Path(".florist"), description="State folder: database, logs.")
     database_url: str = Field(
@@ -201,9 +205,78 @@ class Settings(BaseSettings):
 
     def api_tls(self) -> bool:
         """The API serves HTTPS: TLS is on and it listens beyond loopback."""
-        from florist.server.processes import is_loopback
-
         return not self.insecure and not is_loopback(self.api_host)
+
+    # --- who may use the API (docs/security.md) ---
+    auth: Literal["auto", "on", "open"] = Field(
+        default="auto",
+        description="API authentication: `on` (tokens), `open` (no login, every request may do "
+        "everything), `auto` (open when the API binds a loopback address, on otherwise).",
+    )
+    auth_force_open: bool = Field(
+        default=False,
+        description="Allow `auth=open` on an address that is not loopback: anyone who can reach "
+        "the API may then drive it. Refused without this.",
+    )
+    token: SecretStr = Field(
+        default=SecretStr(""),
+        description="The API token the CLI sends as `Authorization: Bearer` "
+        "(`florist token create`).",
+    )
+    allowed_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated Host names the API answers to besides loopback names and "
+        "`api_host` (a guard against DNS rebinding); `*` answers to any.",
+    )
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated origins (https://host[:port]) other web pages may call the "
+        "API from, with CORS; empty: CORS off and only the API's own pages may write.",
+    )
+    session_ttl_s: float = Field(
+        default=12 * 3600.0, gt=0, description="A dashboard login lasts this long."
+    )
+
+    @field_validator("allowed_hosts", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        problems = self.security_problems()
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def is_local(self) -> bool:
+        """Local mode: the API binds a loopback address, so only this machine can reach it."""
+        return is_loopback(self.api_host)
+
+    def auth_mode(self) -> Literal["on", "open"]:
+        if self.auth == "auto":
+            return "open" if self.is_local() else "on"
+        return self.auth
+
+    def security_problems(self) -> list[str]:
+        """What makes these settings unsafe to serve with; checked when settings are read and
+        again when the API starts (a command line may have changed the host since)."""
+        problems = []
+        if self.auth_mode() == "open" and not self.is_local() and not self.auth_force_open:
+            problems.append(
+                f"FLORIST_AUTH=open on {self.api_host}, which is not a loopback address: anyone "
+                "who can reach it could drive Florist. Use FLORIST_AUTH=on with tokens "
+                "(`florist token create`), or set FLORIST_AUTH_FORCE_OPEN=true if you must"
+            )
+        if not self.is_local() and has_placeholder_password(self.database_url):
+            problems.append(
+                "FLORIST_DATABASE_URL's password is a placeholder of the examples (as "
+                f"deploy/.env.example's) and the API binds {self.api_host}, not a loopback "
+                "address: set a real password"
+            )
+        return problems
 
     def superlink_state_file(self) -> Path | None:
         """Where ``florist up``/``florist server`` keep the SuperLink's state (None: memory)."""
@@ -215,6 +288,36 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.home / 'florist.db').resolve()}"
+
+
+# Passwords of examples and docs (deploy/.env.example): never to be served outside loopback.
+PLACEHOLDER_PASSWORDS = frozenset(
+    {"change-me", "changeme", "password", "florist", "example", "secret", "postgres", "admin"}
+)
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback addresses; False for 0.0.0.0 (every interface)."""
+    if host.lower() in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def has_placeholder_password(url: str) -> bool:
+    """True if the database URL's password is one of the known placeholders."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if not url:
+        return False
+    try:
+        password = make_url(url).password
+    except ArgumentError:
+        return False
+    return password is not None and str(password).lower() in PLACEHOLDER_PASSWORDS
 
 
 def get_settings() -> Settings:

@@ -72,3 +72,13 @@ def session_factory(migrated_url: str) -> Iterator[sessionmaker[Session]]:
         yield make_session_factory(engine)
     finally:
         engine.dispose()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _testclient_host() -> Iterator[None]:
+    """Starlette's TestClient sends ``Host: testserver``: the tests' settings answer to it, as a
+    deployment's FLORIST_ALLOWED_HOSTS would to its own name (server/api/auth.py). Session-wide,
+    so module-scoped apps see it too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FLORIST_ALLOWED_HOSTS", "testserver")
+        yield

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from florist.server.api.auth import allow_cors, install_auth
 from florist.server.api.errors import http_exception_handler, validation_exception_handler
 from florist.server.api.routes import api_router
 from florist.server.control import ControlClient
@@ -61,6 +62,7 @@ def create_app(
         summary="Federated learning on Flower: submit experiments, follow every round.",
         lifespan=lifespan,
     )
+    install_auth(app, settings)  # inside the metrics middleware: refusals are counted too
     # Request metrics and /metrics first: a route added later is measured all the same.
     instrument(app, settings)
     app.add_middleware(ExperimentLogContext)
@@ -70,4 +72,5 @@ def create_app(
     from florist.server.dashboard import mount_dashboard
 
     mount_dashboard(app)
+    allow_cors(app, settings)
     return app

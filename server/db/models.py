@@ -1,4 +1,4 @@
-"""SQLAlchemy models for experiments, runs, rounds, client updates, nodes and events."""
+"""SQLAlchemy models for experiments, runs, rounds, client updates, nodes, events and API tokens."""
 
 from __future__ import annotations
 
@@ -360,3 +360,34 @@ class NodeKey(Base):
     public_key: Mapped[str] = mapped_column(Text)  # the OpenSSH line
     node_id: Mapped[int] = mapped_column(UInt64)
     added_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+
+
+API_ROLES = ("reader", "operator", "admin")
+
+
+class ApiToken(Base):
+    """An API token (server/tokens.py): its role and the SHA-256 of its secret, never the secret."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    role: Mapped[str] = mapped_column(String(16))
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+
+
+class ApiSession(Base):
+    """A dashboard login: the cookie's SHA-256, the token it was opened with, when it ends."""
+
+    __tablename__ = "api_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    token_id: Mapped[str] = mapped_column(
+        ForeignKey("api_tokens.id", ondelete="CASCADE"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime)

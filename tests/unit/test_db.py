@@ -31,7 +31,7 @@ from florist.server.db.status import TRANSITIONS, ExperimentStatus, IllegalTrans
 T0 = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 # The newest migration: bump it with each new revision.
-HEAD = "0009"
+HEAD = "0010"
 
 
 def _experiment(session: Session, name: str = "exp") -> Experiment:

@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from florist.server import cli
@@ -175,10 +176,14 @@ def test_environment_names_real_settings(compose: dict[str, Any]) -> None:
         assert key in docs, f"{key} is a placeholder: docs/deploy.md must say so"
     for name in ("superlink", "api"):
         env = compose["services"][name]["environment"]
-        settings = Settings(
-            **{k[len("FLORIST_") :].lower(): v for k, v in env.items() if k in SETTINGS}
-        )
-        assert settings.resolved_database_url().startswith("postgresql://florist:change-me@")
+        values = {k[len("FLORIST_") :].lower(): v for k, v in env.items() if k in SETTINGS}
+        assert values["database_url"].startswith("postgresql://florist:change-me@")
+        if name == "api":
+            # It binds 0.0.0.0: the example's placeholder password is refused (docs/security.md).
+            with pytest.raises(ValidationError, match="placeholder"):
+                Settings(**values)
+            values["database_url"] = values["database_url"].replace("change-me", "Xq7-real")
+        assert Settings(**values).resolved_database_url().startswith("postgresql://florist:")
     api = compose["services"]["api"]["environment"]
     assert api["FLORIST_SUPERLINK_CONTROL"] == "superlink:8000"
     superlink = compose["services"]["superlink"]["environment"]

@@ -12,18 +12,39 @@ export class ApiError extends Error {
   }
 }
 
+/** The CSRF value of this login (the readable cookie the API set beside its HttpOnly session). */
+function csrfToken() {
+  const match = document.cookie.match(/(?:^|;\s*)florist_csrf=([^;]*)/);
+  return match ? decodeURIComponent(match[1]) : null;
+}
+
+/** The login page, coming back here afterwards. */
+export function loginUrl() {
+  return `/login?next=${encodeURIComponent(window.location.pathname + window.location.search)}`;
+}
+
 async function request(path, options = {}) {
   let response;
+  const method = (options.method ?? "GET").toUpperCase();
+  // A write with the session cookie must echo its CSRF value (docs/security.md).
+  const csrf = method === "GET" || method === "HEAD" ? null : csrfToken();
   try {
     // no-store: every refresh must see the server's current state, never a cached answer.
     response = await fetch(BASE + path, {
       cache: "no-store",
       ...options,
-      headers: { Accept: "application/json", ...(options.headers ?? {}) },
+      headers: {
+        Accept: "application/json",
+        ...(csrf ? { "X-CSRF-Token": csrf } : {}),
+        ...(options.headers ?? {}),
+      },
     });
   } catch (err) {
     throw new ApiError(0, `cannot reach the server (${err.message})`);
   }
+  // Logged out, expired or revoked: log in again, then come back to this page.
+  if (response.status === 401 && !path.startsWith("/session")) window.location.assign(loginUrl());
+  if (response.status === 204) return null;
   if (!response.ok) {
     let message = `HTTP ${response.status} ${response.statusText}`.trim();
     let details = [];
@@ -89,3 +110,13 @@ export const createExperiment = (body) =>
 
 /** The URL of the experiment's server-sent event stream (see GET …/events in the OpenAPI). */
 export const eventsUrl = (id) => `${BASE}${experimentPath(id)}/events`;
+
+/** The API's auth mode and who this page is logged in as (GET /session). */
+export const getSession = () => request("/session");
+export const logIn = (token) =>
+  request("/session", {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify({ token }),
+  });
+export const logOut = () => request("/session", { method: "DELETE" });

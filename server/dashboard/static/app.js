@@ -4,6 +4,7 @@ import { mountComparePage } from "./pages/compare.js";
 import { mountExperimentPage } from "./pages/experiment.js";
 import { mountExperimentsPage } from "./pages/experiments.js";
 import { mountNodesPage } from "./pages/nodes.js";
+import { mountSession } from "./session.js";
 
 function route(pathname) {
   const experiment = pathname.match(/^\/experiments\/([^/]+)\/?$/);
@@ -19,7 +20,11 @@ for (const link of document.querySelectorAll("nav a[data-page]")) {
     link.setAttribute("aria-current", "page");
   }
 }
-if (current.page === "experiment") mountExperimentPage(current.id);
-else if (current.page === "compare") mountComparePage();
-else if (current.page === "nodes") mountNodesPage();
-else mountExperimentsPage();
+// Logged in (or open mode) first: the pages' requests need the session, and the role hides
+// the buttons a reader may not use.
+if (await mountSession()) {
+  if (current.page === "experiment") mountExperimentPage(current.id);
+  else if (current.page === "compare") mountComparePage();
+  else if (current.page === "nodes") mountNodesPage();
+  else mountExperimentsPage();
+}
