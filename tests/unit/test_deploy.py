@@ -31,15 +31,9 @@ ROOT = Path(__file__).parents[2]
 DEPLOY = ROOT / "deploy"
 SCHEMAS = ROOT / "tests" / "fixtures" / "schemas"
 SETTINGS = {f"FLORIST_{name.upper()}" for name in Settings.model_fields}
-# Named in deploy/ ahead of the security work (issue 14), documented there as taking effect once
-# it lands: each must be a setting by then, or still be on this list.
-PENDING = {
-    "FLORIST_TLS_CA_CERT",
-    "FLORIST_TLS_CERT",
-    "FLORIST_TLS_KEY",
-    "FLORIST_SUPERNODE_AUTH",
-    "FLORIST_SUPERNODE_AUTH_KEY",
-}
+# Named in deploy/ ahead of a setting that implements them, documented there as taking effect
+# once it lands: each must be a setting by then, or still be on this list (none now).
+PENDING: set[str] = set()
 # What deploy/replica.py reads (it runs before the settings exist, in the client container).
 REPLICA_VARIABLES = {
     "NUM_PARTITIONS",
