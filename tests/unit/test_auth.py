@@ -92,6 +92,8 @@ def test_every_api_route_but_health_and_session_needs_a_login(tmp_path: Path) ->
         role = required_role(method, path)
         if path in ("/api/v1/healthz", "/api/v1/session"):
             assert role is None, (method, path)
+        elif path.startswith("/api/v1/node-keys"):  # which nodes may join: admins only
+            assert role == Role.ADMIN, (method, path)
         else:
             assert role == (READ if method == "GET" else OPERATE), (method, path)
 
