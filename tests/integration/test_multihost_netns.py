@@ -102,10 +102,22 @@ def test_three_hosts_train_over_tls_with_registered_keys(
     logs = tmp_path / "logs"
     sup = Supervisor()
     base = f"https://{SERVER_IP}:{api_port}"
+    # The API listens beyond loopback, so it asks for a token: an admin's, made as an operator
+    # would make the first one, with `florist token create` on the server's database.
+    made = subprocess.run(
+        [*cli, "token", "create", "--role", "admin", "--name", "netns"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    headers = {"Authorization": f"Bearer {made.stdout.strip()}"}
     try:
         sup.add(Managed("superlink", _in(server, [*cli, "superlink"]), env, logs / "sl.log"))
         sup.add(Managed("api", _in(server, [*cli, "api"]), env, logs / "api.log"))
-        with httpx.Client(base_url=base, verify=str(certs.ca_cert), timeout=30) as api:
+        with httpx.Client(
+            base_url=base, verify=str(certs.ca_cert), timeout=30, headers=headers
+        ) as api:
             deadline = time.monotonic() + 120
             while True:
                 try:
