@@ -9,7 +9,9 @@ SuperNode authentication are on; each node's key is registered through the API.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -66,6 +68,13 @@ def namespaces() -> Iterator[tuple[str, list[str]]]:
     try:
         yield server, nodes
     finally:
+        # Nothing may outlive its namespace: a SuperNode left behind (a child its `florist
+        # client` did not stop in time) would poll a SuperLink that is gone for ever.
+        for ns in made:
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True)
+            for pid in pids.stdout.split():
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
         subprocess.run(["ip", "link", "del", host_link], capture_output=True)
         for ns in made:
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
