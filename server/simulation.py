@@ -276,6 +276,13 @@ class RoutedControl(ControlClient):
         """The deployment SuperLink's SuperNodes: virtual clients are no SuperNodes."""
         return self.deployment.list_nodes()
 
+    # SuperNodes, and so their keys, belong to the deployment SuperLink alone.
+    def register_node(self, public_key_pem: bytes, *, name: str | None = None) -> int:
+        return self.deployment.register_node(public_key_pem, name=name)
+
+    def unregister_node(self, node_id: int) -> None:
+        self.deployment.unregister_node(node_id)
+
     def close(self) -> None:
         for link in self._links():
             link.close()
