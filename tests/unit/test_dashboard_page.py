@@ -543,6 +543,11 @@ def build_app(api: FakeApi) -> FastAPI:
             **{k: v for k, v in api.nodes.items() if k not in ("data", "count")},
         )
 
+    @app.get("/api/v1/session")
+    def session() -> dict[str, Any]:
+        # The dashboard asks who it is before it mounts a page: open mode, as `florist up`.
+        return {"mode": "open", "authenticated": False, "name": None, "role": "admin"}
+
     @app.get("/api/v1/node-keys")
     def node_keys() -> dict[str, Any]:
         # The nodes page's registered keys (docs/tls-and-node-auth.md): none here.
