@@ -234,8 +234,10 @@ def test_full_pacing_gives_fedavg_weights(ordering: str) -> None:
     config = {"ordering": ordering, "pacing": "none", "client_selection": "all"}
     avg, _ = run_local(make_spec({"name": "fedavg", "config": {}}), 3)
     cur, recorder = run_local(make_spec({"name": "curriculum", "config": config}), 3)
+    # FedAvg folds updates into a running float32 sum as they arrive (strategies/streaming.py),
+    # curriculum averages all of them at once: equal up to float32 rounding, not bit for bit.
     for key, value in final_weights(avg).items():
-        np.testing.assert_array_equal(value, final_weights(cur)[key])
+        np.testing.assert_allclose(value, final_weights(cur)[key], rtol=1e-5, atol=1e-6)
     # Difficulty is still measured and reported by every node.
     for update in recorder.rounds(1)[0].updates:
         assert update.metrics["mean-difficulty"] > 0
