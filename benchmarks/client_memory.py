@@ -34,11 +34,12 @@ from typing import Any
 import httpx
 
 try:
-    from benchmarks import dispatch_overhead
+    from benchmarks import dispatch_overhead, end_to_end
 except ModuleNotFoundError:  # run as a script: benchmarks/ itself is on sys.path
     import dispatch_overhead  # type: ignore[no-redef]
+    import end_to_end  # type: ignore[no-redef]
 
-from florist.server.processes import flower_env, free_port, wait_for_port
+from florist.server.processes import wait_for_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES = ("per-node", "shared")
@@ -104,35 +105,9 @@ def sample(root: int) -> dict[str, int]:
 
 def measure(mode: str, nodes: int, work: Path) -> dict[str, Any]:
     home = work / f"{mode}-{nodes}"
-    home.mkdir(parents=True)
-    api = f"127.0.0.1:{free_port()}"
-    env = flower_env(
-        home,
-        {
-            "FLORIST_HOME": str(home),
-            "FLORIST_API_PORT": api.rsplit(":", 1)[1],
-            "FLORIST_SUPERLINK_CONTROL": f"127.0.0.1:{free_port()}",
-            "FLORIST_SUPERLINK_FLEET": f"127.0.0.1:{free_port()}",
-            "FLORIST_SUPERNODE_PORT": str(free_port()),
-            "OMP_NUM_THREADS": "1",
-        },
-    )
     flag = "--shared-executors" if mode == "shared" else "--no-shared-executors"
-    # Neutral nodes: the measure is memory, and a slow profile only makes the run longer.
-    fleet = home / "fleet.toml"
-    fleet.write_text('[[node]]\nprofile = "neutral"\n\n' * nodes)
-    cmd = [
-        sys.executable,
-        "-m",
-        "florist.server.cli",
-        "up",
-        "--fleet",
-        str(fleet),
-        "--no-demo",
-        "--no-simulation",
-    ]
-    log = (home / "up.log").open("w")
-    proc = subprocess.Popen([*cmd, flag], env=env, stdout=log, stderr=subprocess.STDOUT)
+    # Neutral nodes (the measure is memory, and a slow profile only makes the run longer).
+    api, proc, log = end_to_end.start_florist_up(home, nodes, flag, env={"OMP_NUM_THREADS": "1"})
     client = httpx.Client(base_url=f"http://{api}", timeout=30)
     peak: dict[str, int] = {"supernodes": 0, "executors": 0, "server": 0, "total": 0}
     started = time.monotonic()

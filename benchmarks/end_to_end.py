@@ -44,7 +44,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -140,41 +140,40 @@ def run_florist_local(rounds: int, nodes: int) -> dict[str, Any]:
     }
 
 
+def start_florist_up(
+    home: Path, nodes: int, *extra: str, env: dict[str, str] | None = None
+) -> tuple[str, subprocess.Popen[bytes], IO[str]]:
+    """`florist up --no-demo --no-simulation` with ``nodes`` neutral SuperNodes on free ports in
+    ``home`` (``extra``: more options); its API's host:port, its process and its open log."""
+    api = f"127.0.0.1:{free_port()}"
+    up_env = flower_env(
+        home,
+        {
+            "FLORIST_HOME": str(home),
+            "FLORIST_API_PORT": api.rsplit(":", 1)[1],
+            "FLORIST_SUPERLINK_CONTROL": f"127.0.0.1:{free_port()}",
+            "FLORIST_SUPERLINK_FLEET": f"127.0.0.1:{free_port()}",
+            "FLORIST_SUPERNODE_PORT": str(free_port()),
+            **(env or {}),
+        },
+    )
+    home.mkdir(parents=True, exist_ok=True)
+    # Neutral device profiles: the nodes take the machine's time, as plain Flower's do.
+    fleet = home / "fleet.toml"
+    fleet.write_text('[[node]]\nprofile = "neutral"\n\n' * nodes)
+    cmd = [sys.executable, "-m", "florist.server.cli", "up", "--fleet", str(fleet), "--no-demo"]
+    log = (home / "up.log").open("w")
+    proc = subprocess.Popen(
+        [*cmd, "--no-simulation", *extra], env=up_env, stdout=log, stderr=subprocess.STDOUT
+    )
+    return api, proc, log
+
+
 class FloristStack:
     """`florist up --no-demo` with N warm, neutral SuperNodes on free ports, in its own home."""
 
     def __init__(self, home: Path, nodes: int) -> None:
-        self.api = f"127.0.0.1:{free_port()}"
-        env = flower_env(
-            home,
-            {
-                "FLORIST_HOME": str(home),
-                "FLORIST_API_PORT": self.api.rsplit(":", 1)[1],
-                "FLORIST_SUPERLINK_CONTROL": f"127.0.0.1:{free_port()}",
-                "FLORIST_SUPERLINK_FLEET": f"127.0.0.1:{free_port()}",
-                "FLORIST_SUPERNODE_PORT": str(free_port()),
-            },
-        )
-        home.mkdir(parents=True, exist_ok=True)
-        # Neutral device profiles: the nodes take the machine's time, as plain Flower's do.
-        fleet = home / "fleet.toml"
-        fleet.write_text('[[node]]\nprofile = "neutral"\n\n' * nodes)
-        self.log = (home / "up.log").open("w")
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "florist.server.cli",
-                "up",
-                "--fleet",
-                str(fleet),
-                "--no-demo",
-                "--no-simulation",
-            ],
-            env=env,
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
+        self.api, self.proc, self.log = start_florist_up(home, nodes)
         self.client = httpx.Client(base_url=f"http://{self.api}", timeout=30)
         self.nodes = nodes
         self.home = home
