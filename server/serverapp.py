@@ -18,7 +18,7 @@ from florist.client.training import evaluate, pick_device
 from florist.client.workloads import WorkloadConfig, WorkloadDataError, WorkloadPlugin
 from florist.datasets import XY
 from florist.server.metrics import LOSS, VAL_PREFIX
-from florist.server.recording import RoundRecord, RunRecorder, StoredResume
+from florist.server.recording import ExperimentEndedError, RoundRecord, RunRecorder, StoredResume
 from florist.server.recording.artifacts import from_safetensors
 from florist.server.runtime import EventLoop
 from florist.server.runtime.resume import ResumeError, ResumePoint, loads
@@ -195,7 +195,12 @@ def run_experiment(
         final_metrics = result.history[-1].metrics if result.history else loop.last_metrics
     except BaseException as exc:
         error = f"{type(exc).__name__}: {exc}"
-        if cut_off(exc):
+        if isinstance(exc, ExperimentEndedError):
+            # Cancelled (or failed by the follower) while this process still ran a round: the
+            # round was not written, and the experiment keeps the status it ended with.
+            recorder.finish_run(run_id, status="stopped", error=error)
+            log.warning("experiment %d: run stopped: %s", experiment_id, error)
+        elif cut_off(exc):
             # Not the experiment's failure: the SuperLink stopped the run (a cancel: the API
             # sets the final status), forgot it (it restarted) or is gone, or this process was
             # told to stop. The experiment stays as it is; the follower resumes a lost run.

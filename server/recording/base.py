@@ -52,6 +52,11 @@ class RunFinishedError(RecorderError):
     """The run has already finished and takes no more rounds or outcomes."""
 
 
+class ExperimentEndedError(RunFinishedError):
+    """The run's experiment has ended (a cancel, or the follower failed it): a ServerApp that
+    outlives the end writes no more rounds, so an ended experiment's history stays as it was."""
+
+
 class RunSupersededError(RunFinishedError):
     """The run's experiment has moved on to another Flower run (this one was lost and the
     experiment resumed elsewhere): it writes no more rounds."""

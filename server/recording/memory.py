@@ -10,6 +10,7 @@ from typing import Any
 
 from florist.server.db.models import utcnow
 from florist.server.db.status import (
+    TERMINAL_STATUSES,
     ExperimentStatus,
     IllegalTransition,
     finish_plan,
@@ -22,6 +23,7 @@ from .base import (
     FINISH_REFUSED,
     RUN_INTERRUPTED,
     DuplicateRoundError,
+    ExperimentEndedError,
     RoundRecord,
     RunFinishedError,
     RunOutcome,
@@ -123,9 +125,9 @@ class InMemoryRunRecorder(RunRecorder):
             raise UnknownRunError(f"run {run_id} does not exist")
         if run.finished_at is not None:
             raise RunFinishedError(f"run {run_id} has already finished")
-        now = self.experiments[run.experiment_id].flwr_run_id
-        if current and now != run.flwr_run_id:
-            raise RunSupersededError(superseded_message(run_id, run.flwr_run_id, now))
+        experiment = self.experiments[run.experiment_id]
+        if current and experiment.flwr_run_id != run.flwr_run_id:
+            raise RunSupersededError(superseded_message(run_id, run.flwr_run_id, experiment.flwr_run_id))
         return run
 
     def _touch_nodes(self, updates: Sequence[UpdateRecord], seen_at: datetime) -> None:
@@ -136,6 +138,12 @@ class InMemoryRunRecorder(RunRecorder):
     def record_round(self, run_id: int, record: RoundRecord) -> None:
         with self._lock:
             run = self._open_run(run_id)
+            status = self.experiments[run.experiment_id].status
+            if status in TERMINAL_STATUSES:
+                raise ExperimentEndedError(
+                    f"run {run_id}: experiment {run.experiment_id} has ended {status}; "
+                    "it takes no more rounds"
+                )
             if record.server_round in self._experiment_rounds(run.experiment_id):
                 raise DuplicateRoundError(
                     f"round {record.server_round} of run {run_id} is already recorded"

@@ -16,6 +16,7 @@ from florist.server.db.engine import make_engine, make_session_factory
 from florist.server.db.models import (
     Checkpoint,
     ClientUpdate,
+    Experiment,
     ResumePointRow,
     Round,
     Run,
@@ -30,6 +31,7 @@ from florist.server.db.repository import (
     touch_nodes,
 )
 from florist.server.db.status import (
+    TERMINAL_STATUSES,
     IllegalTransition,
 )
 
@@ -39,6 +41,7 @@ from .base import (
     FINISH_REFUSED,
     RUN_INTERRUPTED,
     DuplicateRoundError,
+    ExperimentEndedError,
     ModelCheckpoint,
     RoundRecord,
     RunFinishedError,
@@ -95,6 +98,20 @@ class SqlRunRecorder(RunRecorder):
             if now != run.flwr_run_id:
                 raise RunSupersededError(superseded_message(run_id, run.flwr_run_id, now))
         return run
+
+    @staticmethod
+    def _refuse_if_ended(session: Session, run: Run) -> None:
+        """Raise ExperimentEndedError if the run's experiment has ended. Called after the
+        transaction's first write: SQLite then holds the write lock and PostgreSQL locks the
+        experiment row, so a cancel commits either before this check or after the round."""
+        status = session.scalar(
+            select(Experiment.status).where(Experiment.id == run.experiment_id).with_for_update()
+        )
+        if status in TERMINAL_STATUSES:
+            raise ExperimentEndedError(
+                f"run {run.id}: experiment {run.experiment_id} has ended {status}; "
+                "it takes no more rounds"
+            )
 
     def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
         now = utcnow()
@@ -174,6 +191,7 @@ class SqlRunRecorder(RunRecorder):
                 # The round goes first, so a concurrent duplicate fails here on the unique
                 # constraint before any update row is written.
                 session.flush()
+                self._refuse_if_ended(session, run)
                 session.add_all(
                     _update_rows(run, record.server_round, record.updates, created_at=utcnow())
                 )

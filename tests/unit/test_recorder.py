@@ -473,6 +473,25 @@ class RunRecorderContract:
         assert harness.experiment(experiment_id) == before
         assert before.flwr_run_id is None and before.started_at is None
 
+    @pytest.mark.parametrize("ended", ["cancelled", "failed"])
+    def test_an_ended_experiment_takes_no_more_rounds(self, harness: Harness, ended: str) -> None:
+        # Prepare: round 1 committed; then the experiment ended while its ServerApp still ran
+        # (a cancel lands between the SuperLink stopping the run and the process noticing).
+        experiment_id = harness.new_experiment()
+        run_id = harness.recorder.start_run(experiment_id=experiment_id, flwr_run_id=1)
+        harness.recorder.record_round(run_id, make_round(1))
+        harness.set_status(experiment_id, ended)
+
+        # Execute / Assert: no round is written; the tasks it leaves unfinished still get
+        # their rows (bookkeeping of what was dispatched, not part of the history).
+        with pytest.raises(recorder_module.ExperimentEndedError, match=f"has ended {ended}"):
+            harness.recorder.record_round(run_id, make_round(2))
+        harness.recorder.record_updates(run_id, 3, [task_update(7, "failed")])
+        assert harness.recorder.rounds(run_id) == [make_round(1)]
+        # The ServerApp then closes its run "stopped"; the experiment keeps its own end.
+        harness.recorder.finish_run(run_id, status="stopped")
+        assert harness.experiment(experiment_id).status == ended
+
     def test_finish_after_another_end_keeps_the_first_and_says_so(self, harness: Harness) -> None:
         # Prepare: the follower failed the experiment (its run was lost) while it ran.
         experiment_id = harness.new_experiment()
