@@ -127,7 +127,9 @@ class InMemoryRunRecorder(RunRecorder):
             raise RunFinishedError(f"run {run_id} has already finished")
         experiment = self.experiments[run.experiment_id]
         if current and experiment.flwr_run_id != run.flwr_run_id:
-            raise RunSupersededError(superseded_message(run_id, run.flwr_run_id, experiment.flwr_run_id))
+            raise RunSupersededError(
+                superseded_message(run_id, run.flwr_run_id, experiment.flwr_run_id)
+            )
         return run
 
     def _touch_nodes(self, updates: Sequence[UpdateRecord], seen_at: datetime) -> None:
