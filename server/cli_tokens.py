@@ -1,4 +1,4 @@
-"""`florist token create/list/revoke`: API tokens, made directly on the database."""
+"""`florist token create/generate/list/revoke`: API tokens, made directly on the database."""
 
 from __future__ import annotations
 
@@ -14,7 +14,13 @@ from rich.table import Table
 from sqlalchemy.orm import Session
 
 from florist.server.settings import Settings, get_settings
-from florist.server.tokens import Role, create_token, list_tokens, revoke_token
+from florist.server.tokens import (
+    Role,
+    create_token,
+    generate_token,
+    list_tokens,
+    revoke_token,
+)
 
 # On the database, not through the API: the first admin token cannot come from the API.
 token_app = typer.Typer(
@@ -74,6 +80,13 @@ def create(
     )
     # The token alone on stdout: `export FLORIST_TOKEN=$(florist token create …)` works.
     print(token)
+
+
+@token_app.command("generate")
+def generate() -> None:
+    """Print a new token without storing it: for FLORIST_ADMIN_TOKEN in a deployment's secret
+    store (the API registers it as an admin token when it starts)."""
+    print(generate_token())
 
 
 @token_app.command("list")

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# An API token as server/tokens.py makes them: a prefix, a 12-hex-digit id, a url-safe secret.
+TOKEN_FORM = re.compile(r"florist_[0-9a-f]{12}_[A-Za-z0-9_-]{20,}")
 
 
 class Settings(BaseSettings):
@@ -223,6 +227,13 @@ class Settings(BaseSettings):
         description="The API token the CLI sends as `Authorization: Bearer` "
         "(`florist token create`).",
     )
+    admin_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="A token (`florist token generate`) the API registers as an admin token "
+        "named `admin-token` when it starts, unless its id is known: how a deployment gets its "
+        "first token from a secret store (the Helm chart's Secret, compose's .env) without a "
+        "shell in the container. Revoking it holds across restarts.",
+    )
     allowed_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated Host names the API answers to besides loopback names and "
@@ -243,6 +254,17 @@ class Settings(BaseSettings):
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
         return value
+
+    @field_validator("admin_token")
+    @classmethod
+    def _token_form(cls, value: SecretStr) -> SecretStr:
+        text = value.get_secret_value().strip()
+        if text and not TOKEN_FORM.fullmatch(text):
+            raise ValueError(
+                "not a Florist token: make one with `florist token generate` "
+                "(florist_<12 hex digits>_<secret>)"
+            )
+        return SecretStr(text)
 
     @model_validator(mode="after")
     def _refuse_unsafe(self) -> Settings:

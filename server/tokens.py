@@ -13,6 +13,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
 from florist.server.db.models import ApiSession, ApiToken, utcnow
+from florist.server.settings import TOKEN_FORM
 
 PREFIX = "florist"
 # last_used_at is written at most this often per token: reads stay reads.
@@ -71,6 +72,35 @@ def create_token(
     session.add(row)
     session.flush()
     return row, f"{PREFIX}_{token_id}_{secret}"
+
+
+def generate_token() -> str:
+    """A token string in the form ``create_token`` hands out, stored nowhere: for a deployment
+    to keep in a secret store and register at start (``ensure_token``)."""
+    return f"{PREFIX}_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+class TokenConflict(ValueError):
+    """A token to register carries the id of a known token with another secret."""
+
+
+def ensure_token(session: Session, token: str, *, name: str, role: Role) -> tuple[ApiToken, bool]:
+    """Register ``token`` (made by ``generate_token``) unless its id is known; return its row and
+    whether it was added. A known id keeps its row as it is, revoked included: restarting with
+    the same secret never brings a revoked token back."""
+    parsed = _parse(token)
+    if parsed is None or not TOKEN_FORM.fullmatch(token):
+        raise ValueError("not a Florist token (florist_<12 hex digits>_<secret>)")
+    token_id, secret = parsed
+    row = session.get(ApiToken, token_id)
+    if row is not None:
+        if not hmac.compare_digest(row.secret_sha256, sha256_hex(secret)):
+            raise TokenConflict(f"token id {token_id} is registered with another secret")
+        return row, False
+    row = ApiToken(id=token_id, name=name, role=role.label, secret_sha256=sha256_hex(secret))
+    session.add(row)
+    session.flush()
+    return row, True
 
 
 def _parse(token: str) -> tuple[str, str] | None:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from florist.server.api.auth import allow_cors, install_auth
@@ -19,6 +21,24 @@ from florist.server.logs import ExperimentLogContext
 from florist.server.observability import instrument
 from florist.server.settings import Settings, get_settings
 from florist.server.simulation import control_for
+from florist.server.tokens import Role, ensure_token
+
+log = logging.getLogger(__name__)
+
+
+def _register_admin_token(sessions: sessionmaker[Session], settings: Settings) -> None:
+    """FLORIST_ADMIN_TOKEN, registered once (a deployment's first token); a token whose id is
+    known with another secret stops the start: two secrets for one id is a misconfiguration."""
+    token = settings.admin_token.get_secret_value()
+    if not token:
+        return
+    with sessions.begin() as session:
+        row, added = ensure_token(session, token, name="admin-token", role=Role.ADMIN)
+        state = "revoked" if row.revoked_at is not None else row.role
+    if added:
+        log.info("admin token %s registered from FLORIST_ADMIN_TOKEN", row.id)
+    else:
+        log.info("admin token %s from FLORIST_ADMIN_TOKEN is known (%s)", row.id, state)
 
 
 def create_app(
@@ -39,6 +59,7 @@ def create_app(
         app.state.sessions = make_session_factory(engine)
         app.state.follower = None
         app.state.open_streams = 0
+        _register_admin_token(app.state.sessions, settings)
         if follow_runs:
             factory = control_factory or (lambda: control_for(settings))
             app.state.follower = RunFollower(

@@ -28,8 +28,10 @@ from florist.server.db.models import ApiSession, ApiToken, utcnow
 from florist.server.settings import Settings
 from florist.server.tokens import (
     Role,
+    TokenConflict,
     create_token,
     csrf_for,
+    generate_token,
     open_session,
     revoke_token,
     verify_session,
@@ -438,6 +440,76 @@ def test_create_app_refuses_settings_made_unsafe_after_reading(tmp_path: Path) -
     settings.auth = "open"
     with pytest.raises(ValueError, match="not a loopback address"):
         create_app(settings, follow_runs=False)
+
+
+# --- FLORIST_ADMIN_TOKEN: a deployment's first token, from its secret store -------------------
+
+
+def test_the_admin_token_setting_is_registered_once_and_revocation_holds(
+    tmp_path: Path, migrated_url: str
+) -> None:
+    token = generate_token()
+    token_id = token.split("_")[1]
+
+    with _app(tmp_path, migrated_url, auth="on", admin_token=token) as client:
+        admin = client.get("/api/v1/node-keys", headers=bearer(token))
+        sessions = client.app.state.sessions  # type: ignore[attr-defined]
+        with sessions() as db:
+            revoke_token(db, token_id)
+            db.commit()
+    # A restart with the same secret finds the id and leaves the revocation in place.
+    with _app(tmp_path, migrated_url, auth="on", admin_token=token) as client:
+        after_restart = client.get("/api/v1/node-keys", headers=bearer(token))
+        sessions = client.app.state.sessions  # type: ignore[attr-defined]
+        with sessions() as db:
+            rows = db.query(ApiToken).all()
+
+    assert admin.status_code == 200
+    assert after_restart.status_code == 401
+    assert [(r.id, r.name, r.role) for r in rows] == [(token_id, "admin-token", "admin")]
+    assert rows[0].secret_sha256 == hashlib.sha256(token.split("_", 2)[2].encode()).hexdigest()
+
+
+def test_an_admin_token_whose_id_is_known_with_another_secret_stops_the_start(
+    tmp_path: Path, migrated_url: str
+) -> None:
+    token = generate_token()
+    impostor = token.rsplit("_", 1)[0] + "_" + generate_token().split("_", 2)[2]
+    with _app(tmp_path, migrated_url, auth="on", admin_token=token):
+        pass
+
+    with (
+        pytest.raises(TokenConflict, match="registered with another secret"),
+        _app(tmp_path, migrated_url, auth="on", admin_token=impostor),
+    ):
+        pass
+
+
+@pytest.mark.parametrize(
+    "bad", ["hunter2", "florist_XYZ_secretsecretsecretsecret", "florist_0123456789ab_short"]
+)
+def test_a_malformed_admin_token_is_refused_without_echoing_it(bad: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(admin_token=bad)  # type: ignore[arg-type]
+    assert "florist token generate" in str(caught.value)
+    assert bad not in str(caught.value)
+
+
+def test_florist_token_generate_prints_a_token_it_does_not_store(
+    migrated_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FLORIST_DATABASE_URL", migrated_url)
+    monkeypatch.setenv("FLORIST_HOME", str(tmp_path))
+    runner = CliRunner()
+
+    first = runner.invoke(cli.app, ["token", "generate"])
+    second = runner.invoke(cli.app, ["token", "generate"])
+    listed = runner.invoke(cli.app, ["token", "list"])
+
+    assert first.exit_code == 0, first.output
+    assert Settings(admin_token=first.stdout.strip()).admin_token  # type: ignore[arg-type]
+    assert first.stdout != second.stdout
+    assert "no tokens" in listed.stdout
 
 
 # --- florist token ---------------------------------------------------------------------------

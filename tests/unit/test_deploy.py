@@ -501,6 +501,36 @@ def test_chart_default_install_has_every_piece_and_real_commands() -> None:
     )
 
 
+def _token_ref(docs: list[dict[str, Any]]) -> dict[str, str]:
+    [env] = [e for e in containers(docs)["api"]["env"] if e["name"] == "FLORIST_ADMIN_TOKEN"]
+    return dict(env["valueFrom"]["secretKeyRef"])
+
+
+def test_chart_gives_the_api_a_first_admin_token_from_a_secret() -> None:
+    # A generated token has the form the API accepts (Settings validates it at start), and
+    # two installs get different ones.
+    generated = [by_kind(render({}))[("Secret", "fl-api-token")] for _ in range(2)]
+    tokens = [s["stringData"]["admin-token"] for s in generated]
+    for token in tokens:
+        assert Settings(admin_token=token).admin_token.get_secret_value() == token  # type: ignore[arg-type]
+    assert tokens[0] != tokens[1]
+    assert _token_ref(render({})) == {"name": "fl-api-token", "key": "admin-token"}
+
+    given = "florist_0123456789ab_" + "s" * 43
+    assert (
+        by_kind(render({"security": {"apiToken": {"value": given}}}))[("Secret", "fl-api-token")][
+            "stringData"
+        ]["admin-token"]
+        == given
+    )
+    # Its own Secret: none is made, the API reads that one.
+    own = render({"security": {"apiToken": {"existingSecret": "tokens"}}})
+    assert not any(d["kind"] == "Secret" and "api-token" in d["metadata"]["name"] for d in own)
+    assert _token_ref(own) == {"name": "tokens", "key": "admin-token"}
+    # A release of clients only has no API and no token.
+    assert not any("api-token" in d["metadata"]["name"] for d in render(SITE))
+
+
 def test_chart_exposes_the_apis_metrics_to_prometheus(tmp_path: Path) -> None:
     # Prepare: the route the chart points at is the API's own
     from florist.server.api.app import create_app

@@ -57,6 +57,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{ default (printf "%s-supernode-auth" (include "florist.fullname" .)) .Values.security.supernodeAuth.existingSecret }}
 {{- end -}}
 
+{{- define "florist.apiTokenSecret" -}}
+{{ default (printf "%s-api-token" (include "florist.fullname" .)) .Values.security.apiToken.existingSecret }}
+{{- end -}}
+
 {{/* Environment every Florist container gets. */}}
 {{- define "florist.commonEnv" -}}
 - name: FLORIST_LOG_TO_STDOUT
