@@ -3,6 +3,7 @@ a target on the validation split, never on test."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -93,3 +94,57 @@ def test_a_seed_that_never_reaches_the_target_is_counted_not_averaged() -> None:
     assert (stats["reached"], stats["of"]) == (2, 3)
     assert stats["mean"] == pytest.approx(6.0)
     assert "mean" not in het.seed_stats([None, None])
+
+
+@pytest.mark.parametrize("name", sorted(het.SCENARIOS))
+def test_every_scenario_makes_valid_specs_for_every_method(name: str) -> None:
+    scenario = het.SCENARIOS[name]
+    fleet = het.speeds(name)
+
+    specs = [
+        het.factory(m, 100.0, het.STEPS * max(fleet), scenario)({"lr": 0.1, "momentum": 0.0}, 1)
+        for m in het.METHODS
+    ]
+
+    assert len(fleet) == scenario.nodes
+    assert min(fleet) >= scenario.fastest
+    assert max(fleet) <= scenario.fastest * scenario.spread + 1e-9
+    assert {s.clients.min for s in specs} == {scenario.nodes}
+    assert {s.workload.name for s in specs} == {scenario.dataset}
+    slow = specs[het.METHODS.index("async-fedavg-slow")]
+    assert slow.strategy.config["server_lr"] == pytest.approx(1 / scenario.nodes, abs=1e-6)
+
+
+def test_the_skewed_and_synthetic_scenarios_differ_from_the_first_as_named() -> None:
+    skewed = het.SCENARIOS["exponential, 10x, 20 nodes, Dir(0.1)"].dataset_spec(3)
+    synthetic = het.SCENARIOS["exponential, 10x, synthetic"].dataset_spec(3)
+
+    assert skewed == {
+        "name": "digits",
+        "partitioner": {"name": "dirichlet", "alpha": 0.1},
+        "seed": 3,
+    }
+    assert synthetic == {"name": "synthetic", "num_devices": 30, "seed": 3}
+
+
+def test_a_run_of_one_scenario_keeps_the_others_only_if_they_ran_the_same_grid(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(het.tuning, "RESULTS", tmp_path)
+    earlier = {
+        "grid": {"lr": [0.03, 0.1, 0.3]},
+        "seeds": [0, 1, 2],
+        "tail": 4,
+        "config": {"budget_rounds": 15},
+        "scenarios": {"exponential, 10x spread": {"methods": {}}, "gone": {}},
+        "runs": {"exponential, 10x spread": {"fedavg": {}}, "gone": {}},
+    }
+    (tmp_path / "heterogeneous.json").write_text(json.dumps(earlier))
+
+    kept = het.earlier_scenarios(False, [0.03, 0.1, 0.3], [0, 1, 2], 4, 15)
+    other_seeds = het.earlier_scenarios(False, [0.03, 0.1, 0.3], [0, 1], 4, 15)
+
+    assert list(kept) == ["exponential, 10x spread"]  # a scenario no longer defined is dropped
+    assert kept["exponential, 10x spread"]["summary"]["nodes"] == het.NODES
+    assert kept["exponential, 10x spread"]["runs"] == {"fedavg": {}}
+    assert other_seeds == {}
