@@ -445,6 +445,15 @@ def start_experiment(
     return _transition(session, experiment_id, start_plan(), fields)
 
 
+def locked_status(session: Session, *, experiment_id: int) -> ExperimentStatus | None:
+    """The experiment's status, its row locked until the transaction ends (PostgreSQL; SQLite
+    holds its one write lock once the transaction has written): a writer that checks the status
+    and then writes cannot be overtaken by a status change in between. None: no such row."""
+    return session.scalar(
+        select(Experiment.status).where(Experiment.id == experiment_id).with_for_update()
+    )
+
+
 def finish_experiment(
     session: Session,
     *,

@@ -16,7 +16,6 @@ from florist.server.db.engine import make_engine, make_session_factory
 from florist.server.db.models import (
     Checkpoint,
     ClientUpdate,
-    Experiment,
     ResumePointRow,
     Round,
     Run,
@@ -27,6 +26,7 @@ from florist.server.db.repository import (
     add_event,
     current_flwr_run_id,
     finish_experiment,
+    locked_status,
     start_experiment,
     touch_nodes,
 )
@@ -104,9 +104,7 @@ class SqlRunRecorder(RunRecorder):
         """Raise ExperimentEndedError if the run's experiment has ended. Called after the
         transaction's first write: SQLite then holds the write lock and PostgreSQL locks the
         experiment row, so a cancel commits either before this check or after the round."""
-        status = session.scalar(
-            select(Experiment.status).where(Experiment.id == run.experiment_id).with_for_update()
-        )
+        status = locked_status(session, experiment_id=run.experiment_id)
         if status in TERMINAL_STATUSES:
             raise ExperimentEndedError(
                 f"run {run.id}: experiment {run.experiment_id} has ended {status}; "

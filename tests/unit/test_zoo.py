@@ -483,5 +483,7 @@ def test_fzoos_on_one_client_is_the_same_for_every_gamma() -> None:
 
     with_gamma, norms = final(1.0)
     without, _ = final(0.0)
-    np.testing.assert_allclose(with_gamma, without, rtol=1e-12, atol=0)
+    # Up to rounding: the correction is the difference of two equal sums computed apart, which
+    # leaves ~1e-12 where thread counts differ; a correction that did not vanish moves x far more.
+    np.testing.assert_allclose(with_gamma, without, rtol=1e-9, atol=0)
     assert norms[1] == pytest.approx(0.0, abs=1e-9) and norms[2] == pytest.approx(0.0, abs=1e-9)
