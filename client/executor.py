@@ -98,12 +98,18 @@ from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
-from florist.client.flower_tuning import tune_object_pulls
+from florist.client.flower_tuning import CappedSleep, tune_object_pulls
 
 log = logging.getLogger("florist.executor")
 
 DEFAULT_POLL_S = 0.02
 POLL_ENV = "FLORIST_EXECUTOR_POLL"
+#: The idle poll once the executor has had no task for IDLE_GRACE_S, reached over IDLE_RAMP_S.
+#: Every poll is a request its SuperNode answers: at 0.02 s an idle node and its executor burned
+#: about a sixth of a core between them; work that follows work is still picked up at once.
+DEFAULT_IDLE_POLL_MAX_S = 0.25
+IDLE_POLL_MAX_ENV = "FLORIST_EXECUTOR_IDLE_POLL_MAX"
+IDLE_GRACE_S, IDLE_RAMP_S = 10.0, 20.0
 #: Imported at start-up so that the first task is as warm as the next ones.
 DEFAULT_PRELOAD = ("florist.client.clientapp",)
 
@@ -159,6 +165,16 @@ def poll_interval(env: Mapping[str, str]) -> float:
                 raise ValueError(f"{name} must be in [0.01, 60] seconds, got {raw!r}")
             return value
     return DEFAULT_POLL_S
+
+
+def idle_poll_max(env: Mapping[str, str]) -> float:
+    """The idle poll after a quiet spell: ``FLORIST_EXECUTOR_IDLE_POLL_MAX``, else 0.25 s, in
+    [0.01, 60] like the busy poll; never below the busy poll (it wins where set higher)."""
+    raw = env.get(IDLE_POLL_MAX_ENV)
+    value = float(raw) if raw else DEFAULT_IDLE_POLL_MAX_S
+    if not 0.01 <= value <= 60.0:
+        raise ValueError(f"{IDLE_POLL_MAX_ENV} must be in [0.01, 60] seconds, got {raw!r}")
+    return max(poll_interval(env), value)
 
 
 def _push_reply(client: RuntimeHttpClient, reply: Message, context: Context) -> None:
@@ -295,6 +311,7 @@ class ExecutorConfig:
     insecure: bool = True
     root_certificates: bytes | None = None
     poll_s: float = DEFAULT_POLL_S
+    idle_poll_max_s: float = DEFAULT_IDLE_POLL_MAX_S
     pull_backoff: float = 0.005
     pull_backoff_cap: float = 0.5
     message_wait_s: float = 60.0
@@ -499,17 +516,26 @@ class Executor:
         self.guard.install()
         acquirer = _client(self.config, "SuperExec", None)
         log.info("warm executor ready on %s (pid %d)", self.config.clientappio, os.getpid())
+        poll = CappedSleep(
+            idle=self.config.poll_s,
+            other=self.config.poll_s,
+            idle_max=self.config.idle_poll_max_s,
+            grace=IDLE_GRACE_S,
+            ramp=IDLE_RAMP_S,
+        )
         try:
             while not self.guard.stop_requested:
                 claimed = self.acquire(acquirer)
                 if claimed is None:
-                    time.sleep(self.config.poll_s)
+                    time.sleep(poll.idle_wait())
                     continue
                 try:
                     outcome = self.run_task(*claimed)
                 except TaskInvalidated:  # arrived while an error reply was being built
                     log.warning("task %s abandoned", claimed[1])
                     continue
+                finally:
+                    poll.active()
                 log.info(
                     "task %s %s in %.2f s%s",
                     outcome.task_id,
@@ -653,6 +679,7 @@ def main(argv: list[str] | None = None) -> None:
                 args.root_certificates.read_bytes() if args.root_certificates else None
             ),
             poll_s=poll_interval(os.environ),
+            idle_poll_max_s=idle_poll_max(os.environ),
         )
         for address in args.clientappio
     ]

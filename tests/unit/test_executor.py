@@ -56,6 +56,15 @@ def test_poll_interval_prefers_florist_then_flower_then_default() -> None:
         ex.poll_interval({ex.POLL_ENV: "0"})
 
 
+def test_idle_poll_max_defaults_bounds_and_never_undercuts_the_busy_poll() -> None:
+    assert ex.idle_poll_max({}) == ex.DEFAULT_IDLE_POLL_MAX_S
+    assert ex.idle_poll_max({ex.IDLE_POLL_MAX_ENV: "1.5"}) == 1.5
+    # A busy poll set above the idle maximum wins: the executor never polls faster when idle.
+    assert ex.idle_poll_max({ex.POLL_ENV: "0.5", ex.IDLE_POLL_MAX_ENV: "0.1"}) == 0.5
+    with pytest.raises(ValueError, match=ex.IDLE_POLL_MAX_ENV):
+        ex.idle_poll_max({ex.IDLE_POLL_MAX_ENV: "120"})
+
+
 def test_error_reason_matches_stock_flower_codes() -> None:
     code, reason = ex.error_reason(ZeroDivisionError("division by zero"))
     assert code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
