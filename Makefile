@@ -32,11 +32,11 @@ test: $(STAMP) browser
 	$(BIN)/ruff format --check .
 	tools/typecheck
 	$(BIN)/lint-imports
-	FLORIST_REQUIRE_POSTGRES=$${FLORIST_REQUIRE_POSTGRES:-0} $(BIN)/pytest -q --durations=10
+	FLORIST_REQUIRE_POSTGRES=$${FLORIST_REQUIRE_POSTGRES:-0} $(BIN)/pytest -q --durations=10 -n 2 --dist loadgroup
 
 # The quick loop: no real Flower processes, no browser.
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not e2e and not browser and not slow"
+	$(BIN)/pytest -q -n 2 -m "not e2e and not browser and not slow"
 
 # lint-imports keeps the layers of pyproject's [tool.importlinter]: a wrong-way import fails.
 lint: $(STAMP)
