@@ -104,10 +104,13 @@ log = logging.getLogger("florist.executor")
 
 DEFAULT_POLL_S = 0.02
 POLL_ENV = "FLORIST_EXECUTOR_POLL"
-#: The idle poll once the executor has had no task for IDLE_GRACE_S, reached over IDLE_RAMP_S.
-#: Every poll is a request its SuperNode answers: at 0.02 s an idle node and its executor burned
-#: about a sixth of a core between them; work that follows work is still picked up at once.
-DEFAULT_IDLE_POLL_MAX_S = 0.25
+#: Every AcquireTask is an HTTP request its SuperNode answers, a few milliseconds of CPU on each
+#: side. Polling every 0.02 s, five executors made 250 of them a second and took most of 2 cores
+#: from the training they waited for (a 5-node round took 7 s, py-spy: mostly AcquireTask). So
+#: the wait doubles with every empty poll, from the busy poll to BUSY_POLL_CAP_S, and after
+#: IDLE_GRACE_S without a task grows over IDLE_RAMP_S to the idle maximum.
+BUSY_POLL_CAP_S = 0.1
+DEFAULT_IDLE_POLL_MAX_S = 0.5
 IDLE_POLL_MAX_ENV = "FLORIST_EXECUTOR_IDLE_POLL_MAX"
 IDLE_GRACE_S, IDLE_RAMP_S = 10.0, 20.0
 #: Imported at start-up so that the first task is as warm as the next ones.
@@ -167,8 +170,40 @@ def poll_interval(env: Mapping[str, str]) -> float:
     return DEFAULT_POLL_S
 
 
+class IdlePoll:
+    """The executor's wait before its next AcquireTask: ``poll_s`` after a task, doubling with
+    each empty poll up to BUSY_POLL_CAP_S (or ``poll_s`` if that is longer); after IDLE_GRACE_S
+    without a task the cap grows to ``idle_max_s`` over IDLE_RAMP_S (CappedSleep's ramp)."""
+
+    def __init__(
+        self, poll_s: float, idle_max_s: float, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        busy_cap = max(poll_s, BUSY_POLL_CAP_S)
+        self._cap = CappedSleep(
+            idle=busy_cap,
+            other=poll_s,
+            idle_max=max(busy_cap, idle_max_s),
+            grace=IDLE_GRACE_S,
+            ramp=IDLE_RAMP_S,
+            clock=clock,
+        )
+        self.poll_s = poll_s
+        self._next = poll_s
+
+    def active(self) -> None:
+        """A task came: poll fast again."""
+        self._cap.active()
+        self._next = self.poll_s
+
+    def wait(self) -> float:
+        """The wait after an empty poll (each one doubles the next, up to the cap)."""
+        current = min(self._next, self._cap.idle_wait())
+        self._next = current * 2
+        return current
+
+
 def idle_poll_max(env: Mapping[str, str]) -> float:
-    """The idle poll after a quiet spell: ``FLORIST_EXECUTOR_IDLE_POLL_MAX``, else 0.25 s, in
+    """The idle poll after a quiet spell: ``FLORIST_EXECUTOR_IDLE_POLL_MAX``, else 0.5 s, in
     [0.01, 60] like the busy poll; never below the busy poll (it wins where set higher)."""
     raw = env.get(IDLE_POLL_MAX_ENV)
     value = float(raw) if raw else DEFAULT_IDLE_POLL_MAX_S
@@ -516,18 +551,12 @@ class Executor:
         self.guard.install()
         acquirer = _client(self.config, "SuperExec", None)
         log.info("warm executor ready on %s (pid %d)", self.config.clientappio, os.getpid())
-        poll = CappedSleep(
-            idle=self.config.poll_s,
-            other=self.config.poll_s,
-            idle_max=self.config.idle_poll_max_s,
-            grace=IDLE_GRACE_S,
-            ramp=IDLE_RAMP_S,
-        )
+        poll = IdlePoll(self.config.poll_s, self.config.idle_poll_max_s)
         try:
             while not self.guard.stop_requested:
                 claimed = self.acquire(acquirer)
                 if claimed is None:
-                    time.sleep(poll.idle_wait())
+                    time.sleep(poll.wait())
                     continue
                 try:
                     outcome = self.run_task(*claimed)

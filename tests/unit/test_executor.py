@@ -65,6 +65,24 @@ def test_idle_poll_max_defaults_bounds_and_never_undercuts_the_busy_poll() -> No
         ex.idle_poll_max({ex.IDLE_POLL_MAX_ENV: "120"})
 
 
+def test_the_poll_backs_off_between_tasks_and_slows_further_when_idle() -> None:
+    now = [0.0]
+    poll = ex.IdlePoll(0.02, 0.5, clock=lambda: now[0])
+
+    busy = [poll.wait() for _ in range(6)]
+    poll.active()
+    after_task = poll.wait()
+    now[0] = ex.IDLE_GRACE_S + ex.IDLE_RAMP_S / 2  # half-way up the idle ramp
+    half = [poll.wait() for _ in range(4)]
+    now[0] = ex.IDLE_GRACE_S + ex.IDLE_RAMP_S + 1
+    idle = [poll.wait() for _ in range(3)]
+
+    assert busy == pytest.approx([0.02, 0.04, 0.08, ex.BUSY_POLL_CAP_S, 0.1, 0.1])
+    assert after_task == 0.02  # a task resets the back-off
+    assert half == pytest.approx([0.04, 0.08, 0.16, 0.3])  # capped at 0.1 + (0.5 - 0.1) / 2
+    assert idle == pytest.approx([0.5, 0.5, 0.5])
+
+
 def test_error_reason_matches_stock_flower_codes() -> None:
     code, reason = ex.error_reason(ZeroDivisionError("division by zero"))
     assert code == ErrorCode.CLIENT_APP_RAISED_EXCEPTION
