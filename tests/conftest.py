@@ -84,6 +84,7 @@ def _testclient_host() -> Iterator[None]:
         yield
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into node ids
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """`make test` runs two pytest-xdist workers with ``--dist loadgroup``: the real-process
     tests (tests/integration) form one group, so they run one after another on one worker, as
