@@ -82,15 +82,3 @@ def _testclient_host() -> Iterator[None]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("FLORIST_ALLOWED_HOSTS", "testserver")
         yield
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the marks into node ids
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """`make test` runs two pytest-xdist workers with ``--dist loadgroup``: the real-process
-    tests (tests/integration) form one group, so they run one after another on one worker, as
-    they were written to, while the other worker takes the rest. Two Flower stacks at once on
-    2 cores made each e2e test twice as slow and saved almost nothing."""
-    integration = Path(__file__).parent / "integration"
-    for item in items:
-        if integration in item.path.parents:
-            item.add_marker(pytest.mark.xdist_group("real-processes"))
