@@ -32,14 +32,7 @@ test: $(STAMP) browser
 	$(BIN)/ruff format --check .
 	tools/typecheck
 	$(BIN)/lint-imports
-	# Two pytest runs at once: the real-process tests one after another (two Flower stacks at
-	# once on 2 cores made each twice as slow), the rest on two workers beside them; the
-	# real-process run's output follows the other's.
-	@export FLORIST_REQUIRE_POSTGRES=$${FLORIST_REQUIRE_POSTGRES:-0}; \
-	$(BIN)/pytest -q --durations=10 -p no:cacheprovider tests/integration > .pytest-integration.log 2>&1 & e2e=$$!; \
-	$(BIN)/pytest -q --durations=10 -p no:cacheprovider -n 2 tests/unit; unit=$$?; \
-	wait $$e2e; e2e=$$?; echo "--- tests/integration"; cat .pytest-integration.log; \
-	test $$unit -eq 0 && test $$e2e -eq 0
+	FLORIST_REQUIRE_POSTGRES=$${FLORIST_REQUIRE_POSTGRES:-0} $(BIN)/pytest -q --durations=10
 
 # The quick loop: no real Flower processes, no browser.
 test-fast: $(STAMP)
