@@ -56,28 +56,42 @@ def sha256_hex(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
-def create_token(
-    session: Session, *, name: str, role: Role, expires_in: timedelta | None = None
-) -> tuple[ApiToken, str]:
-    """A new token row and the token string, which exists nowhere else: show it once."""
-    token_id = secrets.token_hex(6)
-    secret = secrets.token_urlsafe(32)
+def generate_token() -> str:
+    """A new token string, stored nowhere: ``create_token`` stores it at once; a deployment keeps
+    it in a secret store for the API to register at start (``ensure_token``)."""
+    return f"{PREFIX}_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+
+
+def _add_token(
+    session: Session,
+    token_id: str,
+    secret: str,
+    *,
+    name: str,
+    role: Role,
+    expires_at: datetime | None = None,
+) -> ApiToken:
     row = ApiToken(
         id=token_id,
         name=name,
         role=role.label,
         secret_sha256=sha256_hex(secret),
-        expires_at=utcnow() + expires_in if expires_in else None,
+        expires_at=expires_at,
     )
     session.add(row)
     session.flush()
-    return row, f"{PREFIX}_{token_id}_{secret}"
+    return row
 
 
-def generate_token() -> str:
-    """A token string in the form ``create_token`` hands out, stored nowhere: for a deployment
-    to keep in a secret store and register at start (``ensure_token``)."""
-    return f"{PREFIX}_{secrets.token_hex(6)}_{secrets.token_urlsafe(32)}"
+def create_token(
+    session: Session, *, name: str, role: Role, expires_in: timedelta | None = None
+) -> tuple[ApiToken, str]:
+    """A new token row and the token string, which exists nowhere else: show it once."""
+    token = generate_token()
+    parsed = _parse(token)
+    assert parsed is not None  # generate_token makes the form _parse reads
+    expires_at = utcnow() + expires_in if expires_in else None
+    return _add_token(session, *parsed, name=name, role=role, expires_at=expires_at), token
 
 
 class TokenConflict(ValueError):
@@ -97,10 +111,7 @@ def ensure_token(session: Session, token: str, *, name: str, role: Role) -> tupl
         if not hmac.compare_digest(row.secret_sha256, sha256_hex(secret)):
             raise TokenConflict(f"token id {token_id} is registered with another secret")
         return row, False
-    row = ApiToken(id=token_id, name=name, role=role.label, secret_sha256=sha256_hex(secret))
-    session.add(row)
-    session.flush()
-    return row, True
+    return _add_token(session, token_id, secret, name=name, role=role), True
 
 
 def _parse(token: str) -> tuple[str, str] | None:

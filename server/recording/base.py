@@ -62,6 +62,12 @@ class RunSupersededError(RunFinishedError):
     experiment resumed elsewhere): it writes no more rounds."""
 
 
+def ended_error(run_id: int, experiment_id: int, status: str) -> ExperimentEndedError:
+    return ExperimentEndedError(
+        f"run {run_id}: experiment {experiment_id} has ended {status}; it takes no more rounds"
+    )
+
+
 def superseded_message(run_id: int, flwr_run_id: int, current: int | None) -> str:
     now = "is waiting to be submitted again" if current is None else f"is Flower run {current}'s"
     return f"run {run_id} (Flower run {flwr_run_id}) was lost: its experiment {now}"

@@ -23,7 +23,6 @@ from .base import (
     FINISH_REFUSED,
     RUN_INTERRUPTED,
     DuplicateRoundError,
-    ExperimentEndedError,
     RoundRecord,
     RunFinishedError,
     RunOutcome,
@@ -35,6 +34,7 @@ from .base import (
     _node_configs,
     _refused_finish,
     _seen_node_ids,
+    ended_error,
     superseded_message,
 )
 
@@ -142,10 +142,7 @@ class InMemoryRunRecorder(RunRecorder):
             run = self._open_run(run_id)
             status = self.experiments[run.experiment_id].status
             if status in TERMINAL_STATUSES:
-                raise ExperimentEndedError(
-                    f"run {run_id}: experiment {run.experiment_id} has ended {status}; "
-                    "it takes no more rounds"
-                )
+                raise ended_error(run_id, run.experiment_id, status)
             if record.server_round in self._experiment_rounds(run.experiment_id):
                 raise DuplicateRoundError(
                     f"round {record.server_round} of run {run_id} is already recorded"

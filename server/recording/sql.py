@@ -41,7 +41,6 @@ from .base import (
     FINISH_REFUSED,
     RUN_INTERRUPTED,
     DuplicateRoundError,
-    ExperimentEndedError,
     ModelCheckpoint,
     RoundRecord,
     RunFinishedError,
@@ -55,6 +54,7 @@ from .base import (
     _node_configs,
     _refused_finish,
     _seen_node_ids,
+    ended_error,
     superseded_message,
 )
 
@@ -106,10 +106,7 @@ class SqlRunRecorder(RunRecorder):
         experiment row, so a cancel commits either before this check or after the round."""
         status = locked_status(session, experiment_id=run.experiment_id)
         if status in TERMINAL_STATUSES:
-            raise ExperimentEndedError(
-                f"run {run.id}: experiment {run.experiment_id} has ended {status}; "
-                "it takes no more rounds"
-            )
+            raise ended_error(run.id, run.experiment_id, status)
 
     def start_run(self, *, experiment_id: int, flwr_run_id: int) -> int:
         now = utcnow()
