@@ -94,7 +94,7 @@ class Scenario:
     nodes: int = NODES
     alpha: float = ALPHA
     dataset: str = "digits"
-    target: float | None = None  # None: TARGET
+    target: float = TARGET  # validation accuracy of the time-to-target
 
     def dataset_spec(self, seed: int) -> dict[str, Any]:
         if self.dataset == "synthetic":
@@ -328,9 +328,10 @@ def earlier_scenarios(
     out = {}
     for name, summary in earlier.get("scenarios", {}).items():
         if name in SCENARIOS and name in earlier.get("runs", {}):
-            summary.setdefault("data", Scenario(EXPONENTIAL, 0, 0).describe())  # the first run's
-            summary.setdefault("nodes", NODES)
-            summary.setdefault("target_val_accuracy", TARGET)
+            # Written before scenarios recorded these: that run was the default scenario.
+            summary.setdefault("data", SCENARIOS[name].describe())
+            summary.setdefault("nodes", SCENARIOS[name].nodes)
+            summary.setdefault("target_val_accuracy", SCENARIOS[name].target)
             summary.setdefault("command", earlier.get("command"))
             out[name] = {"summary": summary, "runs": earlier["runs"][name]}
     return out
@@ -364,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
     curves: dict[str, Any] = {}
     for scenario in args.scenarios:
         setup = SCENARIOS[scenario]
-        target = TARGET if setup.target is None else setup.target
+        target = setup.target
         fleet = speeds(scenario)
         slowest_round_s = STEPS * max(fleet)
         budget_s = budget_rounds * slowest_round_s
