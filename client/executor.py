@@ -34,6 +34,8 @@ What it takes care of, per task:
 - the global RNG states (random, numpy, torch) and torch's thread count are reset before every
   task to what they were when the executor started, so nothing leaks from one task to the next;
   Context (with its per-run state) comes from the SuperNode with every task;
+- torch runs with the host's cores shared out among its executors (``torch_threads``) and has
+  paid its lazy imports (the first optimizer) before the first task;
 - a FAB with a new hash purges the modules that the previous FAB's project folder provided,
   so a new app under an old package name never runs the old code. Florist's FAB holds no code
   (its components point at the installed package), so that purge never drops torch or florist.
@@ -115,6 +117,7 @@ IDLE_POLL_MAX_ENV = "FLORIST_EXECUTOR_IDLE_POLL_MAX"
 IDLE_GRACE_S, IDLE_RAMP_S = 10.0, 20.0
 #: Imported at start-up so that the first task is as warm as the next ones.
 DEFAULT_PRELOAD = ("florist.client.clientapp",)
+THREADS_ENV = "FLORIST_EXECUTOR_THREADS"
 
 
 class TaskInvalidated(Exception):
@@ -210,6 +213,43 @@ def idle_poll_max(env: Mapping[str, str]) -> float:
     if not 0.01 <= value <= 60.0:
         raise ValueError(f"{IDLE_POLL_MAX_ENV} must be in [0.01, 60] seconds, got {raw!r}")
     return max(poll_interval(env), value)
+
+
+def torch_threads(env: Mapping[str, str], executors: int, cpus: int | None) -> int:
+    """Intra-op threads per executor: ``FLORIST_EXECUTOR_THREADS``, else the cores shared out
+    among the executors on this host (at least one each).
+
+    torch's default is one thread per core in every process. Five executors on two cores then
+    run ten spinning OpenMP threads, and a step that takes 10 ms alone took 1–2 s (measured:
+    benchmarks/end_to_end.py's job, docs/benchmarks.md). ``executors`` is how many executors
+    this process tree runs; ``florist up`` sets the variable when it starts one per node.
+    """
+    raw = env.get(THREADS_ENV)
+    if raw:
+        try:
+            value = int(raw)
+        except ValueError:
+            value = 0
+        if not 1 <= value <= 1024:
+            raise ValueError(f"{THREADS_ENV} must be a whole number in [1, 1024], got {raw!r}")
+        return value
+    return max(1, (cpus or 1) // max(1, executors))
+
+
+def warm_torch(threads: int) -> None:
+    """Set torch's thread count and pay its lazy imports now, not in the first task.
+
+    The first optimizer a process builds imports torch's compiler stack (about 2 s of CPU on
+    these machines), which every executor would otherwise pay inside round 1, all at once.
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    weight = torch.zeros(2, requires_grad=True)
+    for optimizer in (torch.optim.SGD([weight], lr=0.1, momentum=0.9), torch.optim.Adam([weight])):
+        optimizer.zero_grad()
+        (weight * weight).sum().backward()
+        optimizer.step()
 
 
 def _push_reply(client: RuntimeHttpClient, reply: Message, context: Context) -> None:
@@ -700,6 +740,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     tune_object_pulls()
     preload(tuple(args.preload) if args.preload is not None else DEFAULT_PRELOAD)
+    # Before any fork: the pool's children share what this imports.
+    threads = torch_threads(os.environ, len(args.clientappio), os.cpu_count())
+    warm_torch(threads)
+    log.info("torch: %d intra-op thread(s) per executor", threads)
     configs = [
         ExecutorConfig(
             clientappio=address,

@@ -37,7 +37,7 @@ def role_of(argv: Sequence[str]) -> tuple[str, dict[str, str]]:
     for name in names:
         if name in ("api", "superlink", "client"):
             return name, options
-        if name == "flower-superlink":
+        if name in ("flower-superlink", "florist.server.superlink"):
             return "superlink", options
         if name == "florist-replica":
             return "client", options

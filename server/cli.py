@@ -604,11 +604,17 @@ def _add_supernode(
     warm: bool,
     auth_key: Path | None = None,
     executor: bool = True,
+    executors_on_host: int = 1,
 ) -> None:
     """A SuperNode; with ``warm``, tuned polls and a warm executor beside it (both supervised;
     ``executor=False`` leaves the executor to a shared pool). With TLS it verifies the
-    SuperLink with the settings' CA; ``auth_key`` is its private key."""
+    SuperLink with the settings' CA; ``auth_key`` is its private key. ``executors_on_host``:
+    how many executors this machine runs, which share its cores (client/executor.py)."""
     env = flower_env(settings.home)
+    if executors_on_host > 1:
+        from florist.client.executor import THREADS_ENV, torch_threads
+
+        env[THREADS_ENV] = str(torch_threads(env, executors_on_host, os.cpu_count()))
     clientappio = f"127.0.0.1:{port}"
     ca = None if settings.insecure else settings.tls_file("ca")
     key = auth_key or settings.supernode_auth_key
@@ -734,6 +740,7 @@ def up(
                 warm,
                 auth_key=key,
                 executor=not pooled,
+                executors_on_host=len(profiles),
             )
         if pooled:
             sup.add(

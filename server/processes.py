@@ -130,8 +130,15 @@ def superlink_command(
     if tls is None:
         check_plaintext({"Control API": control, "Fleet API": fleet}, force=force_insecure)
     host, port = control.rsplit(":", 1)
+    # A state file: Flower's SuperLink behind server/superlink.py, which queues its SQLite
+    # transactions in-process (the file's lock would make writers sleep in SQLite's busy loop).
+    launcher = (
+        [sys.executable, "-m", "florist.server.superlink"]
+        if database is not None
+        else [_tool("flower-superlink")]
+    )
     cmd = [
-        _tool("flower-superlink"),
+        *launcher,
         "--disable-runtime-dependency-installation",
         "--host",
         host,

@@ -73,3 +73,34 @@ def test_client_with_its_own_data_folder_starts_a_supernode_reading_it(
     # Assert: the node-config carries the folder, resolved, and no partition.
     assert result.exit_code == 0, result.output
     assert started == [{"data-path": str(tmp_path.resolve())}]
+
+
+class _Recorded:
+    """A Supervisor stand-in that keeps what it is given, starting nothing."""
+
+    def __init__(self) -> None:
+        self.managed: list[object] = []
+
+    def add(self, managed: object) -> None:
+        self.managed.append(managed)
+
+
+@pytest.mark.parametrize(("on_host", "expected"), [(1, None), (4, "1")])
+def test_up_shares_the_cores_among_one_executor_per_node(
+    on_host: int, expected: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a two-core host, no operator setting.
+    monkeypatch.delenv("FLORIST_EXECUTOR_THREADS", raising=False)
+    monkeypatch.setattr(cli.os, "cpu_count", lambda: 2)
+    sup = _Recorded()
+    settings = cli.Settings(home=tmp_path)
+
+    # Execute
+    cli._add_supernode(
+        sup, "n0", settings, {"partition-id": 0}, 9100, tmp_path, True, executors_on_host=on_host
+    )
+
+    # Assert: the executor (the second process) gets its share; alone it keeps torch's default.
+    _node, executor = sup.managed
+    assert "florist.client.executor" in " ".join(executor.argv)  # type: ignore[attr-defined]
+    assert executor.env.get("FLORIST_EXECUTOR_THREADS") == expected  # type: ignore[attr-defined]

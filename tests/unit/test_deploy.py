@@ -302,6 +302,8 @@ def test_healthcheck_knows_each_service_from_pid_1() -> None:
     flower = ["/opt/florist/bin/python", "/opt/florist/bin/flower-superlink", "--insecure",
               "--health-server-address", "0.0.0.0:9098"]  # fmt: skip
     assert healthcheck.role_of(flower) == ("superlink", {"--health-server-address": "0.0.0.0:9098"})
+    tuned = ["/opt/florist/bin/python", "-m", "florist.server.superlink", "--database", "/s.db"]
+    assert healthcheck.role_of(tuned) == ("superlink", {"--database": "/s.db"})
     assert healthcheck.role_of(["florist-replica", "--port=9200"]) == ("client", {"--port": "9200"})
     assert healthcheck._local("0.0.0.0:9098") == ("127.0.0.1", 9098)
 
@@ -338,7 +340,9 @@ def test_superlink_command_execs_flower_with_its_state_file(
     )
     assert result.exit_code == 0, result.output
     [(file, argv, env)] = calls
-    assert file.endswith("flower-superlink") and argv[0] == file
+    # Flower's SuperLink behind Florist's launcher (server/superlink.py), this Python's.
+    assert argv[0] == file == sys.executable
+    assert argv[1:3] == ["-m", "florist.server.superlink"]
     flags = dict(itertools.pairwise(argv))
     assert flags["--database"] == str(state) and state.parent.is_dir()
     assert flags["--health-server-address"] == "0.0.0.0:9098"

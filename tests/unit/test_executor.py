@@ -65,6 +65,39 @@ def test_idle_poll_max_defaults_bounds_and_never_undercuts_the_busy_poll() -> No
         ex.idle_poll_max({ex.IDLE_POLL_MAX_ENV: "120"})
 
 
+@pytest.mark.parametrize(
+    ("env", "executors", "cpus", "threads"),
+    [
+        ({}, 1, 2, 2),  # one executor: every core, torch's own default
+        ({}, 5, 2, 1),  # five on two cores: one each, never zero
+        ({}, 3, 8, 2),  # the cores shared out, rounded down
+        ({}, 2, None, 1),  # cpu_count() unknown
+        ({"FLORIST_EXECUTOR_THREADS": "3"}, 5, 2, 3),  # the operator's choice wins
+    ],
+)
+def test_torch_threads_share_the_cores_among_the_hosts_executors(
+    env: dict[str, str], executors: int, cpus: int | None, threads: int
+) -> None:
+    assert ex.torch_threads(env, executors, cpus) == threads
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "two", "1.5", "5000"])
+def test_torch_threads_refuse_a_bad_setting_by_name(raw: str) -> None:
+    with pytest.raises(ValueError, match=ex.THREADS_ENV):
+        ex.torch_threads({ex.THREADS_ENV: raw}, 1, 2)
+
+
+def test_warm_torch_sets_the_threads_and_leaves_the_rngs_alone() -> None:
+    threads = torch.get_num_threads()
+    try:
+        rng = torch.get_rng_state()
+        ex.warm_torch(1)
+        assert torch.get_num_threads() == 1
+        assert torch.equal(torch.get_rng_state(), rng)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_the_poll_backs_off_between_tasks_and_slows_further_when_idle() -> None:
     now = [0.0]
     poll = ex.IdlePoll(0.02, 0.5, clock=lambda: now[0])
