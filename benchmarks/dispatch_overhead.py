@@ -277,6 +277,7 @@ def run_side(side: str, nodes: int, rounds: int, app: Path, work: Path) -> dict[
                     node_config=node_config,
                     env=env,
                     log_dir=home,
+                    executors_on_host=nodes,
                 ):
                     sup.add(m)
         time.sleep(3)  # let the SuperNodes register (and executors import torch)

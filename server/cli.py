@@ -611,10 +611,6 @@ def _add_supernode(
     SuperLink with the settings' CA; ``auth_key`` is its private key. ``executors_on_host``:
     how many executors this machine runs, which share its cores (client/executor.py)."""
     env = flower_env(settings.home)
-    if executors_on_host > 1:
-        from florist.client.executor import THREADS_ENV, torch_threads
-
-        env[THREADS_ENV] = str(torch_threads(env, executors_on_host, os.cpu_count()))
     clientappio = f"127.0.0.1:{port}"
     ca = None if settings.insecure else settings.tls_file("ca")
     key = auth_key or settings.supernode_auth_key
@@ -630,6 +626,7 @@ def _add_supernode(
             auth_key=key,
             force_insecure=settings.force_insecure,
             executor=executor,
+            executors_on_host=executors_on_host,
         ):
             sup.add(managed)
         return

@@ -248,12 +248,15 @@ def supernode_processes(
     force_insecure: bool = False,
     restart: bool = True,
     executor: bool = True,
+    executors_on_host: int = 1,
 ) -> list[Managed]:
     """A SuperNode with short polls and its warm executor, to ``Supervisor.add`` in this order
     (``executor=False``: the SuperNode alone, for a shared pool from ``executor_pool``).
 
     The executor is always restartable: a dead one leaves its SuperNode with no one to run
     ClientApps (its claimed task fails after the token expires, the next ones wait).
+    ``executors_on_host``: how many executors this machine runs; they share its cores
+    (``FLORIST_EXECUTOR_THREADS``, unless the environment sets it already).
     """
     node = supernode_command(
         superlink=superlink,
@@ -268,12 +271,18 @@ def supernode_processes(
     supernode = Managed(name, node, env, log_dir / f"{name}.log", restart=restart)
     if not executor:
         return [supernode]
+    executor_env = dict(env)
+    if executors_on_host > 1:
+        from florist.client.executor import THREADS_ENV, torch_threads
+
+        threads = torch_threads(executor_env, executors_on_host, os.cpu_count())
+        executor_env[THREADS_ENV] = str(threads)
     return [
         supernode,
         Managed(
             f"{name}-executor",
             executor_command(clientappio=clientappio),
-            env,
+            executor_env,
             log_dir / f"{name}-executor.log",
             restart=True,
         ),

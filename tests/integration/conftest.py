@@ -94,6 +94,7 @@ def start_stack(
                 env=env,
                 log_dir=logs,
                 restart=False,
+                executors_on_host=n,
             ):
                 sup.add(managed)
         yield FlowerStack(home=home, control=control, fleet=fleet, supervisor=sup)

@@ -81,6 +81,7 @@ def flower_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[FlowerSta
                 env=env,
                 log_dir=home / "logs",
                 restart=False,
+                executors_on_host=NUM_NODES,
             ):
                 sup.add(managed)
         watcher.start()
