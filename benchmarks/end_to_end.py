@@ -23,6 +23,12 @@ repetitions, as:
   from StartRun to the SuperLink saying the run finished (a fresh SuperLink and SuperNodes each
   repetition, started before the clock starts).
 
+``--variants NAME …`` adds Florist sides with one setting changed (``VARIANTS``): the SuperLink's
+state in memory instead of its SQLite file, Flower's SuperLink without Florist's transaction
+queue (server/superlink.py), torch's default threads in every executor. With variants every
+Florist side, the default one too, gets a fresh stack each repetition (started before the clock),
+so that only one stack is up at a time and none of them is warmer than the others.
+
 Florist's digits workload holds out validation and test splits, so its nodes train on fewer
 examples than the plain app's strided slices of all 1,797 images (reported per side): the floor
 is computed on the plain app's slices, which makes the Florist/floor ratio conservative.
@@ -57,6 +63,16 @@ from florist.server.processes import flower_env, free_port, wait_for_port
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SIDES = ("floor", "florist-local", "florist", "plain")
+#: Florist with one setting changed (the environment of its `florist up`), as extra sides.
+VARIANTS: dict[str, dict[str, str]] = {
+    "memory-state": {"FLORIST_SUPERLINK_DATABASE": ":memory:"},
+    "flower-sqlite": {"FLORIST_SUPERLINK_QUEUE": "0"},
+    "torch-threads": {"FLORIST_EXECUTOR_THREADS": str(os.cpu_count() or 1)},
+}
+
+
+def variant_side(name: str) -> str:
+    return f"florist:{name}"
 
 
 def florist_body(rounds: int, nodes: int) -> dict[str, Any]:
@@ -172,8 +188,8 @@ def start_florist_up(
 class FloristStack:
     """`florist up --no-demo` with N warm, neutral SuperNodes on free ports, in its own home."""
 
-    def __init__(self, home: Path, nodes: int) -> None:
-        self.api, self.proc, self.log = start_florist_up(home, nodes)
+    def __init__(self, home: Path, nodes: int, env: dict[str, str] | None = None) -> None:
+        self.api, self.proc, self.log = start_florist_up(home, nodes, env=env)
         self.client = httpx.Client(base_url=f"http://{self.api}", timeout=30)
         self.nodes = nodes
         self.home = home
@@ -244,7 +260,8 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     sides = [s for s in SIDES if s in results["sides"]]
-    fig, ax = plt.subplots(figsize=(7, 3.6))
+    sides += [s for s in results["sides"] if s not in SIDES]
+    fig, ax = plt.subplots(figsize=(7 + 1.2 * (len(sides) - 4 if len(sides) > 4 else 0), 3.6))
     for i, side in enumerate(sides):
         runs = results["sides"][side]["seconds"]
         ax.scatter([i] * len(runs), runs, color="#64748b", zorder=3, s=18)
@@ -277,6 +294,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     parser.add_argument("--quick", action="store_true", help="1 repeat, 2 rounds, 2 nodes")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[],
+        choices=list(VARIANTS),
+        help="extra Florist sides with one setting changed (a fresh stack per repetition)",
+    )
     args = parser.parse_args(argv)
     # Imported once, before any clock starts; one thread per process on every side.
     import sklearn.datasets  # noqa: F401
@@ -287,27 +311,42 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.repeats, args.rounds, args.nodes = 1, 2, 2
     out = args.out or (RESULTS / ("quick" if args.quick else "") / "end_to_end.json")
-    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in args.sides}
+    names = list(args.sides) + [variant_side(v) for v in args.variants]
+    runs: dict[str, list[dict[str, Any]]] = {side: [] for side in names}
     with tempfile.TemporaryDirectory(prefix="e2e-bench-") as tmp:
         work = Path(tmp)
         app = plain_app.write_app(work / "app")
         stack: FloristStack | None = None
+        body = florist_body(args.rounds, args.nodes)
+
+        def fresh(env: dict[str, str]) -> Callable[[int], dict[str, Any]]:
+            def side(repeat: int) -> dict[str, Any]:
+                one = FloristStack(Path(tempfile.mkdtemp(dir=work)), args.nodes, env)
+                try:
+                    one.wait_ready()
+                    return one.run(body)
+                finally:
+                    one.stop()
+
+            return side
+
         try:
-            if "florist" in args.sides:
+            if "florist" in args.sides and not args.variants:
                 stack = FloristStack(work / "florist", args.nodes)
                 stack.wait_ready()
-            body = florist_body(args.rounds, args.nodes)
             sides: dict[str, Callable[[int], dict[str, Any]]] = {
                 "floor": lambda r: run_floor(args.rounds, args.nodes),
                 "florist-local": lambda r: run_florist_local(args.rounds, args.nodes),
-                "florist": lambda r: stack.run(body) if stack else {},
+                "florist": (lambda r: stack.run(body) if stack else {})
+                if not args.variants
+                else fresh({}),
                 "plain": lambda r: run_plain(args.rounds, args.nodes, app, work, r),
             }
+            for variant in args.variants:
+                sides[variant_side(variant)] = fresh(VARIANTS[variant])
             for repeat in range(args.repeats):
                 # Rotate the order so no side always runs first (or after the slowest).
-                order = (
-                    args.sides[repeat % len(args.sides) :] + args.sides[: repeat % len(args.sides)]
-                )
+                order = names[repeat % len(names) :] + names[: repeat % len(names)]
                 for side in order:
                     res = sides[side](repeat)
                     runs[side].append(res)
@@ -334,6 +373,7 @@ def main(argv: list[str] | None = None) -> None:
         "nodes": args.nodes,
         "rounds": args.rounds,
         "repeats": args.repeats,
+        "variants": {variant_side(v): VARIANTS[v] for v in args.variants},
         "sides": summary,
         "ratio_to_floor": ratios,
     }
@@ -342,10 +382,12 @@ def main(argv: list[str] | None = None) -> None:
     if floor:
         plot(results, out.with_suffix(".png"))
     for side, ratio in ratios.items():
-        print(f"{side:14s} median {summary[side]['median_s']:7.2f} s  ×{ratio:.2f} the floor")
+        times = f" ×{ratio:.2f} the floor" if ratio else ""
+        print(f"{side:26s} median {summary[side]['median_s']:7.2f} s {times}")
     print(f"wrote {out}")
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # No OMP_NUM_THREADS here: the stacks run with the threads their users' would (Florist's
+    # executors share the cores out themselves); the in-process sides set one thread above.
     main()

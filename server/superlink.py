@@ -15,13 +15,14 @@ that hands over at once, and no two transactions of this process meet on the fil
 SuperLink is its only user). Reads queue too; the SuperLink is CPU-bound in Python anyway, and
 under the GIL their overlap gained little. PostgreSQL-backed states and the in-memory state
 are untouched. Like client/flower_tuning.py it refuses any other flwr than the version it was
-written for (it warns and runs Flower unchanged).
+written for (it warns and runs Flower unchanged); ``FLORIST_SUPERLINK_QUEUE=0`` turns it off.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -31,6 +32,8 @@ from florist.client.flower_tuning import version_supported
 log = logging.getLogger(__name__)
 
 _LOCK = threading.RLock()
+#: ``0`` runs Flower's SuperLink unchanged (for comparison, or if the queue ever misbehaves).
+QUEUE_ENV = "FLORIST_SUPERLINK_QUEUE"
 
 
 def serialize_sqlite_sessions(*, version: str | None = None) -> bool:
@@ -63,7 +66,8 @@ def serialize_sqlite_sessions(*, version: str | None = None) -> bool:
 def main() -> None:
     from flwr.superlink.cli import flower_superlink
 
-    serialize_sqlite_sessions()
+    if os.environ.get(QUEUE_ENV, "1") != "0":
+        serialize_sqlite_sessions()
     flower_superlink()
 
 

@@ -79,3 +79,29 @@ def test_a_state_file_runs_flowers_superlink_behind_the_launcher(tmp_path: Path)
     assert cmd[cmd.index("--database") + 1] == str(tmp_path / "s.db")
     # Without a file Flower's in-memory state has no SQLite to queue for: its own command.
     assert Path(superlink_command()[0]).name == "flower-superlink"
+
+
+def test_the_end_to_end_variants_change_settings_that_are_read() -> None:
+    # A renamed variable would turn a variant into a second copy of the default side.
+    from benchmarks.end_to_end import VARIANTS
+    from florist.client.executor import THREADS_ENV
+    from florist.server.settings import Settings
+
+    read = {superlink.QUEUE_ENV, THREADS_ENV} | {
+        f"FLORIST_{name.upper()}" for name in Settings.model_fields
+    }
+    for name, env in VARIANTS.items():
+        assert env and set(env) <= read, name
+
+
+def test_queue_env_turns_the_launcher_off(
+    monkeypatch: pytest.MonkeyPatch, restore_session: None
+) -> None:
+    flowers = sql_mixin.SqlMixin.session
+    monkeypatch.setenv(superlink.QUEUE_ENV, "0")
+    monkeypatch.setattr("flwr.superlink.cli.flower_superlink", lambda: None)
+    superlink.main()
+    assert sql_mixin.SqlMixin.session is flowers
+    monkeypatch.setenv(superlink.QUEUE_ENV, "1")
+    superlink.main()
+    assert sql_mixin.SqlMixin.session is not flowers
