@@ -151,7 +151,7 @@ def serve(url: str, port: int) -> None:
 
     with tempfile.TemporaryDirectory() as home:
         settings = Settings(home=Path(home), database_url=url)
-        app = create_app(settings, follow_runs=False)
+        app = create_app(settings, follow_runs=False, freeze_heap=True)  # as `florist api`
         uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
 
 

@@ -504,7 +504,7 @@ def run_api(
     # log_config=None: uvicorn's loggers reach the handler main() set up (FLORIST_LOG_FORMAT),
     # so its access lines are JSON too, with the experiment id a request's path names.
     uvicorn.run(
-        create_app(settings),
+        create_app(settings, freeze_heap=True),
         host=settings.api_host,
         port=settings.api_port,
         log_level=settings.log_level.lower(),

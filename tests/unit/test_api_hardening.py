@@ -307,3 +307,20 @@ def test_a_wrong_method_names_every_method_of_the_path(client: TestClient) -> No
     assert response.status_code == 405
     assert response.headers["Allow"] == "GET, POST"
     assert response.json() == {"detail": "Method Not Allowed"}
+
+
+@pytest.mark.parametrize("freeze", [False, True])
+def test_a_serving_api_leaves_its_start_up_out_of_full_collections(
+    freeze: bool, tmp_path: Path
+) -> None:
+    import gc
+
+    gc.unfreeze()
+    settings = Settings(home=tmp_path, database_url=f"sqlite:///{tmp_path / 'f.db'}")
+    try:
+        with TestClient(create_app(settings, follow_runs=False, freeze_heap=freeze)) as c:
+            assert c.get("/api/v1/experiments").status_code == 200
+            # Everything alive after start-up sits in the permanent generation, or nothing.
+            assert (gc.get_freeze_count() > 10_000) is freeze
+    finally:
+        gc.unfreeze()
