@@ -219,10 +219,11 @@ def torch_threads(env: Mapping[str, str], executors: int, cpus: int | None) -> i
     """Intra-op threads per executor: ``FLORIST_EXECUTOR_THREADS``, else the cores shared out
     among the executors on this host (at least one each).
 
-    torch's default is one thread per core in every process. Five executors on two cores then
-    run ten spinning OpenMP threads, and a step that takes 10 ms alone took 1–2 s (measured:
-    benchmarks/end_to_end.py's job, docs/benchmarks.md). ``executors`` is how many executors
-    this process tree runs; ``florist up`` sets the variable when it starts one per node.
+    torch's default is one thread per core in every process: five executors on two cores run
+    ten OpenMP threads. Beside two busy processes a local epoch of end_to_end.py's job then took
+    0.7–2.3 s against 0.01–0.1 s with one thread each (docs/benchmarks.md). ``executors`` is how
+    many executors this process tree runs; ``florist up`` sets the variable when it starts one
+    per node.
     """
     raw = env.get(THREADS_ENV)
     if raw:

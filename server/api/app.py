@@ -76,8 +76,8 @@ def create_app(
             app.state.follower.start()
         if freeze_heap:
             # Start-up leaves ~300,000 long-lived objects (torch, SQLAlchemy, FastAPI). A full
-            # collection walked them all: 170–240 ms, every few hundred requests, which set the
-            # p99 of every endpoint (benchmarks/api_latency.py; 30–60 ms once frozen).
+            # collection walked them all: 170–240 ms, every dozen requests of 1,000-row pages,
+            # which set the p99 of every endpoint (docs/benchmarks.md; 10–14 ms once frozen).
             gc.collect()
             gc.freeze()
         try:
