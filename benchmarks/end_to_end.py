@@ -261,7 +261,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
     sides = [s for s in SIDES if s in results["sides"]]
     sides += [s for s in results["sides"] if s not in SIDES]
-    fig, ax = plt.subplots(figsize=(7 + 1.2 * (len(sides) - 4 if len(sides) > 4 else 0), 3.6))
+    fig, ax = plt.subplots(figsize=(7 + 1.2 * max(0, len(sides) - 4), 3.6))
     for i, side in enumerate(sides):
         runs = results["sides"][side]["seconds"]
         ax.scatter([i] * len(runs), runs, color="#64748b", zorder=3, s=18)
@@ -337,9 +337,9 @@ def main(argv: list[str] | None = None) -> None:
             sides: dict[str, Callable[[int], dict[str, Any]]] = {
                 "floor": lambda r: run_floor(args.rounds, args.nodes),
                 "florist-local": lambda r: run_florist_local(args.rounds, args.nodes),
-                "florist": (lambda r: stack.run(body) if stack else {})
-                if not args.variants
-                else fresh({}),
+                "florist": fresh({})
+                if args.variants
+                else lambda r: stack.run(body) if stack else {},
                 "plain": lambda r: run_plain(args.rounds, args.nodes, app, work, r),
             }
             for variant in args.variants:
