@@ -14,8 +14,9 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import ColumnElement, Select, and_, case, func, literal, or_, select, tuple_, update
+from sqlalchemy import inspect as orm_inspect
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine import CursorResult, Row
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -714,13 +715,26 @@ def events_after(
     return list(session.scalars(query.order_by(Event.id)).all())
 
 
+def columns_of(entity: type[Any]) -> tuple[Any, ...]:
+    """The entity's loaded column attributes, to select as plain rows (deferred ones left out)."""
+    return tuple(
+        getattr(entity, attr.key) for attr in orm_inspect(entity).column_attrs if not attr.deferred
+    )
+
+
+# Listings that can run to thousands of rows read plain rows, not ORM objects: building and
+# identity-mapping an object per row was most of a 1,000-row page's time (benchmarks/api_latency).
+_ROUND_COLUMNS = columns_of(Round)
+_UPDATE_COLUMNS = columns_of(ClientUpdate)
+
+
 def rounds_after(
     session: Session, *, experiment_id: int, after_id: int = 0, limit: int | None = None
-) -> list[Round]:
-    """Return the experiment's rounds whose row id is above ``after_id``, oldest row first
-    (the first ``limit`` of them if given)."""
-    rows = session.scalars(
-        select(Round)
+) -> list[Row[Any]]:
+    """Return the experiment's rounds (read-only rows) whose row id is above ``after_id``,
+    oldest row first (the first ``limit`` of them if given)."""
+    rows = session.connection().execute(
+        select(*_ROUND_COLUMNS)
         .where(Round.experiment_id == experiment_id, Round.id > after_id)
         .order_by(Round.id)
         .limit(limit)
@@ -730,11 +744,11 @@ def rounds_after(
 
 def updates_after(
     session: Session, *, experiment_id: int, after_id: int = 0, limit: int | None = None
-) -> list[ClientUpdate]:
-    """Return the experiment's client updates whose row id is above ``after_id``, in row order
-    (the first ``limit`` of them if given)."""
-    rows = session.scalars(
-        select(ClientUpdate)
+) -> list[Row[Any]]:
+    """Return the experiment's client updates (read-only rows) whose row id is above
+    ``after_id``, in row order (the first ``limit`` of them if given)."""
+    rows = session.connection().execute(
+        select(*_UPDATE_COLUMNS)
         .where(ClientUpdate.experiment_id == experiment_id, ClientUpdate.id > after_id)
         .order_by(ClientUpdate.id)
         .limit(limit)
@@ -781,9 +795,15 @@ class UnknownCursorError(LookupError):
     """The cursor names no row of the listing (a cursor is the id of a page's last row)."""
 
 
-def _page(session: Session, query: Select[Any], count: Select[Any], limit: int) -> Page:
+def _page(
+    session: Session, query: Select[Any], count: Select[Any], limit: int, *, plain: bool = False
+) -> Page:
+    """A page of ``query``'s entities, or of its plain rows when ``plain`` (a select of columns)."""
     # One row past the page says whether another page follows, without a second count.
-    rows = list(session.scalars(query.limit(limit + 1)).all())
+    if plain:  # columns need no ORM: read them on the session's connection, a quarter faster
+        rows = list(session.connection().execute(query.limit(limit + 1)).all())
+    else:
+        rows = list(session.scalars(query.limit(limit + 1)).all())
     return Page(rows=rows[:limit], total=session.scalar(count) or 0, more=len(rows) > limit)
 
 
@@ -834,8 +854,10 @@ def page_rounds(
         if anchor is None or anchor.experiment_id != experiment_id:
             raise UnknownCursorError(f"no round row {after_id} in experiment {experiment_id}")
         where.append(key > tuple_(*map(literal, (anchor.run_id, anchor.server_round, anchor.id))))
-    query = select(Round).where(*where).order_by(Round.run_id, Round.server_round, Round.id)
-    return _page(session, query, count, limit)
+    query = (
+        select(*_ROUND_COLUMNS).where(*where).order_by(Round.run_id, Round.server_round, Round.id)
+    )
+    return _page(session, query, count, limit, plain=True)
 
 
 def page_updates(
@@ -859,11 +881,11 @@ def page_updates(
             raise UnknownCursorError(f"no update row {after_id} in experiment {experiment_id}")
         where.append(key > tuple_(*map(literal, (anchor.run_id, anchor.server_round, anchor.id))))
     query = (
-        select(ClientUpdate)
+        select(*_UPDATE_COLUMNS)
         .where(*where)
         .order_by(ClientUpdate.run_id, ClientUpdate.server_round, ClientUpdate.id)
     )
-    return _page(session, query, count, limit)
+    return _page(session, query, count, limit, plain=True)
 
 
 def page_events(

@@ -367,6 +367,7 @@ def test_a_stream_ends_at_its_lifetime_and_resumes_without_resending(
 def test_a_long_history_arrives_in_batches_with_updates_before_their_round(
     server: Server, recorder: SqlRunRecorder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(events_route, "FIRST_BATCH", 2)
     monkeypatch.setattr(events_route, "POLL_BATCH", 3)
     experiment_id = submit(server)
     run_id = recorder.start_run(experiment_id=experiment_id, flwr_run_id=5)
@@ -384,7 +385,10 @@ def test_a_long_history_arrives_in_batches_with_updates_before_their_round(
             assert [u for u in rows[:index] if u == ("update", server_round)] == [
                 ("update", server_round)
             ] * len(NODES)
-    assert events[-1].event == "end"
+    # The first, smaller batch comes before anything else; the status once, right after it.
+    assert [e.event for e in events[:3]] == ["update", "update", "status"]
+    assert [e.event for e in events].count("status") == 1
+    assert events[-2].event == "round" and events[-1].event == "end"
 
 
 def test_a_bad_cursor_is_a_422_in_the_one_error_format(server: Server) -> None:

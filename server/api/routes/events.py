@@ -37,6 +37,8 @@ RETRY_MS = 2000
 # Rows of each kind read per poll: a long history reaches a new stream in batches (the next
 # one at once), never in one read that holds the whole experiment in memory.
 POLL_BATCH = 500
+# The first poll of a stream reads fewer, so the first rows reach the page at once.
+FIRST_BATCH = 50
 # What a client refused for too many open streams is told to wait, in seconds.
 STREAMS_RETRY_AFTER_S = 5
 _SINCE = re.compile(r"^(\d+)(?:-(\d+))?$")
@@ -115,25 +117,28 @@ def _resolve_cursor(
 
 @dataclass
 class _Poll:
-    experiment: ExperimentPublic | None
+    found: bool  # False: the experiment was deleted
     events: list[str]
     cursor: Cursor
     more: bool = False  # a batch was full: more rows wait
+    end: StreamEnd | None = None  # the experiment had finished before the rows were read
 
 
-def _poll(sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor) -> _Poll:
-    """Everything committed after ``cursor``, read in one short-lived session."""
+def _poll(sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor, batch: int) -> _Poll:
+    """Everything committed after ``cursor`` (up to ``batch`` rows of each kind), read in one
+    short-lived session."""
     with sessions() as session:
         # The status first: a run is finished only after its last round was committed, so a
         # finished status read here guarantees that the reads below see every round.
         exp = repo.get_experiment(session, experiment_id=experiment_id)
         if exp is None:
-            return _Poll(None, [], cursor)
+            return _Poll(False, [], cursor)
+        end = StreamEnd(status=exp.status, error=exp.error) if exp.status.terminal else None
         events: list[str] = []
         round_id, update_id = cursor.round_id, cursor.update_id
         # Updates before their round, so a page draws a round's bars before its chart point.
         updates = repo.updates_after(
-            session, experiment_id=experiment_id, after_id=update_id, limit=POLL_BATCH
+            session, experiment_id=experiment_id, after_id=update_id, limit=batch
         )
         for update in updates:
             update_id = update.id
@@ -142,19 +147,26 @@ def _poll(sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor) -
         # round waits for them.
         rounds = (
             []
-            if len(updates) == POLL_BATCH
+            if len(updates) == batch
             else repo.rounds_after(
-                session, experiment_id=experiment_id, after_id=round_id, limit=POLL_BATCH
+                session, experiment_id=experiment_id, after_id=round_id, limit=batch
             )
         )
         for row in rounds:
             round_id = row.id
             events.append(sse("round", round_to_public(row), Cursor(round_id, update_id)))
+        more = len(updates) == batch or len(rounds) == batch
+        return _Poll(True, events, Cursor(round_id, update_id), more, end)
+
+
+def _experiment(sessions: sessionmaker[Session], experiment_id: int) -> ExperimentPublic | None:
+    """The experiment with its progress (what a ``status`` event carries); None if deleted."""
+    with sessions() as session:
+        exp = repo.get_experiment(session, experiment_id=experiment_id)
+        if exp is None:
+            return None
         progress = repo.experiment_progress(session, experiment_ids=[exp.id])
-        more = len(updates) == POLL_BATCH or len(rounds) == POLL_BATCH
-        return _Poll(
-            to_public(exp, progress.get(exp.id)), events, Cursor(round_id, update_id), more
-        )
+        return to_public(exp, progress.get(exp.id))
 
 
 async def _stream(
@@ -167,28 +179,38 @@ async def _stream(
     yield f"retry: {RETRY_MS}\n\n"
     last_status: str | None = None
     opened = last_sent = time.monotonic()
+    # A small first batch, sent before the status (whose progress reads the whole history),
+    # puts a long history's first rows on the page at once; the rest follows in full batches.
+    batch = FIRST_BATCH
     while True:
-        poll = await run_in_threadpool(_poll, sessions, experiment_id, cursor)
-        if poll.experiment is None:  # deleted while being watched
+        poll = await run_in_threadpool(_poll, sessions, experiment_id, cursor, batch)
+        if not poll.found:  # deleted while being watched
             yield sse("end", StreamEnd(status="deleted"), cursor)
             return
         cursor = poll.cursor
         for event in poll.events:
             yield event
-        status_json = poll.experiment.model_dump_json()
-        if status_json != last_status:
-            last_status = status_json
-            yield sse("status", poll.experiment, cursor)
+        if poll.events:
             last_sent = time.monotonic()
-        elif poll.events:
-            last_sent = time.monotonic()
+        # While a history is replayed, the status is sent once, after the first batch: each
+        # status costs a read of the whole history, and it cannot have changed much.
+        if last_status is None or not poll.more:
+            experiment = await run_in_threadpool(_experiment, sessions, experiment_id)
+            if experiment is None:
+                yield sse("end", StreamEnd(status="deleted"), cursor)
+                return
+            status_json = experiment.model_dump_json()
+            if status_json != last_status:
+                last_status = status_json
+                yield sse("status", experiment, cursor)
+                last_sent = time.monotonic()
+        batch = POLL_BATCH
         if poll.more:  # the rest of a long history: no end and no wait before it is sent
             if await request.is_disconnected():
                 return
             continue
-        if poll.experiment.status.terminal:
-            end = StreamEnd(status=poll.experiment.status, error=poll.experiment.error)
-            yield sse("end", end, cursor)
+        if poll.end is not None:
+            yield sse("end", poll.end, cursor)
             return
         if (age := time.monotonic() - opened) >= max_lifetime_s:
             # A stream is not held for ever: EventSource reconnects on its own, with the id of
