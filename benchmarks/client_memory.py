@@ -130,12 +130,14 @@ def measure(mode: str, nodes: int, work: Path) -> dict[str, Any]:
         up_s = time.monotonic() - started
         idle = sample(proc.pid)
         experiment = client.post("/api/v1/experiments", json=body(nodes)).json()
+        submitted = time.monotonic()
         while True:
             watch()
             state = client.get(f"/api/v1/experiments/{experiment['id']}").json()
             if state["status"] in ("completed", "failed", "cancelled"):
                 break
             time.sleep(0.5)
+        experiment_s = time.monotonic() - submitted
         if state["status"] != "completed":
             raise RuntimeError(f"{mode} N={nodes}: {state['status']} {state.get('error')}")
         rounds = client.get(f"/api/v1/experiments/{experiment['id']}/rounds").json()["data"]
@@ -156,6 +158,8 @@ def measure(mode: str, nodes: int, work: Path) -> dict[str, Any]:
         "peak_bytes": peak,
         "per_node_bytes": per_node,
         "updates_per_round": [r["num_updates"] for r in rounds],
+        "round_seconds": [r["duration_s"] for r in rounds],
+        "experiment_seconds": experiment_s,
         "projected_50_nodes_gib": (peak["server"] + 50 * per_node) / GIB,
     }
 
