@@ -733,12 +733,16 @@ def rounds_after(
 ) -> list[Row[Any]]:
     """Return the experiment's rounds (read-only rows) whose row id is above ``after_id``,
     oldest row first (the first ``limit`` of them if given)."""
-    rows = session.connection().execute(
-        select(*_ROUND_COLUMNS)
-        .where(Round.experiment_id == experiment_id, Round.id > after_id)
-        .order_by(Round.id)
-        .limit(limit)
-    ).all()
+    rows = (
+        session.connection()
+        .execute(
+            select(*_ROUND_COLUMNS)
+            .where(Round.experiment_id == experiment_id, Round.id > after_id)
+            .order_by(Round.id)
+            .limit(limit)
+        )
+        .all()
+    )
     return list(rows)
 
 
@@ -747,12 +751,16 @@ def updates_after(
 ) -> list[Row[Any]]:
     """Return the experiment's client updates (read-only rows) whose row id is above
     ``after_id``, in row order (the first ``limit`` of them if given)."""
-    rows = session.connection().execute(
-        select(*_UPDATE_COLUMNS)
-        .where(ClientUpdate.experiment_id == experiment_id, ClientUpdate.id > after_id)
-        .order_by(ClientUpdate.id)
-        .limit(limit)
-    ).all()
+    rows = (
+        session.connection()
+        .execute(
+            select(*_UPDATE_COLUMNS)
+            .where(ClientUpdate.experiment_id == experiment_id, ClientUpdate.id > after_id)
+            .order_by(ClientUpdate.id)
+            .limit(limit)
+        )
+        .all()
+    )
     return list(rows)
 
 
