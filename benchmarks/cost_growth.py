@@ -71,12 +71,27 @@ def body(h: int) -> dict[str, Any]:
     }
 
 
+def high_water_mark(pid: int) -> int:
+    """The peak resident set size of process ``pid`` so far, in bytes (0 if it is gone)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 class ServerAppWatch:
     """Samples the PSS of every flwr-serverapp process under ``root`` until stopped."""
 
     def __init__(self, root: int) -> None:
         self.root = root
         self.peak = 0
+        # The kernel's high-water mark of the process's RSS (VmHWM): exact, where the sampled
+        # PSS can miss a peak shorter than the sampling interval. RSS counts shared pages
+        # (libraries) in full, so it reads higher than the PSS.
+        self.hwm = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -90,6 +105,7 @@ class ServerAppWatch:
                     continue
                 if b"flwr-serverapp" in cmd:
                     total += client_memory.pss(pid)
+                    self.hwm = max(self.hwm, high_water_mark(pid))
             self.peak = max(self.peak, total)
 
     def __enter__(self) -> ServerAppWatch:
@@ -120,6 +136,7 @@ def measure(stack: end_to_end.FloristStack, parameters: float) -> dict[str, Any]
             (r["bytes_in"] or 0) + (r["bytes_out"] or 0) for r in rows
         ),
         "serverapp_peak_mib": watch.peak / MIB,
+        "serverapp_hwm_mib": watch.hwm / MIB,
         "rounds_recorded": len(rows),
     }
 
@@ -173,7 +190,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(
                     f"{res['parameters']:>10,d} parameters: round {res['round_s']:6.2f} s, "
                     f"aggregation {res['aggregate_s']:.3f} s, ServerApp peak "
-                    f"{res['serverapp_peak_mib']:.0f} MiB",
+                    f"{res['serverapp_peak_mib']:.0f} MiB PSS, "
+                    f"{res['serverapp_hwm_mib']:.0f} MiB RSS",
                     flush=True,
                 )
         finally:

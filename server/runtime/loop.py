@@ -56,6 +56,7 @@ from florist.client.task import flatten
 from florist.server.db.models import utcnow
 from florist.server.recording import ModelCheckpoint, RoundRecord, RunRecorder, UpdateRecord
 from florist.server.recording.artifacts import rounds_to_drop, to_safetensors
+from florist.server.runtime.replies import PulledReply, pull_replies
 from florist.server.runtime.resume import ResumePoint, RngStates, SavedTask, Then, dumps
 from florist.server.spec import ExperimentSpec
 from florist.strategies.events import (
@@ -210,14 +211,19 @@ class Task:
 
 @dataclass
 class Event:
-    """A task's end: its reply, or ``reply=None`` when the server gave up waiting."""
+    """A task's end: its reply, or ``pulled=None`` when the server gave up waiting."""
 
     task: Task
-    reply: Message | None
+    pulled: PulledReply | None
     arrived_at: datetime
     wall_duration_s: float
     virtual_end: float
     reason: str = NO_REPLY_BY_DEADLINE  # why, when there is no reply
+
+    @property
+    def reply(self) -> Message | None:
+        """The reply, pulled whole from the SuperLink the first time it is read."""
+        return None if self.pulled is None else self.pulled.message()
 
 
 @dataclass
@@ -549,14 +555,18 @@ class EventLoop:
     # --- arrivals ---------------------------------------------------------------------------
 
     def _pull(self) -> list[Event]:
-        replies = list(self.grid.pull_messages(list(self.inflight))) if self.inflight else []
+        # Each reply is pulled whole only when it is handled (server/runtime/replies.py), so a
+        # poll's replies are not all in memory at once; on the virtual clock they are read now,
+        # since their order is their simulated durations.
+        replies = pull_replies(self.grid, self.inflight) if self.inflight else []
         now, mono = utcnow(), time.monotonic()
         events, self.refused = self.refused, []
         for reply in replies:
-            task = self.inflight.pop(reply.metadata.reply_to_message_id, None)
+            task = self.inflight.pop(reply.reply_to, None)
             if task is None:
+                reply.message()  # not ours to handle, but taken, so the SuperLink drops it
                 continue
-            duration = simulated_duration(reply)
+            duration = simulated_duration(reply.message()) if self.virtual else 0.0
             events.append(
                 Event(task, reply, now, mono - task.dispatched_mono, task.virtual_start + duration)
             )
