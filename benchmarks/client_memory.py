@@ -84,14 +84,19 @@ def role(pid: int) -> str:
     return "server"
 
 
-def pss(pid: int) -> int:
+def proc_bytes(pid: int, file: str, field: str) -> int:
+    """A ``field: N kB`` line of /proc/PID/``file``, in bytes (0 if the process is gone)."""
     try:
-        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-            if line.startswith("Pss:"):
+        for line in Path(f"/proc/{pid}/{file}").read_text().splitlines():
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
+
+
+def pss(pid: int) -> int:
+    return proc_bytes(pid, "smaps_rollup", "Pss")
 
 
 def sample(root: int) -> dict[str, int]:

@@ -73,13 +73,7 @@ def body(h: int) -> dict[str, Any]:
 
 def high_water_mark(pid: int) -> int:
     """The peak resident set size of process ``pid`` so far, in bytes (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return client_memory.proc_bytes(pid, "status", "VmHWM")
 
 
 class ServerAppWatch:
