@@ -729,22 +729,35 @@ _ROUND_COLUMNS = columns_of(Round)
 _UPDATE_COLUMNS = columns_of(ClientUpdate)
 
 
+def _plain_rows(session: Session, query: Select[Any]) -> list[Row[Any]]:
+    """``query``'s rows, read on the session's connection (see _ROUND_COLUMNS)."""
+    return list(session.connection().execute(query).all())
+
+
+def _rows_after(
+    session: Session,
+    entity: type[Round] | type[ClientUpdate],
+    *,
+    experiment_id: int,
+    after_id: int,
+    limit: int | None,
+) -> list[Row[Any]]:
+    columns = _ROUND_COLUMNS if entity is Round else _UPDATE_COLUMNS
+    return _plain_rows(
+        session,
+        select(*columns)
+        .where(entity.experiment_id == experiment_id, entity.id > after_id)
+        .order_by(entity.id)
+        .limit(limit),
+    )
+
+
 def rounds_after(
     session: Session, *, experiment_id: int, after_id: int = 0, limit: int | None = None
 ) -> list[Row[Any]]:
     """Return the experiment's rounds (read-only rows) whose row id is above ``after_id``,
     oldest row first (the first ``limit`` of them if given)."""
-    rows = (
-        session.connection()
-        .execute(
-            select(*_ROUND_COLUMNS)
-            .where(Round.experiment_id == experiment_id, Round.id > after_id)
-            .order_by(Round.id)
-            .limit(limit)
-        )
-        .all()
-    )
-    return list(rows)
+    return _rows_after(session, Round, experiment_id=experiment_id, after_id=after_id, limit=limit)
 
 
 def updates_after(
@@ -752,17 +765,9 @@ def updates_after(
 ) -> list[Row[Any]]:
     """Return the experiment's client updates (read-only rows) whose row id is above
     ``after_id``, in row order (the first ``limit`` of them if given)."""
-    rows = (
-        session.connection()
-        .execute(
-            select(*_UPDATE_COLUMNS)
-            .where(ClientUpdate.experiment_id == experiment_id, ClientUpdate.id > after_id)
-            .order_by(ClientUpdate.id)
-            .limit(limit)
-        )
-        .all()
+    return _rows_after(
+        session, ClientUpdate, experiment_id=experiment_id, after_id=after_id, limit=limit
     )
-    return list(rows)
 
 
 def row_ids_through_round(
@@ -809,8 +814,8 @@ def _page(
 ) -> Page:
     """A page of ``query``'s entities, or of its plain rows when ``plain`` (a select of columns)."""
     # One row past the page says whether another page follows, without a second count.
-    if plain:  # columns need no ORM: read on the session's connection (see _ROUND_COLUMNS)
-        rows = list(session.connection().execute(query.limit(limit + 1)).all())
+    if plain:
+        rows = _plain_rows(session, query.limit(limit + 1))
     else:
         rows = list(session.scalars(query.limit(limit + 1)).all())
     return Page(rows=rows[:limit], total=session.scalar(count) or 0, more=len(rows) > limit)
