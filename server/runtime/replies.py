@@ -8,9 +8,9 @@ returns the replies' metadata and object trees, small, as before. The objects of
 then pulled, its receipt confirmed and the reply inflated when the loop takes it
 (:meth:`PulledReply.message`), after the one before has been handled and dropped.
 
-Only the ``HttpGrid`` of :data:`DEFERRED_FLWR_VERSION` is read this way (its internals are the
-only ones known); any other grid or version gets its replies from ``grid.pull_messages``, all at
-once, as before. ``FLORIST_DEFER_REPLIES=0`` turns it off.
+Only the ``HttpGrid`` of the flwr version client/flower_tuning.py is written for is read this
+way (its internals are the only ones known); any other grid or version gets its replies from
+``grid.pull_messages``, all at once, as before. ``FLORIST_DEFER_REPLIES=0`` turns it off.
 """
 
 from __future__ import annotations
@@ -18,13 +18,16 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterable, Mapping
+from functools import cache
 from typing import Any
 
 from flwr.app import Message
+from flwr.superlink.grid.http_grid import HttpGrid
+
+from florist.client.flower_tuning import version_supported
 
 log = logging.getLogger(__name__)
 
-DEFERRED_FLWR_VERSION = "1.39.0"
 DEFER_ENV = "FLORIST_DEFER_REPLIES"
 
 
@@ -63,16 +66,21 @@ class PulledReply:
         return self._message
 
 
-def deferrable(grid: object, env: Mapping[str, str] | None = None) -> bool:
-    """Whether ``grid`` is the one HttpGrid whose pull can be taken apart here."""
+@cache
+def _installed_flwr_known() -> bool:
+    # Asked every poll: checked (and, for another version, warned about) once per process.
+    return version_supported()
+
+
+def deferrable(
+    grid: object, env: Mapping[str, str] | None = None, *, version: str | None = None
+) -> bool:
+    """Whether ``grid`` is the one HttpGrid whose pull can be taken apart here (``version``:
+    the flwr version to judge by, the installed one if None)."""
     if (os.environ if env is None else env).get(DEFER_ENV, "1") == "0":
         return False
-    try:
-        import flwr
-        from flwr.superlink.grid.http_grid import HttpGrid
-    except ImportError:
-        return False
-    return flwr.__version__ == DEFERRED_FLWR_VERSION and type(grid) is HttpGrid
+    known = _installed_flwr_known() if version is None else version_supported(version)
+    return known and type(grid) is HttpGrid
 
 
 def pull_replies(grid: Any, message_ids: Iterable[str]) -> list[PulledReply]:

@@ -13,7 +13,7 @@ from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.grid.http_grid import HttpGrid
 
-from florist.server.runtime import replies
+from florist.client.flower_tuning import TUNED_FLWR_VERSION
 from florist.server.runtime.localgrid import LocalGrid
 from florist.server.runtime.replies import DEFER_ENV, PulledReply, deferrable, pull_replies
 
@@ -34,10 +34,10 @@ def test_flowers_http_grid_of_the_known_version_is_deferred() -> None:
     assert not deferrable(LocalGrid(1), env={})
 
 
-def test_another_flwr_version_is_left_to_flowers_own_pull(monkeypatch: pytest.MonkeyPatch) -> None:
-    assert flwr.__version__ == replies.DEFERRED_FLWR_VERSION  # else this test says nothing
-    monkeypatch.setattr(flwr, "__version__", "1.40.0")
-    assert not deferrable(http_grid(), env={})
+def test_another_flwr_version_is_left_to_flowers_own_pull() -> None:
+    assert flwr.__version__ == TUNED_FLWR_VERSION  # else this test says nothing
+    assert deferrable(http_grid(), env={}, version=TUNED_FLWR_VERSION)
+    assert not deferrable(http_grid(), env={}, version="1.40.0")
 
 
 def test_a_subclass_is_not_taken_for_flowers_grid() -> None:
