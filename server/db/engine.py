@@ -70,6 +70,15 @@ def _json_serializer(value: Any) -> str:
     return json.dumps(_finite_or_none(value), allow_nan=False)
 
 
+_decode_json = json.JSONDecoder().decode
+
+
+def _json_deserializer(value: str | bytes) -> Any:
+    # psycopg hands JSON columns over as bytes, whose encoding json.loads would first sniff:
+    # half the cost of a small document, two a row in a page of updates.
+    return _decode_json(value if isinstance(value, str) else value.decode())
+
+
 def _set_sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
     cursor = dbapi_connection.cursor()
     try:
@@ -105,10 +114,30 @@ def make_engine(url: str | URL) -> Engine:
             parsed,
             connect_args={"check_same_thread": False},
             json_serializer=_json_serializer,
+            json_deserializer=_json_deserializer,
         )
         event.listen(engine, "connect", _set_sqlite_pragmas)
         return engine
-    return create_engine(parsed, pool_pre_ping=True, json_serializer=_json_serializer)
+    engine = create_engine(
+        parsed,
+        pool_pre_ping=True,
+        json_serializer=_json_serializer,
+        json_deserializer=_json_deserializer,
+    )
+    event.listen(engine, "connect", _set_postgres_utc, insert=True)
+    return engine
+
+
+def _set_postgres_utc(dbapi_connection: Any, connection_record: Any) -> None:
+    # Sessions in UTC: psycopg then reads every timestamptz with the very ``datetime.UTC``, so
+    # UtcDateTime keeps it as it comes, where converting from the server's zone cost 3 µs a
+    # row (a 1,000-row page of updates holds 3,000). Stored instants do not change.
+    autocommit = dbapi_connection.autocommit
+    dbapi_connection.autocommit = True
+    try:
+        dbapi_connection.execute("SET TIME ZONE 'UTC'")
+    finally:
+        dbapi_connection.autocommit = autocommit
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

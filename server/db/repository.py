@@ -818,7 +818,9 @@ def _page(
         rows = _plain_rows(session, query.limit(limit + 1))
     else:
         rows = list(session.scalars(query.limit(limit + 1)).all())
-    return Page(rows=rows[:limit], total=session.scalar(count) or 0, more=len(rows) > limit)
+    # Plain listings count on the connection as well: the ORM's execute path adds nothing there.
+    total = session.connection().scalar(count) if plain else session.scalar(count)
+    return Page(rows=rows[:limit], total=total or 0, more=len(rows) > limit)
 
 
 def page_experiments(
