@@ -344,8 +344,14 @@ def main(argv: list[str] | None = None) -> int:
                 run(backend, url, None)
     result = {
         "benchmark": "api_latency",
-        "command": "nice -n 19 .venv/bin/python -m benchmarks.api_latency"
-        + (" --quick" if args.quick else ""),
+        # As it was run, and at what niceness: the figures depend on both.
+        "command": " ".join(
+            [
+                ".venv/bin/python -m benchmarks.api_latency",
+                *(sys.argv[1:] if argv is None else argv),
+            ]
+        ),
+        "niceness": os.nice(0),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
