@@ -134,9 +134,11 @@ def _set_postgres_utc(dbapi_connection: Any, connection_record: Any) -> None:
     # row (a 1,000-row page of updates holds 3,000). Stored instants do not change.
     autocommit = dbapi_connection.autocommit
     dbapi_connection.autocommit = True
+    cursor = dbapi_connection.cursor()
     try:
-        dbapi_connection.execute("SET TIME ZONE 'UTC'")
+        cursor.execute("SET TIME ZONE 'UTC'")
     finally:
+        cursor.close()
         dbapi_connection.autocommit = autocommit
 
 
