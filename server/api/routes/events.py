@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from florist.server.api.deps import DB_INT_MAX, ExperimentId
-from florist.server.api.routes.experiments import round_to_public, to_public, update_to_public
+from florist.server.api.routes.experiments import rounds_to_public, to_public, updates_to_public
 from florist.server.api.schemas import ExperimentPublic, StreamEnd
 from florist.server.db import repository as repo
 
@@ -140,9 +140,9 @@ def _poll(sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor, b
         updates = repo.updates_after(
             session, experiment_id=experiment_id, after_id=update_id, limit=batch
         )
-        for update in updates:
+        for update, update_public in zip(updates, updates_to_public(updates), strict=True):
             update_id = update.id
-            events.append(sse("update", update_to_public(update), Cursor(round_id, update_id)))
+            events.append(sse("update", update_public, Cursor(round_id, update_id)))
         # A full batch of updates may leave some of a round's updates for the next poll: its
         # round waits for them.
         rounds = (
@@ -152,9 +152,9 @@ def _poll(sessions: sessionmaker[Session], experiment_id: int, cursor: Cursor, b
                 session, experiment_id=experiment_id, after_id=round_id, limit=batch
             )
         )
-        for row in rounds:
+        for row, round_public in zip(rounds, rounds_to_public(rounds), strict=True):
             round_id = row.id
-            events.append(sse("round", round_to_public(row), Cursor(round_id, update_id)))
+            events.append(sse("round", round_public, Cursor(round_id, update_id)))
         more = len(updates) == batch or len(rounds) == batch
         return _Poll(True, events, Cursor(round_id, update_id), more, end)
 

@@ -115,12 +115,12 @@ def update_fields(rows: Sequence[Row[Any]]) -> list[dict[str, Any]]:
     return data
 
 
-def round_to_public(row: Row[Any]) -> RoundPublic:
-    return RoundPublic.model_validate(round_fields([row])[0])
+def rounds_to_public(rows: Sequence[Row[Any]]) -> list[RoundPublic]:
+    return [RoundPublic.model_validate(fields) for fields in round_fields(rows)]
 
 
-def update_to_public(row: Row[Any]) -> UpdatePublic:
-    return UpdatePublic.model_validate(update_fields([row])[0])
+def updates_to_public(rows: Sequence[Row[Any]]) -> list[UpdatePublic]:
+    return [UpdatePublic.model_validate(fields) for fields in update_fields(rows)]
 
 
 def json_response(model: BaseModel) -> Response:
